@@ -1,0 +1,26 @@
+"""hf_moe: DeepSeek-style Mixture-of-Experts models for Hugging Face Transformers.
+
+`import hf_moe` registers model_type "hf_moe" with AutoConfig, AutoModel, AutoModelForCausalLM and
+AutoModelForSequenceClassification.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from .modeling.configuration import MoEConfig
+from .modeling.model import MoEForCausalLM, MoEForSequenceClassification, MoEModel, MoEPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(MoEConfig.model_type, MoEConfig, exist_ok=True)
+AutoModel.register(MoEConfig, MoEModel, exist_ok=True)
+AutoModelForCausalLM.register(MoEConfig, MoEForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(MoEConfig, MoEForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "MoEConfig",
+    "MoEPreTrainedModel",
+    "MoEModel",
+    "MoEForCausalLM",
+    "MoEForSequenceClassification",
+    "__version__",
+]

@@ -1,0 +1,266 @@
+"""Attention: multi-head latent attention (MLA, DeepSeek-V2 §2.1) and grouped-query attention (GQA).
+
+Both run through transformers' attention interface (`config._attn_implementation`: eager, sdpa, flex, ...)
+and its Cache API. RoPE frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (default, yarn, llama3...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration import MoEConfig
+from .normalization import RMSNorm
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE (Su et al. 2021) for the rotary width `config.head_dim`."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[
+            self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MoEConfig, **_: object) -> tuple[torch.Tensor, float]:
+        """theta_j = base^(-2j/d) for j < d/2 (RoFormer eq. 15)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs).
+
+    interleaved: rotary pairs are (x0, x1), (x2, x3), ... (DeepSeek checkpoints); the output is written in
+    half-split order, which leaves every q.k dot product unchanged because q and k are permuted alike.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if not interleaved:
+        return x * cos + rotate_half(x) * sin
+    half = cos.shape[-1] // 2
+    cos, sin = cos[..., :half], sin[..., :half]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+
+
+def yarn_mscale(scale: float, mscale: float) -> float:
+    """YaRN attention temperature factor 0.1 * mscale * ln(s) + 1 (Peng et al. 2023; DeepSeek-V2 App. B)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(config: MoEConfig) -> float:
+    """qk_head_dim^-0.5, times mscale^2 when YaRN with `mscale_all_dim` is configured (DeepSeek-V2/V3)."""
+    scale = config.qk_head_dim ** -0.5
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
+    return scale
+
+
+def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, T, d) -> (B, kv_heads * n_rep, T, d)."""
+    if n_rep == 1:
+        return states
+    batch, kv_heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, kv_heads, n_rep, length, dim).reshape(batch, kv_heads * n_rep, length, dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v, probabilities in fp32. Returns (B, T, heads, dv) and the weights."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, T, S)
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, heads, dv)
+    return output, weights
+
+
+def attention_function(config: MoEConfig) -> Callable:
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA (DeepSeek-V2 eqs. 9-19): keys/values come from a shared latent c_kv (kv_lora_rank) and a decoupled,
+    shared rotary key k_pe; only [c_kv, k_pe] are cached. Queries are optionally low-rank too (q_lora_rank)."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.scaling = softmax_scale(config)
+        hidden = config.hidden_size
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.attention_out_bias)
+
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) -> (B, heads, T, qk_head_dim)."""
+        batch, length = hidden_states.shape[:2]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        return q.view(batch, length, self.num_heads, self.qk_head_dim).transpose(1, 2)
+
+    def compress_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) -> latent c_kv (B, 1, T, kv_lora_rank) and un-rotated k_pe (B, 1, T, rope_dim)."""
+        batch, length = hidden_states.shape[:2]
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent = self.kv_a_layernorm(latent)
+        return latent.view(batch, 1, length, self.kv_lora_rank), k_pe.view(batch, 1, length, self.qk_rope_head_dim)
+
+    def expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent (B, 1, S, r) and rotated k_pe (B, 1, S, dr) -> keys (B, heads, S, dn+dr), values (B, heads, S, dv)."""
+        batch, _, length, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        k_nope, values = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        keys = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        return keys, values
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length = hidden_states.shape[:2]
+        cos, sin = position_embeddings
+        interleaved = self.config.rope_interleave
+        q_nope, q_pe = self.project_queries(hidden_states).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
+        q_pe = apply_rope(q_pe, cos, sin, interleaved)
+        latent, k_pe = self.compress_kv(hidden_states)
+        k_pe = apply_rope(k_pe, cos, sin, interleaved)
+        if cache is not None:  # the cache holds the latent and the rotated shared key only
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+        keys, values = self.expand_kv(latent, k_pe)
+        queries = torch.cat((q_nope, q_pe), dim=-1)
+        output, weights = attention_function(self.config)(
+            self, queries, keys, values, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, length, -1)), weights
+
+
+class GroupedQueryAttention(nn.Module):
+    """GQA (Ainslie et al. 2023) as in Llama/Mistral/Qwen, with optional q/k RMSNorm ("head": Qwen3, "full":
+    OLMoE), qkv clipping (OLMoE) and sliding windows (Mistral)."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        self.sliding_window = config.sliding_window
+        self.is_causal = True
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length = hidden_states.shape[:2]
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if self.config.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.config.clip_qkv is not None:
+            clip = self.config.clip_qkv
+            q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
+        q = q.view(batch, length, self.num_heads, self.head_dim)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.config.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, d)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        output, weights = attention_function(self.config)(
+            self, q, k, v, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, length, -1)), weights
+
+
+def build_attention(config: MoEConfig, layer_idx: int) -> nn.Module:
+    if config.attention_type == "mla":
+        return MultiHeadLatentAttention(config, layer_idx)
+    return GroupedQueryAttention(config, layer_idx)

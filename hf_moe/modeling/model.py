@@ -1,0 +1,272 @@
+"""MoEPreTrainedModel, MoEModel, MoEForCausalLM, MoEForSequenceClassification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .attention import RotaryEmbedding
+from .configuration import MoEConfig
+from .decoder import DecoderLayer
+from .experts import RoutedExperts
+from .losses import moe_auxiliary_loss
+from .mtp import MTPModule, shift_left
+from .normalization import RMSNorm
+from .routing import Router, RouterOutput
+
+
+@dataclass
+class MoEModelOutputWithPast(MoeModelOutputWithPast):
+    """MoeModelOutputWithPast plus the summed auxiliary balance loss and each MoE layer's router decision."""
+
+    aux_loss: torch.Tensor | None = None
+    routings: tuple[RouterOutput, ...] | None = None
+
+
+@dataclass
+class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """MoeCausalLMOutputWithPast plus `mtp_loss` (already weighted by `mtp_loss_weight`, included in `loss`)
+    and `lm_loss` (the next-token cross-entropy alone)."""
+
+    mtp_loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    routings: tuple[RouterOutput, ...] | None = None
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    config: MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "mlp.gate.weight"]
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Our experts class carries `@use_experts_implementation` (experts.py), not this module's source."""
+        return True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+            init.zeros_(module.tokens_per_expert)
+        elif isinstance(module, RoutedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
+        """Non-reentrant checkpointing only: the router counts tokens in the first forward and skips the
+        recompute (it runs inside backward). Reentrant checkpointing would hide the first forward from grad."""
+        gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs or {})
+        if gradient_checkpointing_kwargs.get("use_reentrant", False):
+            raise ValueError(
+                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by hf_moe models: the "
+                "expert-load counters of bias balancing need use_reentrant=False (the default)."
+            )
+        gradient_checkpointing_kwargs["use_reentrant"] = False
+        self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+
+class MoEModel(MoEPreTrainedModel):
+    """Embeddings -> decoder layers (dense or MoE) -> final RMSNorm."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def attention_mask_for(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The 4-D (or backend-specific) causal mask, sliding-window when configured."""
+        make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+        return make_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         cache=cache, position_ids=position_ids)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs: object,
+    ) -> MoEModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        kwargs.pop("return_dict", None)
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+
+        mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden, all_attn, routings = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, routing, attn_weights = layer(
+                hidden_states, attention_mask=mask, position_embeddings=position_embeddings, cache=cache,
+                use_cache=use_cache, **kwargs,
+            )
+            if routing is not None:
+                routings.append(routing)
+            if output_attentions:
+                all_attn.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        aux_loss = None
+        if self.training or output_router_logits:
+            aux_loss = moe_auxiliary_loss(routings, attention_mask, tuple(inputs_embeds.shape[:2]), self.config)
+        return MoEModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            router_logits=tuple(r.logits for r in routings) if output_router_logits else None,
+            aux_loss=aux_loss,
+            routings=tuple(routings),
+        )
+
+
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    """Causal LM head on MoEModel; optional multi-token-prediction modules (`mtp`) trained with the LM loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.model = MoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        depth = config.num_nextn_predict_layers
+        self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: object,
+    ) -> MoECausalLMOutputWithPast | tuple:
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        outputs = self.model(
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_router_logits=output_router_logits, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = lm_loss = mtp_loss = None
+        routings = list(outputs.routings or ())
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss
+            if self.mtp is not None and self.config.mtp_loss_weight > 0:
+                mtp_loss, mtp_routings = self.multi_token_prediction_loss(
+                    hidden_states, inputs_embeds, labels, attention_mask, position_ids)
+                routings.extend(mtp_routings)
+                loss = loss + mtp_loss
+        aux_loss = outputs.aux_loss
+        if aux_loss is not None and len(routings) > len(outputs.routings):  # the MTP blocks' routers balance too
+            mtp_routings = routings[len(outputs.routings):]
+            aux_loss = aux_loss + moe_auxiliary_loss(
+                mtp_routings, attention_mask, tuple(inputs_embeds.shape[:2]), self.config)
+        if loss is not None and aux_loss is not None:
+            loss = loss + aux_loss
+        result = MoECausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, router_logits=outputs.router_logits, mtp_loss=mtp_loss, lm_loss=lm_loss,
+            routings=tuple(routings),
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+    def multi_token_prediction_loss(
+        self,
+        hidden_states: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[RouterOutput]]:
+        """lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25): depth k reads tokens i+k and predicts t_{i+k+1}."""
+        if position_ids is None:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+        mask = self.model.attention_mask_for(inputs_embeds, attention_mask, None, position_ids)
+        position_embeddings = self.model.rotary_emb(inputs_embeds, position_ids)
+        previous, routings, total = hidden_states, [], hidden_states.new_zeros((), dtype=torch.float32)
+        for k, module in enumerate(self.mtp, start=1):
+            if labels.shape[1] <= k + 1:
+                break
+            previous, routing = module(previous, shift_left(inputs_embeds, k, 0.0), mask, position_embeddings)
+            if routing is not None:
+                routings.append(routing)
+            logits_k = self.lm_head(module.norm(previous))
+            labels_k = shift_left(labels, k, -100)  # logits_k[i] is scored against labels[i + k + 1]
+            total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size)
+        return self.config.mtp_loss_weight / len(self.mtp) * total, routings
+
+
+class MoEForSequenceClassification(GenericForSequenceClassification, MoEPreTrainedModel):
+    """Sequence classification head on MoEModel (last non-padding token)."""

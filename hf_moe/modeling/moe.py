@@ -1,0 +1,34 @@
+"""MoEBlock: router + routed experts + shared experts (DeepSeekMoE eq. 3-5; Qwen2-MoE's gated shared expert)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration import MoEConfig
+from .experts import MLP, RoutedExperts
+from .routing import Router, RouterOutput
+
+
+class MoEBlock(nn.Module):
+    """h = sum_k g_k FFN_k(x) + [sigmoid(x w_s)] * SharedFFN(x). Returns the output and the router's decision."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = MLP(config, config.shared_intermediate_size) if config.shared_intermediate_size else None
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, shape[-1])  # (T, H)
+        routing = self.gate(tokens)
+        output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            output = output + shared
+        return output.view(shape), routing

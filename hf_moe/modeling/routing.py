@@ -1,0 +1,134 @@
+"""Router: token-to-expert affinities, (group-limited) top-k choice with a balancing bias, gate values.
+
+DeepSeek-V3 §2.1 eqs. 12-16 (sigmoid, bias for choosing only), DeepSeek-V2 §2.2 (softmax, device-limited
+groups), Mixtral (top-k of logits then softmax), Switch (jitter), Shazeer 2017 (noisy top-k).
+All router math runs in fp32; the bias and the per-expert counters are fp32 buffers that stay fp32 when
+the model is cast (bf16 spacing near 1 is coarser than the bias step gamma = 1e-3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import MoEConfig
+
+_FP32_BUFFERS = ("e_score_correction_bias", "tokens_per_expert")
+
+
+@dataclass
+class RouterOutput:
+    """What one router decided for T tokens."""
+
+    logits: torch.Tensor  # (T, N) fp32, before any noise-free transform
+    topk_ids: torch.Tensor  # (T, K) int64 expert ids
+    topk_weights: torch.Tensor  # (T, K) fp32 gate values (dropped slots have weight 0)
+
+
+def inside_backward() -> bool:
+    """True while autograd's engine runs a backward pass (e.g. the recompute of gradient checkpointing)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class Router(nn.Module):
+    """Scores tokens against N expert centroids and picks K experts per token.
+
+    choose:  idx = TopK(s + b) within the best `topk_group` groups (b = e_score_correction_bias)
+    gates:   g = s[idx] (unbiased), renormalised if `norm_topk_prob`, times `routed_scaling_factor`.
+    In a training forward with grad enabled (not eval, not the checkpoint recompute) it adds the number of
+    tokens chosen per expert to `tokens_per_expert`; `hf_moe.training` reads and zeroes it once per step.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
+        self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        """Keep the bias and counters fp32 through `.to(dtype)` / `.half()`; only their device follows."""
+        kept = {name: getattr(self, name) for name in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = getattr(self, name)
+            if moved.dtype != torch.float32:
+                self._buffers[name] = original.to(device=moved.device)
+        return self
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Affinities s (T, N): softmax over experts or element-wise sigmoid."""
+        if self.config.scoring_func == "sigmoid":
+            return logits.sigmoid()
+        return logits.softmax(dim=-1)
+
+    def group_mask(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask (T, N), True for experts in each token's `topk_group` best groups (DeepSeek-V3 node-limited
+        routing: group score = sum of its top-2 biased scores; DeepSeek-V2: the group's max score)."""
+        grouped = choice.view(choice.shape[0], self.n_group, -1)  # (T, G, N/G)
+        if self.config.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+        else:
+            group_scores = grouped.amax(dim=-1)  # (T, G)
+        best_groups = group_scores.topk(self.topk_group, dim=-1).indices  # (T, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+        return keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+
+    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
+        """hidden_states (T, H) -> RouterOutput."""
+        x = hidden_states.float()
+        if self.training and self.config.router_jitter_noise > 0:
+            eps = self.config.router_jitter_noise
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        logits = F.linear(x, self.weight.float())  # (T, N)
+        noisy_logits = logits
+        if self.training and self.config.router_logit_noise > 0:
+            noisy_logits = logits + torch.randn_like(logits) * self.config.router_logit_noise
+        scores = self.scores(noisy_logits)  # (T, N)
+
+        with torch.no_grad():
+            choice = scores + self.e_score_correction_bias  # used for choosing only
+            if self.n_group > 1:
+                choice = choice.masked_fill(~self.group_mask(choice), float("-inf"))
+            topk_ids = choice.topk(self.top_k, dim=-1).indices  # (T, K)
+
+        if self.config.topk_before_softmax:  # Mixtral: softmax over the chosen logits
+            topk_weights = noisy_logits.gather(1, topk_ids).softmax(dim=-1)
+        else:
+            topk_weights = scores.gather(1, topk_ids)  # (T, K)
+            if self.config.norm_topk_prob:
+                topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weights = topk_weights * self.config.routed_scaling_factor
+
+        if self.config.capacity_factor is not None:
+            topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor)
+        if self.training and torch.is_grad_enabled() and not inside_backward():
+            kept = topk_ids[topk_weights != 0] if self.config.capacity_factor is not None else topk_ids
+            self.tokens_per_expert += torch.bincount(kept.flatten(), minlength=self.num_experts).float()
+        return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """GShard/Switch capacity: ceil(capacity_factor * tokens * K / N) slots per expert."""
+    return int(-(-capacity_factor * num_tokens * top_k // num_experts))
+
+
+def drop_over_capacity(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity_factor: float
+) -> torch.Tensor:
+    """Zero the gate of every slot beyond its expert's capacity. Priority: all first choices (in token order)
+    before all second choices, and so on (GShard Algorithm 1). Returns the new (T, K) weights."""
+    num_tokens, top_k = topk_ids.shape
+    capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    slot_order = topk_ids.t().reshape(-1)  # (K*T,) k-major: every token's first choice first
+    one_hot = F.one_hot(slot_order, num_experts)  # (K*T, N)
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of each slot within its expert
+    keep = (position < capacity).view(top_k, num_tokens).t()  # (T, K)
+    return topk_weights * keep

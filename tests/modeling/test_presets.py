@@ -1,0 +1,212 @@
+"""Presets reproduce the published parameter counts; the model's count agrees with an independent formula.
+
+Every count is taken from `MoEForCausalLM` built on the meta device (no memory), so these tests run in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+import pytest
+
+from hf_moe.inspection import PARTS, ParameterCount, count_parameters, format_parameter_report
+from hf_moe.modeling.configuration import MoEConfig
+from hf_moe.modeling.presets import PRESETS
+
+B = 1e9
+
+# name -> (published total, published active, where it is published)
+PUBLISHED: dict[str, tuple[float, float, str]] = {
+    "deepseek-moe-16b": (16.4 * B, 2.8 * B, "DeepSeekMoE paper arXiv 2401.06066 §5 / deepseek-moe-16b-base card"),
+    "deepseek-v2-lite": (15.7 * B, 2.4 * B, "DeepSeek-V2 paper arXiv 2405.04434 App. B / DeepSeek-V2-Lite card"),
+    "deepseek-v2": (236 * B, 21 * B, "DeepSeek-V2 paper arXiv 2405.04434 abstract"),
+    "deepseek-v3": (671 * B, 37 * B, "DeepSeek-V3 report arXiv 2412.19437 abstract (main model, without MTP)"),
+    "mixtral-8x7b": (46.7 * B, 12.9 * B, "Mistral AI 'Mixtral of experts' blog / arXiv 2401.04088"),
+    "qwen1.5-moe-a2.7b": (14.3 * B, 2.7 * B, "Qwen blog 'Qwen1.5-MoE' / Qwen1.5-MoE-A2.7B card"),
+    "qwen3-moe-30b-a3b": (30.5 * B, 3.3 * B, "Qwen3-30B-A3B model card"),
+    "olmoe-1b-7b": (6.9 * B, 1.3 * B, "OLMoE paper arXiv 2409.02060 / OLMoE-1B-7B-0924 card"),
+}
+# DeepSeek-V2-Lite's 2.4B activated is only reproduced without the input embedding (a table lookup, not a
+# matmul): 2.45B without it vs 2.66B with it. V2 (20.9B vs 21B) and V3 (36.6B vs 37B) fit the same definition
+# (and are within 2% either way), so the DeepSeek-V2 family is compared without the input embedding. The other
+# models' published active counts include embeddings and output head.
+ACTIVE_WITHOUT_INPUT_EMBEDDING = {"deepseek-v2-lite", "deepseek-v2", "deepseek-v3"}
+TOLERANCE = 0.03
+
+
+@lru_cache(maxsize=None)
+def preset_count(name: str) -> ParameterCount:
+    return count_parameters(MoEConfig.from_preset(name))
+
+
+def _ffn(hidden: int, width: int) -> int:
+    return 3 * hidden * width  # SwiGLU: gate, up, down
+
+
+def analytic_layer(config: MoEConfig, moe: bool) -> dict[str, tuple[int, int]]:
+    """(total, active) per part of one decoder layer, from the published formulas."""
+    h, n = config.hidden_size, config.num_attention_heads
+    bias = int(config.attention_bias)
+    norms = 2 * h
+    if config.attention_type == "mla":
+        qd = config.qk_head_dim
+        r, kv = config.q_lora_rank, config.kv_lora_rank
+        q = h * n * qd + bias * n * qd if r is None else h * r + bias * r + r * n * qd
+        norms += kv + (r or 0)
+        attn = (q + h * (kv + config.qk_rope_head_dim) + bias * (kv + config.qk_rope_head_dim)
+                + kv * n * (config.qk_nope_head_dim + config.v_head_dim) + n * config.v_head_dim * h)
+        attn += h * int(config.attention_out_bias)
+    else:
+        d, kvh = config.head_dim, config.num_key_value_heads
+        attn = 2 * h * n * d + 2 * h * kvh * d + bias * (n + 2 * kvh) * d + h * int(config.attention_out_bias)
+        norms += {None: 0, "head": 2 * d, "full": (n + kvh) * d}[config.qk_norm]
+    parts = {"attention": (attn, attn), "norms": (norms, norms)}
+    if moe:
+        e, k = config.n_routed_experts, config.num_experts_per_tok
+        routed = _ffn(h, config.moe_intermediate_size)
+        shared = _ffn(h, config.shared_intermediate_size) + h * int(config.shared_expert_gate)
+        parts |= {"router": (e * h, e * h), "routed_experts": (e * routed, k * routed), "shared_experts": (shared, shared)}
+    else:
+        dense = _ffn(h, config.intermediate_size)
+        parts["dense_ffn"] = (dense, dense)
+    return parts
+
+
+def analytic_count(config: MoEConfig) -> ParameterCount:
+    """Independent count from the architecture's formulas (checks the model's shapes)."""
+    total, active = dict.fromkeys(PARTS, 0), dict.fromkeys(PARTS, 0)
+
+    def add(part: str, t: int, a: int) -> None:
+        total[part] += t
+        active[part] += a
+
+    v, h = config.vocab_size, config.hidden_size
+    add("embeddings", v * h, v * h)
+    if not config.tie_word_embeddings:
+        add("lm_head", v * h, v * h)
+    add("norms", h, h)
+    for i in range(config.num_hidden_layers):
+        for part, (t, a) in analytic_layer(config, config.is_moe_layer(i)).items():
+            add(part, t, a)
+    block = analytic_layer(config, config.n_routed_experts > 0)
+    per_mtp = 3 * h + 2 * h * h  # enorm, hnorm, norm; eh_proj
+    depth = config.num_nextn_predict_layers
+    add("mtp", depth * (per_mtp + sum(t for t, _ in block.values())), depth * (per_mtp + sum(a for _, a in block.values())))
+    return ParameterCount(
+        total=sum(n for p, n in total.items() if p != "mtp"), active=sum(n for p, n in active.items() if p != "mtp"),
+        parts=total, active_parts=active,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_matches_published_counts(name: str) -> None:
+    count = preset_count(name)
+    published_total, published_active, source = PUBLISHED[name]
+    active = count.active - (count.parts["embeddings"] if name in ACTIVE_WITHOUT_INPUT_EMBEDDING else 0)
+    assert abs(count.total / published_total - 1) < TOLERANCE, (name, count.total, published_total, source)
+    assert abs(active / published_active - 1) < TOLERANCE, (name, active, published_active, source)
+    assert count.parts["other"] == 0
+    config = MoEConfig.from_preset(name)
+    routed, active_routed = count.parts["routed_experts"], count.active_parts["routed_experts"]
+    assert active_routed * config.n_routed_experts == routed * config.num_experts_per_tok
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_count_agrees_with_formula(name: str) -> None:
+    config = MoEConfig.from_preset(name)
+    expected, got = analytic_count(config), preset_count(name)
+    assert got.parts == expected.parts
+    assert got.active_parts == expected.active_parts
+    assert (got.total, got.active) == (expected.total, expected.active)
+
+
+def test_qwen3_non_embedding_count() -> None:
+    # Qwen3-30B-A3B card: "Number of Parameters (Non-Embedding): 29.9B" (embeddings and output head excluded)
+    count = preset_count("qwen3-moe-30b-a3b")
+    non_embedding = count.total - count.parts["embeddings"] - count.parts["lm_head"]
+    assert abs(non_embedding / (29.9 * B) - 1) < 0.01
+
+
+def test_deepseek_v3_mtp_is_separate() -> None:
+    # Hugging Face card: 685B = 671B main model + 14B MTP module. The released MTP module carries its own copy of
+    # the embedding and the output head (README_WEIGHTS), which our MTP shares with the main model.
+    count = preset_count("deepseek-v3")
+    assert count.parts["mtp"] > 10 * B
+    assert count.total_with_mtp == count.total + count.parts["mtp"]
+    checkpoint = count.total_with_mtp + count.parts["embeddings"] + count.parts["lm_head"]
+    assert abs(checkpoint / (685 * B) - 1) < 0.01
+    assert count.active_parts["mtp"] < count.parts["mtp"]
+    assert preset_count("deepseek-v2").parts["mtp"] == 0
+
+
+def test_tied_embeddings_counted_once() -> None:
+    count = count_parameters(MoEConfig.from_preset("olmoe-1b-7b", tie_word_embeddings=True))
+    untied = preset_count("olmoe-1b-7b")
+    assert count.parts["lm_head"] == 0
+    assert count.total == untied.total - untied.parts["lm_head"]
+
+
+def test_count_of_a_built_model_equals_count_of_its_config() -> None:
+    from hf_moe.modeling.model import MoEForCausalLM
+
+    config = MoEConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, num_nextn_predict_layers=1,
+    )
+    model = MoEForCausalLM(config)
+    from_model, from_config = count_parameters(model), count_parameters(config)
+    assert from_model == from_config
+    assert from_model.total_with_mtp == sum(p.numel() for p in model.parameters())
+    assert from_config == analytic_count(config)
+
+
+def test_report_lists_parts_and_routing() -> None:
+    config = MoEConfig.from_preset("deepseek-v3")
+    report = format_parameter_report(preset_count("deepseek-v3"), config)
+    for text in ("routed_experts", "total (without MTP)", "671.03B", "mtp (not in total)", "256 routed experts",
+                 "top-8", "sigmoid", "noaux_tc", "8 groups (keep 4)", "MLA", "3 dense, 58 MoE", "mtp depth: 1"):
+        assert text in report, text
+    gqa = format_parameter_report(preset_count("qwen3-moe-30b-a3b"), MoEConfig.from_preset("qwen3-moe-30b-a3b"))
+    assert "GQA, 32 heads, 4 kv heads" in gqa and "no shared experts" in gqa and "mtp (not in total)" not in gqa
+
+
+def test_preset_fields_are_config_fields() -> None:
+    # MoEConfig accepts unknown keyword arguments silently, so a typo in a preset would go unnoticed
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    for name, preset in PRESETS.items():
+        assert set(preset) <= fields, (name, set(preset) - fields)
+
+
+def test_published_hyper_parameters() -> None:
+    v3 = MoEConfig.from_preset("deepseek-v3")
+    assert (v3.n_routed_experts, v3.num_experts_per_tok, v3.n_group, v3.topk_group) == (256, 8, 8, 4)
+    assert (v3.scoring_func, v3.topk_method, v3.routed_scaling_factor) == ("sigmoid", "noaux_tc", 2.5)
+    assert v3.router_bias_update_rate == 1e-3 and v3.seq_aux_loss_alpha == 1e-4 and v3.mtp_loss_weight == 0.3
+    assert v3.num_mtp_layers == 1 and v3.moe_layer_indices[0] == 3 and v3.qk_head_dim == 192
+    assert v3.rope_parameters["rope_type"] == "yarn" and v3.rope_parameters["factor"] == 40
+    qwen = MoEConfig.from_preset("qwen1.5-moe-a2.7b")
+    assert qwen.shared_intermediate_size == 5632 and qwen.shared_expert_gate and qwen.attention_bias
+    assert not qwen.attention_out_bias
+    assert MoEConfig.from_preset("mixtral-8x7b").num_local_experts == 8
+    for name in PRESETS:
+        config = MoEConfig.from_preset(name)
+        assert (config.router_bias_update_rate > 0) == (name == "deepseek-v3"), name
+
+
+def test_from_preset_overrides() -> None:
+    config = MoEConfig.from_preset("deepseek-v3", num_hidden_layers=4, n_routed_experts=16, num_nextn_predict_layers=0)
+    assert (config.num_hidden_layers, config.n_routed_experts, config.num_nextn_predict_layers) == (4, 16, 0)
+    assert config.hidden_size == 7168 and config.topk_group == 4  # the rest stays the preset's
+    assert PRESETS["deepseek-v3"]["num_hidden_layers"] == 61  # the table itself is not modified
+    nested = MoEConfig.from_preset("deepseek-v3")
+    nested.rope_parameters["factor"] = 1.0
+    assert PRESETS["deepseek-v3"]["rope_parameters"]["factor"] == 40.0  # deep-copied
+    with pytest.raises(ValueError, match=r"MoEConfig\.num_experts_per_tok="):
+        MoEConfig.from_preset("mixtral-8x7b", num_experts_per_tok=9)
+
+
+def test_unknown_preset_name() -> None:
+    with pytest.raises(ValueError, match="Unknown preset name='deepseek-v4'.*deepseek-v3"):
+        MoEConfig.from_preset("deepseek-v4")
