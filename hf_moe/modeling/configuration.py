@@ -8,6 +8,7 @@ and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -294,7 +295,7 @@ class MoEConfig(PreTrainedConfig):
             fail("n_group", f"must divide n_routed_experts={self.n_routed_experts}")
         if not 1 <= self.topk_group <= self.n_group:
             fail("topk_group", f"must be between 1 and n_group={self.n_group}")
-        if self.n_group > 1:
+        if self.n_group > 1 and self.n_routed_experts > 0:
             if self.topk_method == "greedy":
                 fail("topk_method", "'greedy' ignores groups; use 'group_limited_greedy' or 'noaux_tc' with n_group > 1")
             per_group = self.n_routed_experts // self.n_group
@@ -328,6 +329,10 @@ class MoEConfig(PreTrainedConfig):
 
         if name not in PRESETS:
             raise ValueError(f"Unknown preset name={name!r}; allowed values are {sorted(PRESETS)}.")
+        known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"MoEConfig.from_preset({name!r}) got unknown fields {unknown}; see MoEConfig's docstring.")
         fields = copy.deepcopy(PRESETS[name])
         fields.update(overrides)
         return cls(**fields)

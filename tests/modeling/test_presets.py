@@ -6,7 +6,7 @@ Every count is taken from `MoEForCausalLM` built on the meta device (no memory),
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -35,7 +35,7 @@ ACTIVE_WITHOUT_INPUT_EMBEDDING = {"deepseek-v2-lite", "deepseek-v2", "deepseek-v
 TOLERANCE = 0.03
 
 
-@lru_cache(maxsize=None)
+@cache
 def preset_count(name: str) -> ParameterCount:
     return count_parameters(MoEConfig.from_preset(name))
 

@@ -1,0 +1,127 @@
+"""The `hf-moe` command. Each subcommand parses its arguments and makes one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .inspection import count_parameters, format_parameter_report
+    from .modeling.configuration import MoEConfig
+
+    if (args.preset is None) == (args.path is None):
+        raise SystemExit("hf-moe inspect: give exactly one of DIR or --preset NAME")
+    config = MoEConfig.from_preset(args.preset) if args.preset else MoEConfig.from_pretrained(args.path)
+    print(format_parameter_report(count_parameters(config), config))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output_dir, max_steps=args.max_steps, quick=args.quick)
+
+
+def _upcycle(args: argparse.Namespace) -> None:
+    from .conversion.upcycle import upcycle
+
+    report = upcycle(
+        args.src, args.out, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity,
+        shared_experts=args.shared, strategy=args.strategy, scoring_func=args.scoring_func,
+        router_init=args.router_init, drop_ratio=args.drop_ratio, overwrite=args.overwrite, seed=args.seed,
+    )
+    print(report)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .conversion.convert import convert
+
+    print(convert(args.src, args.out, to=args.to, overwrite=args.overwrite))
+
+
+def _select_experts(args: argparse.Namespace) -> None:
+    from .training.expert_selection import select_experts_cli
+
+    selection = select_experts_cli(
+        args.model, args.data, criterion=args.criterion, threshold=args.threshold, max_samples=args.max_samples,
+        output=args.output,
+    )
+    print(json.dumps({str(k): v for k, v in selection.items()}))
+
+
+def _publish(args: argparse.Namespace) -> None:
+    from .hub import save_for_hub
+
+    save_for_hub(args.model, args.out, remote_code=not args.no_remote_code, license=args.license)
+    print(f"Hub-ready folder written to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-moe", description="DeepSeek-style MoE models for transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="pretrain a tiny DeepSeek-V3-style model offline, save, reload, generate")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: the demo's own)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few steps")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("inspect", help="parameters total/active, per part, and the routing of a model")
+    p.add_argument("path", nargs="?", help="a model folder (config.json)")
+    p.add_argument("--preset", help="a preset name, e.g. deepseek-v3")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("upcycle", help="dense checkpoint (Llama, Mistral, Qwen2/3) -> MoE, same function")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--granularity", type=int, default=1, help="shards per FFN copy (fine-grained upcycling)")
+    p.add_argument("--shared", type=int, default=0, help="shards of the FFN kept as shared experts")
+    p.add_argument("--strategy", default=None, help="copy | virtual-group | drop (default: from granularity)")
+    p.add_argument("--scoring-func", default="softmax", choices=["softmax", "sigmoid"])
+    p.add_argument("--router-init", default="random", choices=["random", "zero", "hidden"])
+    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling re-initialised fraction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_upcycle)
+
+    p = sub.add_parser("convert", help="MoE checkpoints of other families <-> hf_moe")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--to", default=None, help="target family (deepseek_v3, mixtral, ...); default hf_moe")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("select-experts", help="ESFT: the experts a task uses, per layer, as JSON")
+    p.add_argument("model")
+    p.add_argument("data", help="a local text/json/jsonl file or folder")
+    p.add_argument("--criterion", default="gate", choices=["gate", "token"])
+    p.add_argument("--threshold", type=float, default=None, help="cumulative share p (0.1 gate / 0.2 token)")
+    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--output", default=None, help="write the selection JSON here")
+    p.set_defaults(func=_select_experts)
+
+    p = sub.add_parser("publish", help="write a Hub-ready folder (card, shards, remote code)")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--license", default=None)
+    p.add_argument("--no-remote-code", action="store_true")
+    p.set_defaults(func=_publish)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"hf-moe {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

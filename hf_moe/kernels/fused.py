@@ -1,0 +1,185 @@
+"""Fused routed-experts backend: one sort of token-slots, gather, per-expert (or grouped) matmuls, routing
+weight applied before the down projection, scatter back, and a hand-written backward.
+
+Notation (shapes in names): T tokens, K experts per token, S = T*K token-slots, E experts, H hidden width,
+I expert width. For slot s (sorted by expert) with token t(s), expert e(s) and gate weight w(s):
+
+    gu_s  = W_gu[e] x_t               (S, 2I)   gate rows then up rows
+    a_s   = silu(g_s) * u_s            (S, I)
+    y_t   = sum_s [t(s) = t] W_d[e] (w_s a_s)
+
+Backward (dy = upstream gradient, gathered per slot: dy_s = dy_t(s)):
+
+    d(w a)_s = W_d[e]^T dy_s           dW_d[e] = sum_s dy_s (w_s a_s)^T
+    dw_s     = <d(w a)_s, a_s>         da_s = w_s d(w a)_s
+    dg_s     = da_s * u_s * silu'(g_s)   du_s = da_s * silu(g_s)
+    dx_t     = sum_s W_gu[e]^T dgu_s   dW_gu[e] = sum_s dgu_s x_t^T
+
+Only the expert-width activations gu (S, 2I) and a (S, I) are saved; the token gather x_t(s) (S, H) is
+recomputed in backward instead of stored. The slot bookkeeping costs one stable argsort, one bincount and
+a single host sync (`.tolist()`) per forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MATMUL_MODES = ("loop", "grouped_mm")
+
+
+@dataclass
+class SlotPlan:
+    """Token-slots sorted by expert: which token each sorted slot reads, and the per-expert segments."""
+
+    order: torch.Tensor  # (S,) slot index (t * K + k) of each sorted position
+    tokens: torch.Tensor  # (S,) token index t(s) of each sorted position
+    counts: list[int]  # slots per expert, length E
+    offsets: torch.Tensor  # (E,) int32 cumulative counts (grouped_mm's `offs`)
+
+    @classmethod
+    def build(cls, top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
+        """top_k_index (T, K) -> plan. Stable sort keeps slots of one expert in token order."""
+        top_k = top_k_index.shape[1]
+        flat = top_k_index.reshape(-1)  # (S,)
+        order = torch.argsort(flat, stable=True)
+        per_expert = torch.bincount(flat, minlength=num_experts)  # (E,)
+        offsets = per_expert.cumsum(0).to(torch.int32)
+        return cls(order=order, tokens=order // top_k, counts=per_expert.tolist(), offsets=offsets)
+
+
+def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool) -> torch.Tensor:
+    """Per-expert matmul over sorted slots: rows of segment e times weight[e]^T (or weight[e] if not transpose).
+
+    inputs (S, in), weight (E, out, in) if transpose else (E, in, out) -> (S, out).
+    """
+    out_dim = weight.shape[1] if transpose else weight.shape[2]
+    out = inputs.new_empty(inputs.shape[0], out_dim)
+    start = 0
+    for expert, count in enumerate(plan.counts):
+        if count:
+            w = weight[expert].t() if transpose else weight[expert]
+            torch.mm(inputs[start : start + count], w, out=out[start : start + count])
+            start += count
+    return out
+
+
+def _mm_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPlan, num_experts: int) -> torch.Tensor:
+    """sum over each expert's slots of grad_out_s inputs_s^T: (S, out), (S, in) -> (E, out, in)."""
+    grad = grad_out.new_empty(num_experts, grad_out.shape[1], inputs.shape[1])
+    start = 0
+    for expert, count in enumerate(plan.counts):
+        if count:
+            torch.mm(grad_out[start : start + count].t(), inputs[start : start + count], out=grad[expert])
+            start += count
+        else:
+            grad[expert].zero_()
+    return grad
+
+
+def _grouped(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool) -> torch.Tensor:
+    """torch's grouped_mm version of `_mm_segments` (contiguous operands: its backward-safe layout)."""
+    w = weight.transpose(-2, -1) if transpose else weight
+    return torch._grouped_mm(inputs.contiguous(), w, offs=plan.offsets)
+
+
+def _grouped_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPlan, num_experts: int) -> torch.Tensor:
+    return torch._grouped_mm(grad_out.t(), inputs.contiguous(), offs=plan.offsets)
+
+
+def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Rows in sorted-slot order (S, D) -> per-token sums over the K slots (T, D), deterministic."""
+    slots = torch.empty_like(sorted_rows).index_copy_(0, plan.order, sorted_rows)  # (S, D) in slot order
+    return slots.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+class FusedExpertsFunction(torch.autograd.Function):
+    """Routed SwiGLU experts with a hand-written backward (see the module docstring for the math)."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden_states: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        plan: SlotPlan,
+        mode: str,
+    ) -> torch.Tensor:
+        num_tokens, top_k = top_k_weights.shape
+        mm = _grouped if mode == "grouped_mm" else _mm_segments
+        slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
+        x_slots = hidden_states.index_select(0, plan.tokens)  # (S, H)
+        gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up  # (S, I)
+        y_slots = mm(act * slot_weights[:, None], down_proj, plan, transpose=True)  # (S, H)
+        ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights)
+        ctx.plan, ctx.mode, ctx.top_k = plan, mode, top_k
+        ctx.weights_dtype = top_k_weights.dtype
+        return _unsort_sum(y_slots, plan, num_tokens, top_k)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
+        hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights = ctx.saved_tensors
+        plan, top_k = ctx.plan, ctx.top_k
+        num_tokens, num_experts = hidden_states.shape[0], gate_up_proj.shape[0]
+        grouped = ctx.mode == "grouped_mm"
+        mm = _grouped if grouped else _mm_segments
+        weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
+        need_x, need_gu, need_d, need_w = ctx.needs_input_grad[:4]
+
+        dy_slots = grad_output.index_select(0, plan.tokens)  # (S, H), also fine for non-contiguous grads
+        d_weighted = mm(dy_slots, down_proj, plan, transpose=False)  # (S, I)
+        grad_down = weight_grads(dy_slots, act * slot_weights[:, None], plan, num_experts) if need_d else None
+        grad_weights = None
+        if need_w:
+            d_slot_weights = (d_weighted * act).sum(dim=-1)  # (S,)
+            grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
+            grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
+        grad_x = grad_gate_up = None
+        if need_x or need_gu:
+            d_act = d_weighted.mul_(slot_weights[:, None])  # (S, I)
+            gate, up = gate_up.chunk(2, dim=-1)
+            d_gate_up = torch.cat((torch.ops.aten.silu_backward(d_act * up, gate), d_act * F.silu(gate)), dim=-1)
+            if need_x:
+                grad_x = _unsort_sum(mm(d_gate_up, gate_up_proj, plan, transpose=False), plan, num_tokens, top_k)
+            if need_gu:
+                x_slots = hidden_states.index_select(0, plan.tokens)  # recomputed, not stored
+                grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)
+        return grad_x, grad_gate_up, grad_down, grad_weights, None, None
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    mode: str = "loop",
+) -> torch.Tensor:
+    """Routed SwiGLU experts, (T, H) x (T, K) ids / weights -> (T, H). `mode`: "loop" (one mm per active
+    expert) or "grouped_mm" (torch's grouped GEMM)."""
+    if mode not in MATMUL_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MATMUL_MODES}")
+    plan = SlotPlan.build(top_k_index, gate_up_proj.shape[0])
+    return FusedExpertsFunction.apply(hidden_states, gate_up_proj, down_proj, top_k_weights, plan, mode)
+
+
+def supports_fused(experts: nn.Module) -> bool:
+    """True when an experts module has the layout these kernels implement: concatenated [gate; up] weights
+    (E, 2I, H) / (E, H, I), no biases, no post-expert norm, SiLU, no expert-parallel sentinels."""
+    return (
+        getattr(experts, "has_gate", True)
+        and not getattr(experts, "has_bias", False)
+        and not getattr(experts, "is_transposed", False)
+        and getattr(experts, "is_concatenated", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and not getattr(experts, "_is_expert_parallel", False)
+        and isinstance(getattr(experts, "act_fn", None), nn.SiLU)
+        and hasattr(experts, "gate_up_proj")
+        and hasattr(experts, "down_proj")
+    )
