@@ -6,6 +6,7 @@ AutoModelForSequenceClassification.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .conversion.upcycle import upcycle
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEForCausalLM, MoEForSequenceClassification, MoEModel, MoEPreTrainedModel
 
@@ -22,5 +23,6 @@ __all__ = [
     "MoEModel",
     "MoEForCausalLM",
     "MoEForSequenceClassification",
+    "upcycle",
     "__version__",
 ]

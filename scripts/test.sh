@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test suite (CPU, offline). Extra arguments go to pytest.
+# The test suite (CPU, offline): set up, lint, then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-python -m pytest -q -x --durations=15 "$@"
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q --durations=20 "$@"

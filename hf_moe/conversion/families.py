@@ -435,8 +435,17 @@ def _mla_to_moe(hf: PreTrainedConfig, rope_interleave: bool) -> dict[str, Any]:
         intermediate_size=hf.intermediate_size, n_routed_experts=hf.n_routed_experts,
         num_experts_per_tok=hf.num_experts_per_tok, moe_intermediate_size=hf.moe_intermediate_size,
         n_shared_experts=hf.n_shared_experts, first_k_dense_replace=hf.first_k_dense_replace or 0,
-        moe_layer_freq=1, routed_scaling_factor=hf.routed_scaling_factor,
+        moe_layer_freq=1, routed_scaling_factor=hf.routed_scaling_factor, **_deepseek_losses(hf),
     )  # fmt: skip
+
+
+def _deepseek_losses(hf: PreTrainedConfig) -> dict[str, float]:
+    """DeepSeek's released config.json files carry `aux_loss_alpha` and `seq_aux` (its remote code's balance
+    loss: sequence-wise when seq_aux); transformers' config classes keep them as extra attributes."""
+    alpha = getattr(hf, "aux_loss_alpha", None)
+    if not alpha:
+        return {}
+    return {"seq_aux_loss_alpha": alpha} if getattr(hf, "seq_aux", False) else {"aux_loss_alpha": alpha}
 
 
 def _gqa_to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
@@ -483,7 +492,12 @@ def config_to_moe(hf_config: PreTrainedConfig) -> MoEConfig:
     """The MoEConfig of a transformers config of one of `FAMILIES` (by `model_type`).
 
     Fields a family does not have take hf_moe's defaults, except: families other than DeepSeek-V3 get
-    router_bias_update_rate=0 (no bias balancing) and aux_loss_alpha=router_aux_loss_coef.
+    router_bias_update_rate=0 (no bias balancing) and aux_loss_alpha from router_aux_loss_coef
+    (`switch_coef_to_alpha`). The mapping
+    follows what transformers' modeling code computes (the oracle), not the config's field names:
+    DeepSeek-V2 gets norm_topk_prob=False (transformers' DeepseekV2TopkRouter never renormalises; its
+    norm_topk_prob field is unused) and rope_interleave=True (it rotates (x0, x1), (x2, x3)... as complex
+    numbers); Mixtral gets norm_topk_prob=True (softmax, top-k, renormalise == softmax of the top-k logits).
     Raises ValueError naming the field for what hf_moe cannot express.
     """
     family = hf_config.model_type
@@ -562,7 +576,22 @@ def config_to_moe(hf_config: PreTrainedConfig) -> MoEConfig:
             attention_out_bias=hf_config.attention_bias, qk_norm="full", clip_qkv=hf_config.clip_qkv,
             norm_topk_prob=hf_config.norm_topk_prob,
         )  # fmt: skip
-    return MoEConfig(**fields)
+    config = MoEConfig(**fields)
+    if family in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"):
+        config.aux_loss_alpha = switch_coef_to_alpha(config.aux_loss_alpha, config)
+    return config
+
+
+def switch_coef_to_alpha(coef: float, cfg: MoEConfig) -> float:
+    """transformers' Switch-style loss (Mixtral/Qwen/OLMoE) is N * sum_i (count_i / T) P_i over all layers'
+    tokens pooled, i.e. about K times our per-layer expert-level loss averaged over layers; ours is summed
+    over MoE layers. alpha = coef * K / L keeps the same strength (exact when layers route alike)."""
+    return coef * cfg.num_experts_per_tok / max(1, len(cfg.moe_layer_indices))
+
+
+def alpha_to_switch_coef(alpha: float, cfg: MoEConfig) -> float:
+    """Inverse of `switch_coef_to_alpha`."""
+    return alpha * max(1, len(cfg.moe_layer_indices)) / cfg.num_experts_per_tok
 
 
 def _refuse(family: str, cfg: MoEConfig, name: str, why: str) -> ValueError:
@@ -644,7 +673,7 @@ def _common_from_moe(cfg: MoEConfig) -> dict[str, Any]:
 def config_from_moe(moe_config: MoEConfig, family: str) -> PreTrainedConfig:
     """The transformers config of `family` for `moe_config`; raises ValueError naming the field the family
     cannot express. Training-only knobs (bias update rate, balance/z-losses, capacity, noise, MTP loss
-    weight) are dropped, except router_aux_loss_coef = aux_loss_alpha and Mixtral's router_jitter_noise."""
+    weight) are dropped, except router_aux_loss_coef (from aux_loss_alpha) and Mixtral's router_jitter_noise."""
     _check_family(family)
     cfg = moe_config
     _export_checks(cfg, family)
@@ -668,7 +697,7 @@ def config_from_moe(moe_config: MoEConfig, family: str) -> PreTrainedConfig:
         else:
             fields.update(topk_method="greedy" if cfg.n_group == 1 else "group_limited_greedy", norm_topk_prob=False)
         return AutoConfig.for_model(family, **fields)
-    fields.update(num_key_value_heads=cfg.num_key_value_heads, router_aux_loss_coef=cfg.aux_loss_alpha, **experts)
+    fields.update(num_key_value_heads=cfg.num_key_value_heads, router_aux_loss_coef=alpha_to_switch_coef(cfg.aux_loss_alpha, cfg), **experts)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         fields["head_dim"] = cfg.head_dim
     norm = cfg.norm_topk_prob or cfg.topk_before_softmax  # the two are the same function of the logits

@@ -37,8 +37,9 @@ class SlotPlan:
 
     order: torch.Tensor  # (S,) slot index (t * K + k) of each sorted position
     tokens: torch.Tensor  # (S,) token index t(s) of each sorted position
-    counts: list[int]  # slots per expert, length E
+    per_expert: torch.Tensor  # (E,) slots per expert
     offsets: torch.Tensor  # (E,) int32 cumulative counts (grouped_mm's `offs`)
+    _counts: list[int] | None = None
 
     @classmethod
     def build(cls, top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
@@ -48,7 +49,14 @@ class SlotPlan:
         order = torch.argsort(flat, stable=True)
         per_expert = torch.bincount(flat, minlength=num_experts)  # (E,)
         offsets = per_expert.cumsum(0).to(torch.int32)
-        return cls(order=order, tokens=order // top_k, counts=per_expert.tolist(), offsets=offsets)
+        return cls(order=order, tokens=order // top_k, per_expert=per_expert, offsets=offsets)
+
+    @property
+    def counts(self) -> list[int]:
+        """Slots per expert on the host: the one device-to-host sync, done once and only when needed."""
+        if self._counts is None:
+            self._counts = self.per_expert.tolist()
+        return self._counts
 
 
 def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool) -> torch.Tensor:
@@ -179,7 +187,7 @@ def supports_fused(experts: nn.Module) -> bool:
         and getattr(experts, "is_concatenated", True)
         and not getattr(experts, "has_post_expert_norm", False)
         and not getattr(experts, "_is_expert_parallel", False)
-        and isinstance(getattr(experts, "act_fn", None), nn.SiLU)
+        and getattr(getattr(experts, "config", None), "hidden_act", None) in ("silu", "swish")
         and hasattr(experts, "gate_up_proj")
         and hasattr(experts, "down_proj")
     )

@@ -88,6 +88,10 @@ class MoEConfig(PreTrainedConfig):
         num_nextn_predict_layers (`int`): multi-token prediction depth D (0 = none).
         mtp_loss_weight (`float`): lambda of the MTP loss (lambda / D * sum_k CE_k).
         output_router_logits (`bool`): return router logits in the output.
+
+    Provenance:
+        upcycled_from (`dict | None`): how a dense checkpoint became this model (base model, strategy, experts,
+            granularity, router init, measured function preservation), written by `hf_moe.upcycle`; None otherwise.
     """
 
     model_type = "hf_moe"
@@ -182,6 +186,8 @@ class MoEConfig(PreTrainedConfig):
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float | int = 0.1
     output_router_logits: bool = False
+    # provenance
+    upcycled_from: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,15 @@ class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     mtp_loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     routings: tuple[RouterOutput, ...] | None = None
+
+
+def _name_keys(keys: set[str], limit: int = 20) -> str:
+    """Sorted keys for an error message: the first `limit`, then how many more."""
+    names = sorted(keys)
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 class MoEPreTrainedModel(PreTrainedModel):
@@ -84,6 +94,35 @@ class MoEPreTrainedModel(PreTrainedModel):
             )
         gradient_checkpointing_kwargs["use_reentrant"] = False
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args: object,
+        strict: bool | None = None,
+        use_safetensors: bool | None = None,
+        **kwargs: object,
+    ) -> MoEPreTrainedModel | tuple[MoEPreTrainedModel, dict]:
+        """`PreTrainedModel.from_pretrained`, made safe. Weights load from safetensors only (never pickle:
+        `use_safetensors=False` raises). `strict` (default: True when the checkpoint was saved by this same class,
+        i.e. `config.architectures` names it) turns transformers' missing/unexpected-weights warning into a
+        RuntimeError naming the keys; `strict=False` loads anyway (missing weights newly initialised)."""
+        if use_safetensors is False:
+            raise ValueError(f"{cls.__name__}.from_pretrained(use_safetensors=False): hf_moe loads safetensors "
+                             "checkpoints only; pickle-based .bin files can run code when loaded.")
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, use_safetensors=True,
+                                              output_loading_info=True, **kwargs)
+        if strict is None:
+            strict = cls.__name__ in (model.config.architectures or ())
+        if strict and (info["missing_keys"] or info["unexpected_keys"]):
+            raise RuntimeError(
+                f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
+                f"match the model. Missing weights: {_name_keys(info['missing_keys'])}. Unexpected weights: "
+                f"{_name_keys(info['unexpected_keys'])}. Pass strict=False to load anyway (missing weights are then "
+                "newly initialised, unexpected ones ignored).")
+        return (model, info) if return_info else model
 
 
 class MoEModel(MoEPreTrainedModel):
@@ -225,7 +264,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             loss = lm_loss
             if self.mtp is not None and self.config.mtp_loss_weight > 0:
                 mtp_loss, mtp_routings = self.multi_token_prediction_loss(
-                    hidden_states, inputs_embeds, labels, attention_mask, position_ids)
+                    hidden_states, inputs_embeds, labels, attention_mask, position_ids,
+                    num_items_in_batch=kwargs.get("num_items_in_batch"))
                 routings.extend(mtp_routings)
                 loss = loss + mtp_loss
         aux_loss = outputs.aux_loss
@@ -234,7 +274,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             aux_loss = aux_loss + moe_auxiliary_loss(
                 mtp_routings, attention_mask, tuple(inputs_embeds.shape[:2]), self.config)
         if loss is not None and aux_loss is not None:
-            loss = loss + aux_loss
+            # Trainer: the LM loss is a sum over this micro-batch / `num_items_in_batch` (all micro-batches and
+            # ranks); weight the per-batch aux loss by this batch's share of those tokens to match
+            num_items = kwargs.get("num_items_in_batch")
+            share = 1.0 if num_items is None else labels[..., 1:].ne(-100).sum() / num_items
+            loss = loss + aux_loss * share
         result = MoECausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions, router_logits=outputs.router_logits, mtp_loss=mtp_loss, lm_loss=lm_loss,
@@ -249,8 +293,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> tuple[torch.Tensor, list[RouterOutput]]:
-        """lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25): depth k reads tokens i+k and predicts t_{i+k+1}."""
+        """lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25): depth k reads tokens i+k and predicts t_{i+k+1}.
+        Padding (attention_mask == 0) is never a target; `num_items_in_batch` normalises like the LM loss."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
         if position_ids is None:
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         mask = self.model.attention_mask_for(inputs_embeds, attention_mask, None, position_ids)
@@ -264,7 +312,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 routings.append(routing)
             logits_k = self.lm_head(module.norm(previous))
             labels_k = shift_left(labels, k, -100)  # logits_k[i] is scored against labels[i + k + 1]
-            total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size)
+            total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size,
+                                               num_items_in_batch=num_items_in_batch)
         return self.config.mtp_loss_weight / len(self.mtp) * total, routings
 
 

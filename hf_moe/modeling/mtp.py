@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
@@ -33,10 +34,13 @@ class MTPModule(nn.Module):
         future_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, object]:
-        """previous_hidden h^{k-1} (B, T, H), future_embeds Emb(t_{i+k}) (B, T, H) -> h^k (B, T, H), routing."""
+        """previous_hidden h^{k-1} (B, T, H), future_embeds Emb(t_{i+k}) (B, T, H) -> h^k (B, T, H), routing.
+        `cache` (decoding only) holds the block's keys/values under its layer index."""
         merged = self.eh_proj(torch.cat((self.enorm(future_embeds), self.hnorm(previous_hidden)), dim=-1))
-        hidden, routing, _ = self.block(merged, attention_mask=attention_mask, position_embeddings=position_embeddings)
+        hidden, routing, _ = self.block(merged, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                                        cache=cache)
         return hidden, routing
 
 

@@ -74,7 +74,7 @@ CASES: dict[str, tuple[type[PreTrainedConfig], dict, bool]] = {
         TINY, num_key_value_heads=2, head_dim=32, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
         num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=True), True),
     "olmoe": (OlmoeConfig, dict(
-        TINY, num_key_value_heads=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2, clip_qkv=0.6,
+        TINY, num_key_value_heads=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2, clip_qkv=0.6, eos_token_id=2,
         norm_topk_prob=False), True),
 }  # fmt: skip
 
@@ -200,7 +200,7 @@ def test_config_round_trip_keeps_every_mapped_field() -> None:
         moe_config = config_to_moe(their_config)
         back = config_from_moe(moe_config, their_config.model_type)
         assert type(back) is config_cls
-        for name, value in fields.items():
+        for name in fields:
             if name == "mlp_only_layers":  # re-expressed through decoder_sparse_step; same MoE layers
                 continue
             assert getattr(back, name) == getattr(their_config, name), (case, name)
@@ -212,13 +212,17 @@ def test_family_specific_fields() -> None:
     assert (v3.attention_type, v3.scoring_func, v3.topk_method) == ("mla", "sigmoid", "noaux_tc")
     assert (v3.n_group, v3.topk_group, v3.routed_scaling_factor, v3.attention_out_bias) == (4, 2, 2.5, True)
     assert v3.router_bias_update_rate > 0
+    released = DeepseekV3Config(**CASES["deepseek_v3_no_qlora"][1], aux_loss_alpha=0.001, seq_aux=True)
+    assert config_to_moe(released).seq_aux_loss_alpha == 0.001  # extra fields of DeepSeek's config.json
     v2 = config_to_moe(DeepseekV2Config(**CASES["deepseek_v2_group_limited"][1], norm_topk_prob=True))
     assert (v2.scoring_func, v2.topk_method, v2.norm_topk_prob, v2.rope_interleave) == (
         "softmax", "group_limited_greedy", False, True)  # fmt: skip
     mixtral = config_to_moe(MixtralConfig(**CASES["mixtral_sliding"][1]))
     assert (mixtral.norm_topk_prob, mixtral.n_shared_experts, mixtral.first_k_dense_replace) == (True, 0, 0)
     assert (mixtral.sliding_window, mixtral.router_bias_update_rate) == (4, 0.0)
-    assert config_to_moe(MixtralConfig(**CASES["mixtral"][1])).aux_loss_alpha == 0.02
+    converted = config_to_moe(MixtralConfig(**CASES["mixtral"][1]))
+    layers = len(converted.moe_layer_indices)
+    assert converted.aux_loss_alpha == pytest.approx(0.02 * 2 / layers)  # coef * K / L: same strength
     qwen2 = config_to_moe(Qwen2MoeConfig(**CASES["qwen2_moe"][1]))
     assert (qwen2.first_k_dense_replace, qwen2.moe_layer_freq, qwen2.moe_layer_indices) == (1, 2, [1, 3])
     assert (qwen2.shared_expert_gate, qwen2.shared_intermediate_size) == (True, 48)
@@ -357,3 +361,21 @@ def test_tables_bind_every_family() -> None:
             bindings = bind_table(config_cls.model_type, moe, layout)
             ours_keys = [b.ours for b in bindings if b.op not in ("duplicate", "drop")]
             assert len(ours_keys) == len(set(ours_keys)), (case, layout)
+
+
+def test_switch_loss_coefficient_maps_to_the_same_loss_value() -> None:
+    """One MoE layer: transformers' Mixtral balance loss == our aux loss with the converted coefficient."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from hf_moe.modeling.losses import moe_auxiliary_loss
+    from hf_moe.modeling.routing import RouterOutput
+
+    mixtral = MixtralConfig(**dict(CASES["mixtral"][1], num_hidden_layers=1))
+    ours = config_to_moe(mixtral)
+    logits = torch.randn(12, 4)
+    topk_ids = logits.softmax(-1).topk(2, dim=-1).indices
+    theirs = mixtral.router_aux_loss_coef * load_balancing_loss_func((logits,), 4, 2)
+    routing = RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=torch.ones(12, 2))
+    torch.testing.assert_close(moe_auxiliary_loss([routing], None, (3, 4), ours), theirs)
+    back = config_from_moe(ours, "mixtral")
+    assert back.router_aux_loss_coef == pytest.approx(mixtral.router_aux_loss_coef)

@@ -165,3 +165,19 @@ def test_grouped_mm_backend_really_switches_and_matches_eager() -> None:
         ALL_EXPERTS_FUNCTIONS["grouped_mm"] = original
     assert calls, "the grouped_mm backend was not used"
     torch.testing.assert_close(grouped, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_gqa_config, lambda: tiny_gqa_config(sliding_window=3)])
+def test_attention_backends_agree_with_eager_under_padding(make_config) -> None:
+    model = MoEForCausalLM(make_config()).eval()
+    ids = torch.randint(3, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("eager", "sdpa"):
+            model.set_attn_implementation(implementation)
+            outputs[implementation] = model(ids, attention_mask=mask).logits
+    for implementation in ("sdpa",):
+        torch.testing.assert_close(outputs[implementation][1], outputs["eager"][1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[implementation][0, 2:], outputs["eager"][0, 2:], rtol=1e-5, atol=1e-5)

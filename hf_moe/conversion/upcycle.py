@@ -1,0 +1,559 @@
+"""Dense -> MoE upcycling: a Llama/Mistral/Qwen2/Qwen3 checkpoint becomes an hf_moe model computing the same function.
+
+A SwiGLU FFN is a sum over its F intermediate neurons, down(act(gate x) * up x) = sum_n down[:, n] act(gate_n x)
+up_n x, so its neurons can be partitioned into shards without loss (He et al. 2024, arXiv 2410.07524):
+
+* the FFN is split into `granularity` G shards of I = F / G neurons (the expert width);
+* `shared_experts` S of them become the shared experts (always on; the first S shards, or the S*I most active
+  neurons on the probe batch);
+* the remaining R = G - S shards are "routed shards"; the N = num_experts routed experts are C = N / R copies
+  of them: expert j is shard (j mod R) of copy floor(j / R), and every expert of a copy gets the same router
+  row, so the router scores a copy's shards identically and top-k picks whole copies;
+* with top-k weights renormalised (norm_topk_prob), top_k = m * R picks m whole copies whose weights sum to
+  1 over m*R shards, so the routed sum is FFN_routed / R: a factor R on the routed down_proj (the default,
+  `scale_on="down_proj"`) or routed_scaling_factor = R (`scale_on="routed_scaling_factor"`) makes the MoE
+  equal the dense model whatever the router weights are, for softmax and sigmoid scores. (Megatron's
+  cube-root scaling of both matrices is not exact for SiLU.) G = 1, S = 0 is copy upcycling (Komatsuzaki
+  et al. 2022, every expert a copy of the FFN), exact for any top_k.
+
+Router initialisation: "random" (N(0, initializer_range) per copy), "zero" (uniform scores; ties between
+copies are broken by a per-copy e_score_correction_bias of -1e-5 * copy, so top-k still picks whole copies),
+or "hidden" (mergekit-moe's hidden mode: per copy, the unit-norm mean FFN-input state of the last token of the
+probe texts assigned to it). Drop-Upcycling (Nakamura et al. 2025, arXiv 2502.19261) re-draws a fraction r
+of every expert's neurons from N(mean, std) of the dense matrices: diversity instead of exactness.
+
+Every upcycle runs the dense model (transformers' own classes) and the MoE model side by side on a probe
+batch, one layer at a time, and reports max |logit difference| (`UpcycleReport`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+
+from ..inspection import count_parameters
+from ..modeling.attention import RotaryEmbedding
+from ..modeling.configuration import MoEConfig
+from ..modeling.model import MoEForCausalLM
+from .checkpoint_io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    CheckpointError,
+    ShardedWriter,
+    SourceCheckpoint,
+    atomic_output_dir,
+    check_output_dir,
+    copy_side_files,
+    parse_size,
+)  # fmt: skip
+from .dense import dense_global_shapes, dense_layer_shapes, moe_fields_from_dense
+from .probe import LayerwiseRunner, ProbeBatch, compare_logits
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "copy", "virtual-group", "drop-upcycling")
+ROUTER_INITS = ("random", "zero", "hidden")
+SHARED_SELECTIONS = ("first", "active")
+SCALE_TARGETS = ("down_proj", "routed_scaling_factor")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TIE_BREAK = 1e-5  # per-copy bias step that orders copies under a zero router (far below gamma = 1e-3)
+EXACT_RTOL = 1e-4  # measured max |dlogit| <= EXACT_RTOL * max(1, max |logit|) counts as exact (fp32 probe)
+
+
+def _fail(name: str, value: object, why: str) -> ValueError:
+    return ValueError(f"upcycle {name}={value!r} is invalid: {why}.")
+
+
+@dataclass(frozen=True)
+class UpcycleRecipe:
+    """What `upcycle` builds; see the module docstring for the layout. Validated by `check`."""
+
+    num_experts: int
+    top_k: int
+    granularity: int = 1
+    shared_experts: int = 0
+    strategy: str = "auto"
+    scoring_func: str = "sigmoid"
+    router_init: str = "random"
+    drop_ratio: float = 0.0
+    shared_selection: str = "first"
+    shared_expert_gate: bool = False
+    scale_on: str = "down_proj"
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    router_bias_update_rate: float = 1e-3
+    seed: int = 0
+
+    @property
+    def routed_shards(self) -> int:
+        """R: shards of one copy that are routed experts."""
+        return self.granularity - self.shared_experts
+
+    @property
+    def copies(self) -> int:
+        """C = N / R copies of the routed neurons."""
+        return self.num_experts // self.routed_shards
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        if self.drop_ratio > 0:
+            return "drop-upcycling"
+        return "copy" if self.granularity == 1 and self.shared_experts == 0 else "virtual-group"
+
+    def check(self, intermediate_size: int) -> None:
+        """Raise ValueError naming the argument for a combination that cannot be built."""
+        choices = (("strategy", STRATEGIES), ("scoring_func", SCORING_FUNCS), ("router_init", ROUTER_INITS),
+                   ("shared_selection", SHARED_SELECTIONS), ("scale_on", SCALE_TARGETS))  # fmt: skip
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise _fail(name, getattr(self, name), f"allowed values are {allowed}")
+        for name in ("num_experts", "top_k", "granularity"):
+            if getattr(self, name) < 1:
+                raise _fail(name, getattr(self, name), "must be a positive integer")
+        if self.top_k > self.num_experts:
+            raise _fail("top_k", self.top_k, f"must be at most num_experts={self.num_experts}")
+        if intermediate_size % self.granularity:
+            raise _fail("granularity", self.granularity,
+                        f"must divide the FFN's intermediate_size={intermediate_size} (experts are equal shards)")
+        if not 0 <= self.shared_experts < self.granularity:
+            raise _fail("shared_experts", self.shared_experts,
+                        f"must be >= 0 and below granularity={self.granularity}: shared experts are shards carved "
+                        "out of the FFN and at least one shard must remain for the routed experts")  # fmt: skip
+        if self.num_experts % self.routed_shards:
+            raise _fail("num_experts", self.num_experts,
+                        f"must be a multiple of the {self.routed_shards} routed shards per copy "
+                        f"(granularity {self.granularity} - shared_experts {self.shared_experts})")  # fmt: skip
+        strategy = self.resolved_strategy
+        if strategy == "copy" and (self.granularity != 1 or self.shared_experts):
+            raise _fail("strategy", "copy", "copy upcycling makes every expert a whole FFN (granularity=1, "
+                        "shared_experts=0); use 'virtual-group' for shards and shared experts")
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            raise _fail("drop_ratio", self.drop_ratio, "must be between 0 and 1")
+        if strategy == "drop-upcycling" and self.drop_ratio == 0:
+            raise _fail("drop_ratio", self.drop_ratio, "strategy 'drop-upcycling' needs a ratio in (0, 1] (paper: 0.5)")
+        if strategy != "drop-upcycling" and self.drop_ratio > 0:
+            raise _fail("drop_ratio", self.drop_ratio, f"only strategy 'drop-upcycling' re-initialises (got {strategy!r})")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise _fail("shared_expert_gate", True, "needs shared_experts > 0")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise _fail("n_group", self.n_group, f"must be >= 1 and divide num_experts={self.num_experts}")
+
+    def exactness_issues(self, dtype: torch.dtype) -> list[str]:
+        """Why this recipe cannot give the dense model's function exactly (empty when it can)."""
+        issues, r = [], self.routed_shards
+        if self.top_k % r:
+            issues.append(f"top_k={self.top_k} is not a multiple of the {r} routed shards per copy, so a token gets "
+                          "parts of copies; use top_k = m * (granularity - shared_experts)")
+        if self.n_group > 1 and (self.num_experts // self.n_group) % r:
+            issues.append(f"n_group={self.n_group} makes groups of {self.num_experts // self.n_group} experts that "
+                          f"split copies of {r} shards, so group-limited routing can cut a copy")
+        if self.resolved_strategy == "drop-upcycling":
+            issues.append(f"Drop-Upcycling re-initialises {self.drop_ratio:.0%} of every expert's neurons")
+        if self.scale_on == "down_proj" and r & (r - 1) and dtype not in (torch.float32, torch.float64):
+            issues.append(f"down_proj x {r} rounds in {dtype} ({r} is not a power of two): "
+                          "use scale_on='routed_scaling_factor' to keep the stored experts exact slices")
+        return issues
+
+
+@dataclass
+class UpcycleReport:
+    """What an upcycle built and how well it preserves the dense model's function."""
+
+    output: str | None
+    recipe: dict[str, Any]
+    base_model: str
+    base_model_type: str
+    expected_exact: bool
+    why_not_exact: list[str]
+    max_abs_logit_diff: float | None = None
+    max_abs_logit: float | None = None
+    probe_tokens: int = 0
+    params_dense: int = 0
+    params_total: int = 0
+    params_active: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """Exact by construction and confirmed on the probe batch (fp32, tolerance EXACT_RTOL relative)."""
+        if not self.expected_exact or self.max_abs_logit_diff is None:
+            return False
+        return self.max_abs_logit_diff <= EXACT_RTOL * max(1.0, self.max_abs_logit or 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exact": self.exact}
+
+    def __str__(self) -> str:
+        lines = [f"upcycled {self.base_model} ({self.base_model_type}) -> {self.output or 'in-memory model'}",
+                 f"  recipe: {self.recipe}",
+                 f"  parameters: dense {self.params_dense:,} -> MoE total {self.params_total:,}, "
+                 f"active {self.params_active:,}"]  # fmt: skip
+        if self.max_abs_logit_diff is not None:
+            lines.append(f"  function preservation on {self.probe_tokens} probe tokens: max |dlogit| = "
+                         f"{self.max_abs_logit_diff:.3g} (max |logit| {self.max_abs_logit:.3g}) -> "
+                         f"{'exact' if self.exact else 'NOT exact'}")  # fmt: skip
+        lines += [f"  not exact because: {why}" for why in self.why_not_exact]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def build_moe_config(fields: dict[str, Any], recipe: UpcycleRecipe, base_model: str, base_type: str) -> MoEConfig:
+    """The MoEConfig of the upcycled model: the dense model's shape and attention plus the recipe's experts."""
+    size = fields["intermediate_size"] // recipe.granularity
+    r = recipe.routed_shards
+    sigmoid = recipe.scoring_func == "sigmoid"
+    method = "noaux_tc" if sigmoid else ("group_limited_greedy" if recipe.n_group > 1 else "greedy")
+    provenance = {"base_model": base_model, "base_model_type": base_type, **asdict(recipe),
+                  "strategy": recipe.resolved_strategy, "routed_shards_per_copy": r, "copies": recipe.copies}
+    return MoEConfig(
+        **fields, n_routed_experts=recipe.num_experts, num_experts_per_tok=recipe.top_k, moe_intermediate_size=size,
+        n_shared_experts=recipe.shared_experts, shared_expert_intermediate_size=recipe.shared_experts * size,
+        shared_expert_gate=recipe.shared_expert_gate, first_k_dense_replace=recipe.first_k_dense_replace,
+        moe_layer_freq=recipe.moe_layer_freq, scoring_func=recipe.scoring_func, topk_method=method,
+        n_group=recipe.n_group, topk_group=recipe.topk_group, norm_topk_prob=True,
+        routed_scaling_factor=float(r) if recipe.scale_on == "routed_scaling_factor" else 1.0,
+        router_bias_update_rate=recipe.router_bias_update_rate, upcycled_from=provenance,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- FFN -> MoE
+def neuron_partition(
+    intermediate_size: int, recipe: UpcycleRecipe, activity: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shared neuron ids (S*I,), routed neuron ids (R*I,)): the first S shards are shared, or with
+    shared_selection "active" the S*I neurons of highest mean |act(gate x) * up x| (`activity`, (F,))."""
+    width = intermediate_size // recipe.granularity * recipe.shared_experts
+    order = torch.arange(intermediate_size)
+    if recipe.shared_selection == "active" and width:
+        if activity is None:
+            raise ValueError("shared_selection='active' needs neuron activity measured on the probe batch.")
+        chosen = torch.zeros(intermediate_size, dtype=torch.bool)
+        chosen[activity.float().topk(width).indices] = True
+        return order[chosen], order[~chosen]  # both kept in ascending neuron order
+    return order[:width], order[width:]
+
+
+def router_rows(recipe: UpcycleRecipe, hidden_size: int, std: float, layer: int,
+                hidden_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router weight (N, H) fp32 (one row per copy, repeated over its R shards) and e_score_correction_bias (N,)."""
+    r, copies = recipe.routed_shards, recipe.copies
+    if recipe.router_init == "random":
+        generator = torch.Generator().manual_seed(recipe.seed * 100_003 + layer)
+        rows = torch.randn(copies, hidden_size, generator=generator) * std
+    elif recipe.router_init == "zero":
+        rows = torch.zeros(copies, hidden_size)
+    else:
+        if hidden_rows is None:
+            raise ValueError("router_init='hidden' needs the FFN-input states of the probe texts.")
+        rows = hidden_rows.float() / hidden_rows.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    copy_of_expert = torch.arange(recipe.num_experts) // r  # (N,)
+    bias = torch.zeros(recipe.num_experts)
+    if recipe.router_init == "zero" and r > 1:
+        bias = -TIE_BREAK * copy_of_expert.float()
+    return rows[copy_of_expert].contiguous(), bias
+
+
+def _redraw(matrix: torch.Tensor, like: torch.Tensor, mask: torch.Tensor, dim: int, generator: torch.Generator
+            ) -> torch.Tensor:
+    """Replace the rows (dim 0) or columns (dim 1) of `matrix` where `mask` is True by N(mean, std) of `like`."""
+    fresh = torch.randn(matrix.shape, generator=generator) * like.float().std() + like.float().mean()
+    keep = mask.view(-1, 1) if dim == 0 else mask.view(1, -1)
+    return torch.where(keep, fresh, matrix.float()).to(matrix.dtype)
+
+
+def upcycle_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, recipe: UpcycleRecipe, layer: int,
+                shared_ids: torch.Tensor, routed_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The expert tensors (keys relative to `mlp.`) of one dense FFN gate (F, H), up (F, H), down (H, F);
+    the router is added by the caller. Dtypes follow the dense weights."""
+    size = gate.shape[0] // recipe.granularity
+    r = recipe.routed_shards
+    scale = float(r) if recipe.scale_on == "down_proj" else 1.0
+    shard_ids = routed_ids.view(r, size)  # (R, I)
+    expert_ids = shard_ids[torch.arange(recipe.num_experts) % r]  # (N, I): expert j = shard j mod R
+    gate_up = torch.cat((gate[expert_ids], up[expert_ids]), dim=1)  # (N, 2I, H)
+    down_experts = down[:, expert_ids].permute(1, 0, 2)  # (N, H, I)
+    if scale != 1.0:
+        down_experts = (down_experts.float() * scale).to(down.dtype)
+    if recipe.drop_ratio > 0:  # Drop-Upcycling: per expert, re-draw round(r * I) neurons
+        generator = torch.Generator().manual_seed(recipe.seed * 100_003 + layer + 7919)
+        dropped = max(1, round(recipe.drop_ratio * size))
+        for j in range(recipe.num_experts):
+            mask = torch.zeros(size, dtype=torch.bool)
+            mask[torch.randperm(size, generator=generator)[:dropped]] = True
+            gate_up[j, :size] = _redraw(gate_up[j, :size], gate, mask, 0, generator)
+            gate_up[j, size:] = _redraw(gate_up[j, size:], up, mask, 0, generator)
+            down_experts[j] = _redraw(down_experts[j], down.float() * scale, mask, 1, generator)
+    out = {"experts.gate_up_proj": gate_up.contiguous(), "experts.down_proj": down_experts.contiguous()}
+    if recipe.shared_experts:
+        shared_down = down[:, shared_ids]
+        if recipe.shared_expert_gate:  # sigmoid(0) = 1/2 on the shared output: store down x 2 (exact)
+            shared_down = shared_down * 2
+            out["shared_expert_gate.weight"] = torch.zeros(1, gate.shape[1], dtype=gate.dtype)
+        out.update({"shared_experts.gate_proj.weight": gate[shared_ids], "shared_experts.up_proj.weight": up[shared_ids],
+                    "shared_experts.down_proj.weight": shared_down.contiguous()})  # fmt: skip
+    return out
+
+
+def neuron_activity(ffn_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
+                    valid: torch.Tensor) -> torch.Tensor:
+    """Mean |act(gate x) * up x| per intermediate neuron (F,) over the real probe tokens."""
+    x = ffn_input[valid].float()  # (tokens, H)
+    h = ACT2FN[act](x @ gate.float().T) * (x @ up.float().T)  # (tokens, F)
+    return h.abs().mean(dim=0)
+
+
+# --------------------------------------------------------------------------------------------- streaming
+def _check_keys(keys: list[str], shape: Callable[[str], tuple[int, ...]], fields: dict[str, Any], family: str) -> None:
+    """Every key the dense family needs, with its shape, and nothing else (clear errors before any output)."""
+    expected = dict(dense_global_shapes(fields))
+    layer_shapes = dense_layer_shapes(fields)
+    for i in range(fields["num_hidden_layers"]):
+        expected.update({f"model.layers.{i}.{k}": s for k, s in layer_shapes.items()})
+    present = set(keys)
+    ignorable = {"lm_head.weight"} if fields["tie_word_embeddings"] else set()
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in keys if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")]
+    if missing:
+        raise CheckpointError(f"The {family} checkpoint lacks {len(missing)} tensors its config implies, e.g. "
+                              f"{missing[:4]}.")
+    if unexpected:
+        raise CheckpointError(f"The {family} checkpoint has {len(unexpected)} tensors upcycling does not know, e.g. "
+                              f"{unexpected[:4]} (is config.json the checkpoint's own?).")
+    for key, want in expected.items():
+        if tuple(shape(key)) != tuple(want):
+            raise CheckpointError(f"Shape mismatch for {key!r}: the {family} config implies {tuple(want)}, the "
+                                  f"checkpoint has {tuple(shape(key))}.")
+
+
+def _hidden_rows(ffn_input: torch.Tensor, batch: ProbeBatch, copies: int) -> torch.Tensor:
+    """(C, H): per copy, the mean last-token FFN input of the probe texts assigned to it (text t -> copy t mod C)."""
+    last = ffn_input[torch.arange(ffn_input.shape[0]), batch.last_positions].float()  # (texts, H)
+    return torch.stack([last[c::copies].mean(dim=0) for c in range(copies)])
+
+
+def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[str], tuple[int, ...]],
+         dense_config: PreTrainedConfig, recipe: UpcycleRecipe, emit: Callable[[str, torch.Tensor], None],
+         batch: ProbeBatch | None, base_model: str, progress: bool) -> tuple[MoEConfig, UpcycleReport]:
+    """Upcycle layer by layer: read one dense layer, emit its MoE tensors, advance both probe forwards."""
+    fields = moe_fields_from_dense(dense_config)
+    recipe.check(fields["intermediate_size"])
+    family = dense_config.model_type
+    _check_keys(keys, shape, fields, family)
+    config = build_moe_config(fields, recipe, base_model, family)
+    if recipe.router_init == "hidden" and (batch is None or batch.input_ids.shape[0] < recipe.copies):
+        raise _fail("router_init", "hidden", f"needs at least one probe text per copy ({recipe.copies} copies)")
+    dtype = get("model.norm.weight").dtype
+    report = UpcycleReport(output=None, recipe=config.upcycled_from, base_model=base_model, base_model_type=family,
+                           expected_exact=False, why_not_exact=recipe.exactness_issues(dtype))  # fmt: skip
+    report.expected_exact = not report.why_not_exact
+    dense = moe = None
+    if batch is not None:
+        dense, moe = LayerwiseRunner(dense_config, batch, "dense"), LayerwiseRunner(config, batch, "moe")
+    embed = get("model.embed_tokens.weight")
+    emit("model.embed_tokens.weight", embed)
+    if dense is not None:
+        dense.embed(embed)
+        moe.embed(embed)
+    del embed
+    needs_activity = recipe.shared_selection == "active" and recipe.shared_experts > 0
+    for i in tqdm(range(config.num_hidden_layers), desc="upcycling layers", disable=not progress):
+        prefix = f"model.layers.{i}."
+        tensors = {k: get(prefix + k) for k in dense_layer_shapes(fields)}
+        ffn_input = dense.layer(i, tensors) if dense is not None else None
+        if config.is_moe_layer(i):
+            gate, up, down = (tensors.pop(f"mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
+            activity = (neuron_activity(ffn_input, gate, up, config.hidden_act, batch.valid())
+                        if needs_activity else None)  # fmt: skip
+            shared_ids, routed_ids = neuron_partition(gate.shape[0], recipe, activity)
+            hidden = _hidden_rows(ffn_input, batch, recipe.copies) if recipe.router_init == "hidden" else None
+            weight, bias = router_rows(recipe, config.hidden_size, config.initializer_range, i, hidden)
+            tensors.update({"mlp.gate.weight": weight, "mlp.gate.e_score_correction_bias": bias})
+            experts = upcycle_ffn(gate, up, down, recipe, i, shared_ids, routed_ids)
+            tensors.update({f"mlp.{k}": v for k, v in experts.items()})
+            del gate, up, down, experts
+        for key in sorted(tensors):
+            emit(prefix + key, tensors[key])
+        if moe is not None:
+            moe.layer(i, tensors)
+        del tensors
+    norm = get("model.norm.weight")
+    emit("model.norm.weight", norm)
+    head = get("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    if not config.tie_word_embeddings:
+        emit("lm_head.weight", head)
+    if dense is not None:
+        report.max_abs_logit_diff, report.max_abs_logit = compare_logits(dense, moe, norm, head)
+        report.probe_tokens = int(batch.attention_mask.sum())
+    counts = count_parameters(config)
+    report.params_total, report.params_active = counts.total, counts.active
+    report.params_dense = sum(math.prod(shape(k)) for k in keys if k != "lm_head.weight" or not config.tie_word_embeddings)
+    if report.expected_exact and report.max_abs_logit_diff is not None and not report.exact:
+        report.why_not_exact.append(f"measured max |dlogit| {report.max_abs_logit_diff:.3g} exceeds the fp32 tolerance "
+                                    "although the recipe is exact (please report this)")  # fmt: skip
+        logger.warning("Upcycled model differs from the dense model: %s", report.why_not_exact[-1])
+    config.upcycled_from = {**config.upcycled_from, "function_preservation": {
+        "exact": report.exact, "max_abs_logit_diff": report.max_abs_logit_diff, "probe_tokens": report.probe_tokens,
+        "why_not_exact": list(report.why_not_exact)}}  # fmt: skip
+    report.recipe = config.upcycled_from
+    return config, report
+
+
+def _probe_batch(recipe: UpcycleRecipe, vocab_size: int, probe: bool, texts: list[str] | None,
+                 ids: list[list[int]] | torch.Tensor | None, tokenizer: Any) -> ProbeBatch | None:
+    """The probe batch: token ids, or texts tokenised one by one (right padding), or random tokens."""
+    if ids is not None:
+        return ProbeBatch.from_ids(ids)
+    if texts:
+        if tokenizer is None:
+            raise ValueError("probe_texts need a tokenizer (none found in the source folder).")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return ProbeBatch.from_ids([tokenizer(t)["input_ids"] for t in texts], pad_id=pad)
+    if recipe.router_init == "hidden":
+        raise _fail("router_init", "hidden", "needs probe_texts (or probe_input_ids), at least one per copy")
+    if recipe.shared_selection == "active" and recipe.shared_experts:
+        logger.warning("shared_selection='active' measures neuron activity on random tokens: pass probe_texts.")
+    return ProbeBatch.random(vocab_size, seed=recipe.seed) if probe or recipe.shared_selection == "active" else None
+
+
+def upcycle(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    num_experts: int,
+    top_k: int,
+    granularity: int = 1,
+    shared_experts: int = 0,
+    strategy: str = "auto",
+    scoring_func: str = "sigmoid",
+    router_init: str = "random",
+    drop_ratio: float = 0.0,
+    shared_selection: str = "first",
+    shared_expert_gate: bool = False,
+    scale_on: str = "down_proj",
+    n_group: int = 1,
+    topk_group: int = 1,
+    first_k_dense_replace: int = 0,
+    moe_layer_freq: int = 1,
+    router_bias_update_rate: float = 1e-3,
+    probe: bool = True,
+    probe_texts: list[str] | None = None,
+    probe_input_ids: list[list[int]] | torch.Tensor | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> UpcycleReport:
+    """Upcycle the dense checkpoint folder `src` (Llama, Mistral, Qwen2, Qwen3; safetensors) into an hf_moe
+    checkpoint at `out`, streaming one decoder layer at a time (peak memory ~ one output shard + one layer).
+
+    num_experts / top_k: routed experts N and experts per token K. granularity G: the FFN is cut into G shards
+    of intermediate_size / G neurons (the expert width); shared_experts S of them become shared experts, the
+    other R = G - S are routed, N / R copies of them. Exact (He et al. 2024) iff top_k is a multiple of R
+    (whole copies are chosen); the factor R goes on the routed down_proj (`scale_on`) or on
+    routed_scaling_factor. strategy: "copy" (G = 1, Komatsuzaki et al. 2022), "virtual-group",
+    "drop-upcycling" (re-draw `drop_ratio` of each expert, Nakamura et al. 2025) or "auto" (from the other
+    arguments). router_init: "random" | "zero" | "hidden" (needs >= one probe text per copy).
+    shared_selection: "first" shards or the "active" neurons (mean |activation| on the probe batch).
+    n_group/topk_group, first_k_dense_replace/moe_layer_freq, router_bias_update_rate: as in MoEConfig.
+    probe: run dense and MoE on probe_texts / probe_input_ids (default: random tokens) and report max |dlogit|.
+    The output is written to a temporary folder next to `out` and renamed when complete; an existing non-empty
+    `out` is refused unless `overwrite`. Returns an `UpcycleReport`; config.upcycled_from records the recipe.
+    """
+    start = time.perf_counter()
+    parse_size(max_shard_size)
+    check_output_dir(out, overwrite, src)
+    recipe = UpcycleRecipe(
+        num_experts=num_experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts,
+        strategy=strategy, scoring_func=scoring_func, router_init=router_init, drop_ratio=drop_ratio,
+        shared_selection=shared_selection, shared_expert_gate=shared_expert_gate, scale_on=scale_on,
+        n_group=n_group, topk_group=topk_group, first_k_dense_replace=first_k_dense_replace,
+        moe_layer_freq=moe_layer_freq, router_bias_update_rate=router_bias_update_rate, seed=seed,
+    )  # fmt: skip
+    with SourceCheckpoint(src) as source:
+        dense_config = _dense_config(source)
+        tokenizer = None
+        if probe_texts and probe_input_ids is None:
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(src)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"probe_texts need the source's tokenizer, which did not load: {error}") from error
+        batch = _probe_batch(recipe, dense_config.vocab_size, probe, probe_texts, probe_input_ids, tokenizer)
+        with atomic_output_dir(out, overwrite, src) as tmp:
+            writer = ShardedWriter(tmp, max_shard_size)
+            config, report = _run(source.get, source.keys(), source.shape, dense_config, recipe, writer.add, batch,
+                                  _base_name(source), progress)  # fmt: skip
+            config.save_pretrained(tmp)
+            report.extra["side_files"] = copy_side_files(src, tmp)
+            writer.finish()
+    report.output, report.bytes_written = str(out), writer.total_size
+    report.extra["largest_shard_bytes"] = writer.largest_shard
+    report.seconds = time.perf_counter() - start
+    logger.info("%s", report)
+    return report
+
+
+def _dense_config(source: SourceCheckpoint) -> PreTrainedConfig:
+    model_type = source.config.get("model_type")
+    try:
+        return AutoConfig.from_pretrained(source.folder)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"Cannot upcycle {str(source.folder)!r}: unknown architecture model_type={model_type!r} "
+                         f"({error}).") from error
+
+
+def _base_name(source: SourceCheckpoint) -> str:
+    return str(source.config.get("_name_or_path") or source.folder.resolve().name)
+
+
+def upcycle_model(dense_model: PreTrainedModel, *, num_experts: int, top_k: int, probe: bool = True,
+                  probe_texts: list[str] | None = None, probe_input_ids: list[list[int]] | torch.Tensor | None = None,
+                  tokenizer: Any = None, **recipe_kwargs: Any) -> MoEForCausalLM:
+    """In-memory `upcycle` (notebooks): a dense transformers causal LM -> MoEForCausalLM with the same function.
+    Takes the recipe arguments of `upcycle`; the report is attached as `model.upcycle_report`."""
+    start = time.perf_counter()
+    recipe = UpcycleRecipe(num_experts=num_experts, top_k=top_k, **recipe_kwargs)
+    state = dense_model.state_dict()
+    batch = _probe_batch(recipe, dense_model.config.vocab_size, probe, probe_texts, probe_input_ids, tokenizer)
+    tensors: dict[str, torch.Tensor] = {}
+    base = str(getattr(dense_model.config, "_name_or_path", "") or type(dense_model).__name__)
+    config, report = _run(state.__getitem__, list(state), lambda k: tuple(state[k].shape), dense_model.config,
+                          recipe, tensors.__setitem__, batch, base, progress=False)  # fmt: skip
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"upcycle_model built wrong keys: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.model.rotary_emb = RotaryEmbedding(config)
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.zeros(buffer.shape, dtype=buffer.dtype))
+    model.eval()
+    report.seconds = time.perf_counter() - start
+    model.upcycle_report = report
+    return model
+
+
+__all__ = [
+    "ROUTER_INITS", "SCALE_TARGETS", "SHARED_SELECTIONS", "STRATEGIES", "UpcycleRecipe", "UpcycleReport",
+    "build_moe_config", "neuron_partition", "router_rows", "upcycle", "upcycle_ffn", "upcycle_model",
+]  # fmt: skip

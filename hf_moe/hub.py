@@ -1,0 +1,367 @@
+"""Publishing to the Hugging Face Hub: model card, remote-code export, Hub-ready folders and upload.
+
+`save_for_hub(model, out)` writes what a Hub repository needs: safetensors shards (+ index), `config.json`,
+`generation_config.json`, a model card (`README.md`) and, with `remote_code=True`, the self-contained
+`hf_moe/modeling/` files plus an `auto_map` in `config.json`, so that
+`AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works where hf_moe is not installed.
+`push_to_hub(model, repo_id)` writes that folder to a temporary directory and uploads it in one commit.
+
+Loading stays safe either way: `MoEPreTrainedModel.from_pretrained` reads safetensors only and, for a checkpoint
+saved by the same class, fails on missing or unexpected weights (see its docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import HfApi, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+from . import __version__
+from .inspection import count_parameters
+from .modeling import model as modeling_model
+from .modeling.configuration import MoEConfig
+from .modeling.model import MoEPreTrainedModel
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from transformers import PreTrainedTokenizerBase
+
+#: `config.json` auto_map written by `export_remote_code`: Auto class -> "file.Class" of the copied files.
+AUTO_MAP = {
+    "AutoConfig": "configuration.MoEConfig",
+    "AutoModel": "model.MoEModel",
+    "AutoModelForCausalLM": "model.MoEForCausalLM",
+    "AutoModelForSequenceClassification": "model.MoEForSequenceClassification",
+}
+#: Top-level packages the remote-code files may import besides the standard library and their siblings.
+#: transformers checks every import statement of the copied files (`check_imports`); these are transformers
+#: itself and its own hard dependencies, so any environment that can load the repository has them.
+REMOTE_CODE_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub"})
+#: Tags every card carries (the Hub adds `custom_code` itself when it sees an auto_map; we state it too).
+BASE_TAGS = ("hf_moe", "moe", "mixture-of-experts")
+
+_MODELING_DIR = Path(modeling_model.__file__).parent
+
+
+# ------------------------------------------------------------------------------------------- remote code
+def remote_code_files() -> list[Path]:
+    """The modeling files a repository needs: the files named in `AUTO_MAP` and, recursively, every sibling
+    they import (found the way transformers' loader finds them). Raises if one imports a foreign package."""
+    roots = sorted({_MODELING_DIR / f"{ref.split('.')[0]}.py" for ref in AUTO_MAP.values()})
+    files = set(roots)
+    for root in roots:
+        files.update(Path(f) for f in get_relative_import_files(root))
+    files = sorted(files)
+    check_remote_code_imports(files)
+    return files
+
+
+def check_remote_code_imports(files: Sequence[Path]) -> None:
+    """Raise ImportError naming each file that imports something other than the standard library,
+    `REMOTE_CODE_PACKAGES` or a sibling: transformers would refuse to load such a repository elsewhere."""
+    allowed = set(sys.stdlib_module_names) | REMOTE_CODE_PACKAGES
+    problems = [f"{Path(f).name} imports {sorted(set(get_imports(f)) - allowed)}"
+                for f in files if set(get_imports(f)) - allowed]
+    if problems:
+        raise ImportError("hf_moe/modeling must import only the standard library, "
+                          f"{sorted(REMOTE_CODE_PACKAGES)} and sibling modules, but " + "; ".join(problems))
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a saved hf_moe model folder.")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") != MoEConfig.model_type:
+        raise ValueError(f"{path} has model_type={config.get('model_type')!r}, expected {MoEConfig.model_type!r}.")
+    return config
+
+
+def _write_config(folder: Path, config: Mapping[str, Any]) -> None:
+    """Write config.json the way transformers does (sorted keys, 2-space indent, trailing newline)."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_remote_code(model_or_dir: MoEPreTrainedModel | str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Make `out` loadable with `trust_remote_code=True` where hf_moe is not installed.
+
+    A model is first saved to `out` (`save_pretrained`); a saved folder is copied to `out` (nothing is copied
+    when `out` is that folder). Then the modeling files (`remote_code_files()`) are copied flat into `out` and
+    `config.json` gets `auto_map` (`AUTO_MAP`). Returns `out`.
+    """
+    out = Path(out)
+    if isinstance(model_or_dir, MoEPreTrainedModel):
+        model_or_dir.save_pretrained(out)
+    else:
+        source = Path(model_or_dir)
+        _read_config(source)
+        if source.resolve() != out.resolve():
+            shutil.copytree(source, out, dirs_exist_ok=True)
+    files = remote_code_files()
+    config = _read_config(out)
+    for file in files:
+        shutil.copyfile(file, out / file.name)
+    config["auto_map"] = dict(AUTO_MAP)
+    _write_config(out, config)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- model card
+def _human(n: float) -> str:
+    """1234567890 -> '1.23B', 12345678 -> '12.35M', 12345 -> '12.35K', 123 -> '123'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:g}"
+
+
+def _hub_model_id(name: object) -> str | None:
+    """`name` when it is a valid Hub model id and not a local path (the Hub rejects other `base_model`s)."""
+    if not isinstance(name, str) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _upcycling_source(recipe: Mapping[str, Any]) -> object:
+    """The dense model an `upcycled_from` recipe names, whichever key the recipe uses for it."""
+    for key in ("base_model", "source", "model", "name_or_path", "path"):
+        if recipe.get(key):
+            return recipe[key]
+    return None
+
+
+def _attention_row(config: MoEConfig) -> str:
+    if config.attention_type == "mla":
+        q = "direct queries" if config.q_lora_rank is None else f"q_lora_rank {config.q_lora_rank}"
+        return (f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, {q}, qk head "
+                f"{config.qk_nope_head_dim} nope + {config.qk_rope_head_dim} rope, v head {config.v_head_dim}")
+    kind = "MHA" if config.num_key_value_heads == config.num_attention_heads else "GQA"
+    text = f"{kind}, {config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head_dim {config.head_dim}"
+    if config.qk_norm:
+        text += f", qk_norm {config.qk_norm}"
+    if config.sliding_window:
+        text += f", sliding window {config.sliding_window}"
+    return text
+
+
+def _routing_row(config: MoEConfig) -> str:
+    scores = config.scoring_func + (" of the top-k logits" if config.topk_before_softmax else "")
+    text = f"{scores} scores, {config.topk_method}"
+    if config.n_group > 1:
+        text += f", {config.n_group} groups (top {config.topk_group} kept)"
+    if config.norm_topk_prob:
+        text += ", gates renormalised"
+    if config.routed_scaling_factor != 1:
+        text += f", gates x{config.routed_scaling_factor:g}"
+    if config.capacity_factor is not None:
+        text += f", capacity factor {config.capacity_factor:g}"
+    return text
+
+
+def _balancing_row(config: MoEConfig) -> str:
+    terms = []
+    if config.router_bias_update_rate > 0:
+        terms.append(f"auxiliary-loss-free bias (gamma {config.router_bias_update_rate:g})")
+    for field, name in (("aux_loss_alpha", "expert balance loss"), ("device_aux_loss_alpha", "device balance loss"),
+                        ("seq_aux_loss_alpha", "sequence-wise balance loss"), ("router_z_loss_coef", "router z-loss")):
+        if getattr(config, field) > 0:
+            terms.append(f"{name} ({getattr(config, field):g})")
+    return ", ".join(terms) or "none"
+
+
+def _format_value(value: object) -> str:
+    """A balance statistic for the card: numbers compactly, per-layer sequences as min / mean / max."""
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        numbers = [float(v) for v in value]
+        return (f"{min(numbers):.4g} / {sum(numbers) / len(numbers):.4g} / {max(numbers):.4g} "
+                f"(min / mean / max over {len(numbers)})")
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(rows: Sequence[tuple[str, object]], header: tuple[str, str]) -> list[str]:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return lines + [f"| {key} | {str(value).replace('|', '/')} |" for key, value in rows]
+
+
+def model_card(
+    model_or_config: MoEPreTrainedModel | MoEConfig,
+    *,
+    repo_id: str | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+    balance: Mapping[str, object] | None = None,
+    tags: Sequence[str] = (),
+    remote_code: bool = True,
+) -> str:
+    """The README.md of an hf_moe repository: YAML metadata and a description of the architecture.
+
+    Metadata: `library_name: transformers`, `pipeline_tag: text-generation`, tags (`BASE_TAGS`, `custom_code`
+    with remote code, `upcycled` when upcycled, then `tags`), `license` as given, `base_model` (the argument, else
+    the Hub id in the config's `upcycled_from` recipe; local paths are left out) and the recipe itself under
+    `upcycling`. Body: total/active parameters (`hf_moe.inspection.count_parameters`), layers, attention,
+    experts, routing, balancing, MTP, the upcycling recipe, and `balance` (statistic name -> number, text or
+    per-layer sequence, e.g. `{"MaxVio (per layer)": [...], "measured on": "wikitext, 1M tokens"}`) if known.
+    """
+    config = model_or_config if isinstance(model_or_config, MoEConfig) else model_or_config.config
+    count = count_parameters(model_or_config)
+    recipe = getattr(config, "upcycled_from", None) or None
+    source = _upcycling_source(recipe) if recipe else None
+    base_model = base_model or _hub_model_id(source)
+
+    all_tags = [*BASE_TAGS, *(["custom_code"] if remote_code else []), *(["upcycled"] if recipe else []), *tags]
+    metadata: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": list(dict.fromkeys(all_tags)),
+    }
+    if license:
+        metadata["license"] = license
+    if base_model:
+        metadata["base_model"] = base_model
+    if recipe:
+        metadata["upcycling"] = json.loads(json.dumps(dict(recipe), default=str))
+    front_matter = ModelCardData(**metadata).to_yaml()
+
+    n_moe = len(config.moe_layer_indices)
+    rows: list[tuple[str, object]] = [
+        ("Parameters (total)", f"{_human(count.total)} ({count.total:,})"),
+        ("Parameters (active per token)", f"{_human(count.active)} ({count.active:,})"),
+        ("Layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - n_moe} dense, {n_moe} MoE)"),
+        ("Hidden size / dense FFN", f"{config.hidden_size} / {config.intermediate_size}"),
+        ("Vocabulary / context", f"{config.vocab_size} / {config.max_position_embeddings}"),
+        ("Attention", _attention_row(config)),
+    ]
+    if config.n_routed_experts:
+        rows += [
+            ("Routed experts", f"{config.n_routed_experts} per MoE layer, {config.num_experts_per_tok} active per "
+                               f"token, width {config.moe_intermediate_size}"),
+            ("Shared experts", f"{config.n_shared_experts} (total width {config.shared_intermediate_size}"
+                               + (", gated)" if config.shared_expert_gate else ")")),
+            ("Routing", _routing_row(config)),
+            ("Load balancing", _balancing_row(config)),
+        ]
+    mtp = (f"{config.num_nextn_predict_layers} module(s), {_human(count.mtp)} parameters (not in the total)"
+           if config.num_nextn_predict_layers else "none")
+    rows.append(("Multi-token prediction", mtp))
+
+    title = repo_id.split("/")[-1] if repo_id else "hf_moe model"
+    load_id = repo_id or "REPO_ID"
+    lines = [
+        f"# {title}", "",
+        "A DeepSeek-style Mixture-of-Experts causal language model in the "
+        f"[hf_moe](https://pypi.org/project/hf-moe/) format (model_type `{MoEConfig.model_type}`, "
+        f"written by hf_moe {__version__}).", "",
+        "## Architecture", "", *_table(rows, ("property", "value")), "",
+    ]
+    parts = [(part, f"{_human(count.parts[part])} / {_human(count.active_parts[part])}")
+             for part in count.parts if count.parts[part] and part != "mtp"]
+    lines += ["Parameters by part (total / active per token):", "", *_table(parts, ("part", "parameters")), ""]
+    if recipe:
+        lines += ["## Upcycling", "", f"Initialised from the dense model `{source}` (sparse upcycling) with:", "",
+                  *_table([(k, v) for k, v in recipe.items()], ("setting", "value")), ""]
+    if balance:
+        lines += ["## Expert load balance", "",
+                  *_table([(k, _format_value(v)) for k, v in balance.items()], ("statistic", "value")), ""]
+    lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM", ""]
+    if remote_code:
+        lines += ["# the repository carries its modeling code: hf_moe need not be installed",
+                  f'model = AutoModelForCausalLM.from_pretrained("{load_id}", trust_remote_code=True)']
+    else:
+        lines += ["import hf_moe  # pip install hf-moe; registers model_type \"hf_moe\"", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{load_id}")']
+    lines += ["```", ""]
+    return f"---\n{front_matter}\n---\n\n" + "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- folders, upload
+def save_for_hub(
+    model: MoEPreTrainedModel,
+    out: str | os.PathLike,
+    *,
+    remote_code: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+    balance: Mapping[str, object] | None = None,
+    tags: Sequence[str] = (),
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write a Hub-ready folder: safetensors shards of at most `max_shard_size` (+ index), config.json,
+    generation_config.json, README.md (`model_card`), the tokenizer if given and, with `remote_code`, the
+    modeling files + `auto_map` (`export_remote_code`); without it any stale `auto_map` is removed. Returns `out`."""
+    if not isinstance(model, MoEPreTrainedModel):
+        raise TypeError(f"save_for_hub needs an hf_moe model (MoEPreTrainedModel), got {type(model).__name__}.")
+    out = Path(out)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if remote_code:
+        export_remote_code(out, out)
+    else:
+        config = _read_config(out)
+        if config.pop("auto_map", None) is not None:
+            _write_config(out, config)
+    card = model_card(model, repo_id=repo_id, license=license, base_model=base_model, balance=balance, tags=tags,
+                      remote_code=remote_code)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    return out
+
+
+def push_to_hub(
+    model: MoEPreTrainedModel,
+    repo_id: str,
+    *,
+    remote_code: bool = True,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str = "Upload hf_moe model",
+    license: str | None = None,
+    base_model: str | None = None,
+    balance: Mapping[str, object] | None = None,
+    tags: Sequence[str] = (),
+    max_shard_size: int | str = "5GB",
+) -> CommitInfo:
+    """Create `repo_id` if needed and upload `save_for_hub`'s folder in one commit. Weight shards and modeling
+    files left from an earlier upload are deleted in the same commit, so the repository matches the folder."""
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    stale = ["*.safetensors", "model.safetensors.index.json", *(f.name for f in remote_code_files())]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_for_hub(model, tmp, remote_code=remote_code, tokenizer=tokenizer, repo_id=repo_id,
+                              license=license, base_model=base_model, balance=balance, tags=tags,
+                              max_shard_size=max_shard_size)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
+                                 revision=revision, create_pr=create_pr, delete_patterns=stale)
+
+
+__all__ = [
+    "AUTO_MAP",
+    "REMOTE_CODE_PACKAGES",
+    "check_remote_code_imports",
+    "export_remote_code",
+    "model_card",
+    "push_to_hub",
+    "remote_code_files",
+    "save_for_hub",
+]

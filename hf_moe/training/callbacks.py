@@ -1,0 +1,209 @@
+"""MoECallback: aux-loss-free balancing and MoE metrics for `transformers.Trainer`.
+
+Trainer(model, args, ..., callbacks=[MoECallback()])
+
+- `on_step_end` (the Trainer fires it once per optimizer step, after `optimizer.step()` and after all
+  gradient-accumulation micro-batches) runs `update_router_biases`: one all_reduce of every router's
+  counter, `b_i += gamma * sign(mean load - load_i)`, counters reset (Wang et al. 2024; DeepSeek-V3 §2.1.2).
+  The biases are buffers of the model, so checkpoints carry them and `resume_from_checkpoint` restores them.
+- `on_log` adds, to the training logs: `moe/max_vio` (per-step batch MaxVio, mean over the main model's MoE
+  layers, averaged over the logging window), `moe/max_vio/layer_{i}` (and `moe/max_vio/mtp_{k}`),
+  `moe/aux_loss`, `moe/mtp_loss`, `moe/lm_loss` (token-weighted means of the training forwards' outputs),
+  and to evaluation logs `moe/eval_max_vio` (+ per layer): the global MaxVio over the whole eval set.
+
+The losses are read from the model's outputs by a forward hook on the outermost hf_moe model (training
+forwards with grad only); the eval loads by forward hooks on the routers. Nothing in transformers is patched.
+
+The Trainer calls reporting integrations (TensorBoard, W&B, ...) before user callbacks, so these see the
+`moe/` keys only when the callback is inserted ahead of them: `MoECallback.attach(trainer)` does that. The
+console/progress printer and `trainer.state.log_history` get them either way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..modeling.model import MoEPreTrainedModel
+from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
+from .metrics import RouterLoadRecorder
+
+_LOSS_KEYS = ("aux_loss", "mtp_loss", "lm_loss")
+
+
+class MoECallback(TrainerCallback):
+    """Updates router biases once per optimizer step and logs MoE balance metrics under `moe/`.
+
+    update_biases: run the bias update (False: only measure; counters are still read and reset).
+    rate / zero_mean: override `config.router_bias_update_rate` / `router_bias_update_zero_mean`.
+    per_layer: also log `moe/max_vio/layer_{i}`.
+    keep_history: keep every step's per-layer MaxVio in `self.history` (for `hf_moe.analysis`).
+    """
+
+    def __init__(
+        self,
+        update_biases: bool = True,
+        rate: float | None = None,
+        zero_mean: bool | None = None,
+        per_layer: bool = True,
+        keep_history: bool = True,
+    ) -> None:
+        self.update_biases = update_biases
+        self.rate = rate
+        self.zero_mean = zero_mean
+        self.per_layer = per_layer
+        self.keep_history = keep_history
+        self.history: list[dict[str, Any]] = []  # one entry per optimizer step: step, labels, max_vio
+        self.last_loads: ExpertLoads | None = None
+        self._model: nn.Module | None = None
+        self._handles: list[Any] = []
+        self._recorder: RouterLoadRecorder | None = None
+        self._eval_counts = torch.zeros(0)
+        self._reset_window()
+
+    # ---------------------------------------------------------------------------------------- wiring
+    @classmethod
+    def attach(cls, trainer: Any, callback: MoECallback | None = None) -> MoECallback:
+        """Insert a MoECallback right after the Trainer's flow callback, ahead of the reporting integrations,
+        so that TensorBoard / W&B / ... receive the `moe/` keys too. Returns the callback."""
+        callback = callback if callback is not None else cls()
+        callbacks = trainer.callback_handler.callbacks
+        if callback in callbacks:
+            callbacks.remove(callback)
+        callbacks.insert(1 if callbacks else 0, callback)
+        callback._bind(trainer.model)
+        return callback
+
+    def _bind(self, model: nn.Module | None) -> None:
+        """Hook the (outermost) hf_moe model once: losses of training forwards, loads of eval forwards."""
+        if model is None or model is self._model:
+            return
+        self._unbind()
+        self._model = model
+        top = next((m for m in model.modules() if isinstance(m, MoEPreTrainedModel)), None)
+        if top is not None:
+            self._handles.append(top.register_forward_hook(self._record_losses, with_kwargs=True))
+        self._recorder = RouterLoadRecorder(model, only_eval=True, reset_on_forward=True).attach()
+        self._eval_counts = torch.zeros_like(self._recorder.counts)
+
+    def _unbind(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._recorder is not None:
+            self._recorder.detach()
+        self._model = self._recorder = None
+
+    def _reset_window(self) -> None:
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_weights: dict[str, float] = {}
+        self._vio_sums: dict[str, float] = {}
+        self._vio_counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------------- recording
+    def _record_losses(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook: accumulate the training forward's aux / MTP / LM losses, token-weighted.
+
+        Under the Trainer the LM and MTP losses are sums divided by `num_items_in_batch` (all micro-batches);
+        multiplying back gives this micro-batch's sum, so sum / tokens is the exact mean over the window."""
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        labels = kwargs.get("labels")
+        tokens = float(labels[..., 1:].ne(-100).sum()) if isinstance(labels, torch.Tensor) else 1.0
+        num_items = kwargs.get("num_items_in_batch")
+        for key in _LOSS_KEYS:
+            value = getattr(output, key, None)
+            if not isinstance(value, torch.Tensor):
+                continue
+            scale = tokens if key == "aux_loss" or num_items is None else float(num_items)
+            total = value.detach().float() * scale
+            self._loss_sums[key] = self._loss_sums[key] + total if key in self._loss_sums else total
+            self._loss_weights[key] = self._loss_weights.get(key, 0.0) + tokens
+
+    def _record_step(self, loads: ExpertLoads, step: int) -> None:
+        self.last_loads = loads
+        values = loads.max_vio.cpu().tolist()
+        mean = loads.mean_max_vio()
+        if not math.isnan(mean):
+            self._vio_sums["max_vio"] = self._vio_sums.get("max_vio", 0.0) + mean
+            self._vio_counts["max_vio"] = self._vio_counts.get("max_vio", 0) + 1
+        for label, value in zip(loads.labels, values):
+            if not math.isnan(value):
+                self._vio_sums[f"max_vio/{label}"] = self._vio_sums.get(f"max_vio/{label}", 0.0) + value
+                self._vio_counts[f"max_vio/{label}"] = self._vio_counts.get(f"max_vio/{label}", 0) + 1
+        if self.keep_history:
+            self.history.append({"step": step, "labels": loads.labels, "max_vio": values, "mean_max_vio": mean})
+
+    def window_metrics(self) -> dict[str, float]:
+        """The `moe/` metrics of the steps since the last training log."""
+        metrics: dict[str, float] = {}
+        for key, total in self._vio_sums.items():
+            if key == "max_vio" or self.per_layer:
+                metrics[f"moe/{key}"] = total / self._vio_counts[key]
+        for key, total in self._loss_sums.items():
+            metrics[f"moe/{key}"] = total.item() / max(self._loss_weights[key], 1.0)
+        return metrics
+
+    # ------------------------------------------------------------------------------------- callbacks
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._bind(kwargs.get("model"))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        self._bind(model)
+        if model is not None:
+            reset_expert_counters(model)  # forwards made before training must not steer the first update
+        self._reset_window()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is None:
+            return
+        if self.update_biases:
+            loads = update_router_biases(model, rate=self.rate, zero_mean=self.zero_mean)
+        else:
+            loads = update_router_biases(model, rate=0.0)  # still sums over ranks and resets the counters
+        self._record_step(loads, state.global_step)
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """After each evaluation batch: add its loads (recorded by the router hooks) to the eval-set total."""
+        if self._recorder is not None:
+            self._eval_counts += self._recorder.counts
+            self._recorder.reset()
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if logs is None:
+            return
+        added: dict[str, float] = {}
+        if any(key.startswith("eval_") for key in logs):
+            if self._recorder is not None and self._eval_counts.sum() > 0:
+                loads = ExpertLoads([name for name, _ in self._recorder.routers], self._eval_counts.clone())
+                added["moe/eval_max_vio"] = loads.mean_max_vio()
+                if self.per_layer:
+                    for label, value in zip(loads.labels, loads.max_vio.tolist()):
+                        if not math.isnan(value):
+                            added[f"moe/eval_max_vio/{label}"] = value
+                self._eval_counts.zero_()
+        elif "loss" in logs:
+            added = self.window_metrics()
+            self._reset_window()
+        if not added:
+            return
+        logs.update(added)
+        # the Trainer appended a copy of `logs` to the history before calling us: complete that entry too
+        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k not in added):
+            state.log_history[-1].update(added)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is not None and self.last_loads is None:
+            self.last_loads = read_expert_counts(model)

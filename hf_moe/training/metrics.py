@@ -1,0 +1,112 @@
+"""Expert load over an evaluation set, and the global MaxVio it gives (Wang et al. 2024 §4.1).
+
+Training loads come from the routers' counters (`update_router_biases` returns them per optimizer step);
+evaluation runs in eval mode, where the counters stay untouched, so the loads here are recorded by forward
+hooks on the routers, which read each router's `topk_ids` and drop padding tokens (attention_mask == 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling.model import MoEPreTrainedModel
+from ..modeling.routing import Router, RouterOutput
+from .balancing import ExpertLoads, find_routers
+
+
+class RouterLoadRecorder:
+    """Counts the tokens each router sends to each expert while it is attached (non-padding tokens only).
+
+    with RouterLoadRecorder(model) as recorder:
+        model(input_ids=..., attention_mask=...)
+    recorder.loads()  # ExpertLoads
+
+    `only_eval=True` ignores forwards made in training mode (those are counted by the routers themselves);
+    `reset_on_forward=True` keeps only the latest forward of the outermost model (read it after each step).
+    The attention mask is taken from the outermost hf_moe model's forward call (keyword `attention_mask`).
+    """
+
+    def __init__(self, model: nn.Module, only_eval: bool = False, reset_on_forward: bool = False) -> None:
+        self.model = model
+        self.only_eval = only_eval
+        self.reset_on_forward = reset_on_forward
+        self.routers = find_routers(model)
+        self._index = {id(router): i for i, (_, router) in enumerate(self.routers)}
+        self._top = next((m for m in model.modules() if isinstance(m, MoEPreTrainedModel)), None)
+        self._mask: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self.counts = torch.zeros(len(self.routers), self._num_experts())
+
+    def _num_experts(self) -> int:
+        return self.routers[0][1].num_experts if self.routers else 0
+
+    def attach(self) -> RouterLoadRecorder:
+        if self._handles:
+            return self
+        if self._top is not None:
+            self._handles.append(self._top.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
+        for _, router in self.routers:
+            self._handles.append(router.register_forward_hook(self._count))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> RouterLoadRecorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    def loads(self) -> ExpertLoads:
+        return ExpertLoads([name for name, _ in self.routers], self.counts.clone())
+
+    def _remember_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)  # forward(input_ids, attention_mask)
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if self.reset_on_forward:
+            self.counts.zero_()
+
+    def _count(self, router: Router, args: tuple, output: RouterOutput) -> None:
+        if self.only_eval and router.training:
+            return
+        topk_ids = output.topk_ids.detach()  # (B*T, K)
+        if self._mask is not None and topk_ids.shape[0] % self._mask.shape[0] == 0:
+            length = topk_ids.shape[0] // self._mask.shape[0]
+            if self._mask.shape[1] >= length:
+                valid = self._mask[:, -length:].reshape(-1).bool().to(topk_ids.device)  # (B*T,)
+                topk_ids = topk_ids[valid]
+        kept = topk_ids if router.config.capacity_factor is None else topk_ids[output.topk_weights.detach() != 0]
+        counts = torch.bincount(kept.reshape(-1), minlength=router.num_experts).float().cpu()
+        self.counts[self._index[id(router)]] += counts
+
+
+@torch.no_grad()
+def expert_load(
+    model: nn.Module, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
+) -> ExpertLoads:
+    """Tokens per expert of every router over `batches` (dicts with input_ids and optionally attention_mask,
+    e.g. a DataLoader), run in eval mode without labels (so MTP blocks do not run). Its `.max_vio` is the
+    global MaxVio of each layer over the set; `.mean_max_vio()` the mean over MoE layers."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with RouterLoadRecorder(model) as recorder:
+            for step, batch in enumerate(batches):
+                if max_batches is not None and step >= max_batches:
+                    break
+                inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+                model(**inputs, use_cache=False)
+    finally:
+        model.train(was_training)
+    return recorder.loads()

@@ -1,0 +1,369 @@
+"""Finetuning recipes that train less of an MoE model, one call each: `apply_recipe(model, name, **options)`.
+
+MoE models overfit small finetuning sets and forget; the field's answers train a subset:
+- "full": everything (the baseline).
+- "freeze-router": all but the router weights (routing stays as pretrained; bias balancing as configured).
+- "freeze-routed-experts": attention, shared experts, dense FFNs, norms, embeddings, head; routed experts and
+  router frozen. ST-MoE (Zoph et al. 2022, arXiv 2202.08906 §4): training the non-MoE part matches training all.
+- "moe-only": the reverse (routed experts and router), for comparison; ST-MoE found it worse.
+- "esft": Expert-Specialised Fine-Tuning (Wang et al. 2024, arXiv 2407.01906): only the experts the task uses
+  train (`experts={layer: [ids]}` from `select_experts`, or a JSON path); router, attention and shared experts
+  frozen unless asked; router biases not updated.
+- "lora": peft LoRA (Hu et al. 2021) on attention and shared-expert projections, and on request on the fused
+  routed-expert weights (peft's `target_parameters`); `merge_and_unload()` gives a plain MoE model again.
+
+A recipe sets `requires_grad` for every parameter (so recipes do not stack) and freezes expert slices through
+`hf_moe.training.frozen_experts` (bit-exact under any torch optimizer, Trainer, accelerate, DDP, FSDP2). Apply it
+before wrapping the model (DDP, FSDP) and before creating the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from ..modeling.experts import MLP, RoutedExperts
+from ..modeling.moe import MoEBlock
+from ..modeling.mtp import MTPModule
+from ..modeling.normalization import RMSNorm
+from ..modeling.routing import Router
+from .expert_selection import load_expert_selection, moe_layer_indices
+from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, freeze_experts, trainable_experts, unfreeze_experts
+
+#: Parts of a model, in report order.
+PARTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts", "head",
+         "mtp", "lora", "other")
+NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "head", "mtp", "other"})
+DELTA_WEIGHTS, DELTA_MANIFEST = "delta.safetensors", "delta.json"
+
+
+@dataclass
+class RecipeReport:
+    """What a recipe left trainable. `model` is the model to train (a peft model for "lora")."""
+
+    recipe: str
+    model: nn.Module
+    parts: dict[str, tuple[int, int]]  # part -> (trainable parameters, all parameters)
+    experts: dict[int, list[int]] = field(default_factory=dict)  # trained routed experts per layer (partial only)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> int:
+        return sum(t for t, _ in self.parts.values())
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.parts.values())
+
+    def table(self) -> str:
+        """The report as a plain-text table, one row per part of the model."""
+        rows = [("part", "trainable", "total", "%")]
+        for part, (trainable, total) in self.parts.items():
+            rows.append((part, f"{trainable:,}", f"{total:,}", f"{100 * trainable / max(total, 1):.1f}"))
+        rows.append(("all", f"{self.trainable:,}", f"{self.total:,}", f"{100 * self.trainable / max(self.total, 1):.2f}"))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [f"hf_moe recipe {self.recipe!r}: {self.trainable:,} of {self.total:,} parameters trainable"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+            if i == 0 or i == len(rows) - 2:
+                lines.append("-" * (sum(widths) + 6))
+        if self.experts:
+            shown = "; ".join(f"{layer}: {ids}" for layer, ids in sorted(self.experts.items()))
+            lines.append(f"trained routed experts per layer: {shown}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+    __str__ = table
+
+
+# ------------------------------------------------------------------------------------------- parts
+def _own_part(name: str, module: nn.Module) -> str | None:
+    """The part a module's parameters belong to, or None to inherit its parent's."""
+    if isinstance(module, RoutedExperts):
+        return "routed_experts"
+    if isinstance(module, Router):
+        return "router"
+    if isinstance(module, MLP):
+        return "shared_experts" if name.endswith("shared_experts") else "dense_ffn"
+    if isinstance(module, MoEBlock):
+        return "shared_experts"  # its own leftovers: the shared-expert gate
+    if isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention)):
+        return "attention"
+    if isinstance(module, RMSNorm):
+        return "norms"
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if isinstance(module, MTPModule):
+        return "mtp"
+    if name.rsplit(".", 1)[-1] in ("lm_head", "score"):
+        return "head"
+    return None
+
+
+def module_parts(model: nn.Module) -> dict[str, str]:
+    """{module name: part} (a module inherits its parent's part unless its type names one)."""
+    parts: dict[str, str] = {}
+    for name, module in model.named_modules():
+        parent = parts.get(name.rsplit(".", 1)[0] if "." in name else "", "other")
+        parts[name] = _own_part(name, module) or parent
+    return parts
+
+
+def parameter_parts(model: nn.Module) -> dict[str, str]:
+    """{parameter name: part}; adapter weights (peft's lora_A / lora_B ...) are "lora"."""
+    modules = module_parts(model)
+    parts = {}
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        parts[name] = "lora" if ".lora_" in f".{name}" else modules.get(owner, "other")
+    return parts
+
+
+def _experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
+
+
+def _train_parts(model: nn.Module, trainable: set[str]) -> None:
+    """requires_grad = (part in `trainable`) for every parameter; no expert slice stays frozen."""
+    for module in _experts_modules(model).values():
+        unfreeze_experts(module)
+    parts = parameter_parts(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(parts[name] in trainable)
+
+
+def recipe_report(model: nn.Module, recipe: str, notes: list[str] | None = None) -> RecipeReport:
+    """Count trainable and total parameters per part (a partially frozen expert tensor counts its trained
+    experts only)."""
+    parts = parameter_parts(model)
+    counts = {part: [0, 0] for part in PARTS}
+    for name, param in model.named_parameters():
+        counts[parts[name]][1] += param.numel()
+        counts[parts[name]][0] += param.numel() if param.requires_grad else 0
+    experts: dict[int, list[int]] = {}
+    for name, module in _experts_modules(model).items():
+        trained = trainable_experts(module)
+        if module.gate_up_proj.requires_grad and len(trained) < module.num_experts:
+            per_expert = sum(getattr(module, w).numel() for w in FUSED_EXPERT_WEIGHTS) // module.num_experts
+            counts["routed_experts"][0] -= per_expert * (module.num_experts - len(trained))
+            experts[_layer_of(name)] = trained
+    kept = {part: (t, n) for part, (t, n) in counts.items() if n}
+    return RecipeReport(recipe=recipe, model=model, parts=kept, experts=experts, notes=list(notes or []))
+
+
+def _layer_of(module_name: str) -> int:
+    """Decoder-layer index in a module name like 'model.layers.3.mlp.experts' (-1 outside decoder layers)."""
+    pieces = module_name.split(".")
+    for before, after in zip(pieces, pieces[1:]):
+        if before == "layers" and after.isdigit():
+            return int(after)
+    return -1
+
+
+def _bias_update(model: nn.Module, enabled: bool | None) -> list[str]:
+    """enabled=False turns aux-loss-free bias balancing off (config.router_bias_update_rate = 0); None keeps it."""
+    config = getattr(model, "config", None)
+    rate = getattr(config, "router_bias_update_rate", 0)
+    if enabled is None or config is None:
+        return [f"router bias updates: as configured (router_bias_update_rate={rate})"] if rate else []
+    if enabled and not rate:
+        raise ValueError("bias_update=True needs config.router_bias_update_rate > 0 (it is 0 for this model).")
+    if not enabled and rate:
+        config.router_bias_update_rate = 0.0
+        return [f"router bias updates: off (router_bias_update_rate {rate} -> 0; restore it before pretraining more)"]
+    return [f"router bias updates: {'on' if enabled else 'off'} (router_bias_update_rate={rate})"]
+
+
+# ----------------------------------------------------------------------------------------- recipes
+def _full(model: nn.Module, bias_update: bool | None = None) -> list[str]:
+    _train_parts(model, set(PARTS))
+    return _bias_update(model, bias_update)
+
+
+def _freeze_router(model: nn.Module, bias_update: bool | None = None) -> list[str]:
+    _train_parts(model, set(PARTS) - {"router"})
+    return _bias_update(model, bias_update)
+
+
+def _freeze_routed_experts(model: nn.Module, train_router: bool = False, bias_update: bool | None = None) -> list[str]:
+    _train_parts(model, set(PARTS) - {"routed_experts"} - (set() if train_router else {"router"}))
+    return _bias_update(model, bias_update)
+
+
+def _moe_only(model: nn.Module, train_router: bool = True, bias_update: bool | None = None) -> list[str]:
+    _train_parts(model, {"routed_experts"} | ({"router"} if train_router else set()))
+    return _bias_update(model, bias_update)
+
+
+def _esft(
+    model: nn.Module,
+    experts: Mapping[int, list[int]] | str | os.PathLike,
+    train_shared_experts: bool = False,
+    train_non_expert: bool = False,
+    bias_update: bool | None = False,
+) -> list[str]:
+    """ESFT: train the selected routed experts of each MoE layer (others, and MTP experts, frozen)."""
+    selection = load_expert_selection(experts) if isinstance(experts, (str, os.PathLike)) else dict(experts)
+    selection = {int(layer): [int(e) for e in ids] for layer, ids in selection.items()}
+    layers = moe_layer_indices(model)
+    unknown = sorted(set(selection) - set(layers))
+    if unknown:
+        raise ValueError(f"experts names layers {unknown} that are not MoE layers; the MoE layers are {layers}.")
+    parts = {"routed_experts"}
+    parts |= {"shared_experts"} if train_shared_experts else set()
+    parts |= NON_EXPERT_PARTS if train_non_expert else set()
+    _train_parts(model, parts)
+    for name, module in _experts_modules(model).items():
+        chosen = set(selection.get(_layer_of(name), [])) if ".mtp." not in f".{name}" else set()
+        freeze_experts(module, [e for e in range(module.num_experts) if e not in chosen])
+    return _bias_update(model, bias_update)
+
+
+def _lora(
+    model: nn.Module,
+    r: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    routed_experts: bool = False,
+    dense_ffn: bool = False,
+    target_modules: list[str] | str | None = None,
+    bias_update: bool | None = None,
+    **lora_options: Any,
+) -> tuple[nn.Module, list[str]]:
+    """LoRA on attention and shared experts (+ dense FFNs, + fused routed experts on request)."""
+    from peft import LoraConfig, get_peft_model
+
+    if routed_experts and lora_dropout:
+        raise ValueError(f"lora_dropout={lora_dropout} is invalid with routed_experts=True: peft's LoRA on fused "
+                         "expert weights (target_parameters) has no dropout; use 0.")
+    if target_modules is None:
+        target_modules = lora_targets(model, dense_ffn=dense_ffn)
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+        target_parameters=[f"mlp.experts.{w}" for w in FUSED_EXPERT_WEIGHTS] if routed_experts else None,
+        **lora_options,
+    )
+    _train_parts(model, set(PARTS))
+    notes = _bias_update(model, bias_update)
+    return get_peft_model(model, config), notes
+
+
+def lora_targets(model: nn.Module, dense_ffn: bool = False) -> list[str]:
+    """peft `target_modules` suffixes: every Linear of attention and shared experts (and dense FFNs)."""
+    wanted = {"attention", "shared_experts"} | ({"dense_ffn"} if dense_ffn else set())
+    parts = module_parts(model)
+    targets = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and parts[name] in wanted and not name.endswith("shared_expert_gate"):
+            targets.add(".".join(name.split(".")[-2:]))
+    return sorted(targets)
+
+
+RECIPES: dict[str, Callable[..., Any]] = {
+    "full": _full,
+    "freeze-router": _freeze_router,
+    "freeze-routed-experts": _freeze_routed_experts,
+    "moe-only": _moe_only,
+    "esft": _esft,
+    "lora": _lora,
+}
+
+
+def apply_recipe(model: nn.Module, name: str, verbose: bool = True, **options: Any) -> RecipeReport:
+    """Make only what recipe `name` trains trainable; return (and print, on rank 0) a report.
+
+    Options per recipe: all take `bias_update` (None: as configured; False: turn router bias balancing off);
+    "freeze-routed-experts" / "moe-only": `train_router`; "esft": `experts` (dict or JSON path),
+    `train_shared_experts`, `train_non_expert`; "lora": `r`, `lora_alpha`, `lora_dropout`, `routed_experts`,
+    `dense_ffn`, `target_modules`, other `peft.LoraConfig` fields. For "lora" train `report.model`.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe name={name!r}; allowed values are {sorted(RECIPES)}.")
+    if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("Apply the recipe to the model before wrapping it in DistributedDataParallel.")
+    result = RECIPES[name](model, **options)
+    model, notes = result if isinstance(result, tuple) else (model, result)
+    model.hf_moe_recipe = name
+    report = recipe_report(model, name, notes)
+    if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(report.table())
+    return report
+
+
+# -------------------------------------------------------------------------------- saving the delta
+def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> dict:
+    """Save only what training could change: trainable tensors, the trained rows of partially frozen expert
+    tensors, and the router biases, plus a manifest (`delta.json`). Returns the manifest.
+
+    Re-apply with `apply_finetuned_delta(base_model, directory)`. Call it on every rank under FSDP2
+    (DTensors are gathered); only rank 0 writes.
+    """
+    from safetensors.torch import save_file
+
+    experts_of = {f"{name}.{w}": m for name, m in _experts_modules(model).items() for w in FUSED_EXPERT_WEIGHTS}
+    tensors, entries = {}, {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        value = param.full_tensor() if _is_dtensor(param) else param
+        module = experts_of.get(name)
+        trained = trainable_experts(module) if module is not None else None
+        if trained is not None and len(trained) < module.num_experts:
+            tensors[name] = value.detach().index_select(0, torch.tensor(trained, device=value.device)).cpu()
+            entries[name] = {"experts": trained}
+        else:
+            tensors[name] = value.detach().cpu().contiguous()
+            entries[name] = {}
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            tensors[name] = (buffer.full_tensor() if _is_dtensor(buffer) else buffer).detach().cpu().contiguous()
+            entries[name] = {}
+    config = getattr(model, "config", None)
+    manifest = {
+        "format": "hf_moe.finetuned_delta", "version": 1, "recipe": getattr(model, "hf_moe_recipe", None),
+        "base_model": getattr(config, "_name_or_path", None) or None, "tensors": entries, **metadata,
+    }
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, os.path.join(directory, DELTA_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(directory, DELTA_MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+    return manifest
+
+
+@torch.no_grad()
+def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Write a delta saved by `save_finetuned_delta` into its base model (in place); returns the model."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, DELTA_MANIFEST)) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != "hf_moe.finetuned_delta":
+        raise ValueError(f"{directory} holds no hf_moe finetuned delta (format={manifest.get('format')!r}).")
+    tensors = load_file(os.path.join(directory, DELTA_WEIGHTS))
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = sorted(set(manifest["tensors"]) - set(state))
+    if missing:
+        raise ValueError(f"The model has no tensors named {missing[:5]}: is it the delta's base model "
+                         f"({manifest.get('base_model')})?")
+    for name, entry in manifest["tensors"].items():
+        target, value = state[name], tensors[name]
+        rows = entry.get("experts")
+        index = torch.tensor(rows, device=target.device) if rows is not None else None
+        expected = target.shape if index is None else (len(rows), *target.shape[1:])
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(f"Delta tensor {name} has shape {tuple(value.shape)}, the model needs {tuple(expected)}.")
+        value = value.to(device=target.device, dtype=target.dtype)
+        if index is None:
+            target.copy_(value)
+        else:
+            target.index_copy_(0, index, value)
+    return model
