@@ -6,6 +6,8 @@ AutoModelForSequenceClassification.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from . import kernels  # noqa: F401  registers the hf_moe_* experts backends with transformers
+from .conversion.convert import convert
 from .conversion.upcycle import upcycle
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEForCausalLM, MoEForSequenceClassification, MoEModel, MoEPreTrainedModel
@@ -24,5 +26,6 @@ __all__ = [
     "MoEForCausalLM",
     "MoEForSequenceClassification",
     "upcycle",
+    "convert",
     "__version__",
 ]

@@ -94,18 +94,15 @@ def _write_config(folder: Path, config: Mapping[str, Any]) -> None:
 def export_remote_code(model_or_dir: MoEPreTrainedModel | str | os.PathLike, out: str | os.PathLike) -> Path:
     """Make `out` loadable with `trust_remote_code=True` where hf_moe is not installed.
 
-    A model is first saved to `out` (`save_pretrained`); a saved folder is copied to `out` (nothing is copied
-    when `out` is that folder). Then the modeling files (`remote_code_files()`) are copied flat into `out` and
+    A model is first saved to `out` (`save_pretrained`); a saved folder is copied to `out` without pickle-based
+    files (nothing is copied when `out` is that folder). Then the modeling files (`remote_code_files()`) are copied flat into `out` and
     `config.json` gets `auto_map` (`AUTO_MAP`). Returns `out`.
     """
     out = Path(out)
     if isinstance(model_or_dir, MoEPreTrainedModel):
         model_or_dir.save_pretrained(out)
     else:
-        source = Path(model_or_dir)
-        _read_config(source)
-        if source.resolve() != out.resolve():
-            shutil.copytree(source, out, dirs_exist_ok=True)
+        _copy_saved_folder(Path(model_or_dir), out)
     files = remote_code_files()
     config = _read_config(out)
     for file in files:
@@ -289,8 +286,34 @@ def model_card(
 
 
 # ------------------------------------------------------------------------------------------- folders, upload
+#: Suffixes of pickle-based files (weights, optimizer or trainer state): never copied into a Hub folder.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def _prepare_output(out: Path, source: Path | None, overwrite: bool) -> None:
+    """Refuse to mix with an earlier, different folder (stale shards) unless `overwrite`, which empties it."""
+    if source is not None and out.exists() and source.resolve() == out.resolve():
+        return  # publishing a saved folder in place only adds files
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _copy_saved_folder(source: Path, out: Path) -> None:
+    """Copy a saved hf_moe folder, leaving out pickle-based files; it must hold safetensors weights."""
+    _read_config(source)
+    if not any(source.glob("*.safetensors")):
+        raise ValueError(f"{source} holds no *.safetensors weights; hf_moe publishes safetensors only.")
+    if source.resolve() == out.resolve():
+        return
+    shutil.copytree(source, out, dirs_exist_ok=True, ignore=lambda _, names: [
+        n for n in names if n.endswith(PICKLE_SUFFIXES) or n in (".git", ".cache")])
+
+
 def save_for_hub(
-    model: MoEPreTrainedModel,
+    model_or_dir: MoEPreTrainedModel | str | os.PathLike,
     out: str | os.PathLike,
     *,
     remote_code: bool = True,
@@ -301,14 +324,29 @@ def save_for_hub(
     balance: Mapping[str, object] | None = None,
     tags: Sequence[str] = (),
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
 ) -> Path:
-    """Write a Hub-ready folder: safetensors shards of at most `max_shard_size` (+ index), config.json,
+    """Write a Hub-ready folder and return it: safetensors weights (+ index), config.json,
     generation_config.json, README.md (`model_card`), the tokenizer if given and, with `remote_code`, the
-    modeling files + `auto_map` (`export_remote_code`); without it any stale `auto_map` is removed. Returns `out`."""
-    if not isinstance(model, MoEPreTrainedModel):
-        raise TypeError(f"save_for_hub needs an hf_moe model (MoEPreTrainedModel), got {type(model).__name__}.")
+    modeling files + `auto_map` (`export_remote_code`); without it a stale `auto_map` is removed.
+
+    A model is saved in shards of at most `max_shard_size`; a saved folder is copied as it is (its tokenizer
+    files too; pickle-based files such as pytorch_model.bin or optimizer.pt are left out), or completed in
+    place when `out` is that folder. A non-empty `out` raises FileExistsError unless `overwrite`.
+    """
     out = Path(out)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    if isinstance(model_or_dir, MoEPreTrainedModel):
+        _prepare_output(out, None, overwrite)
+        model_or_dir.save_pretrained(out, max_shard_size=max_shard_size)
+        described: MoEPreTrainedModel | MoEConfig = model_or_dir
+    elif isinstance(model_or_dir, (str, os.PathLike)):
+        source = Path(model_or_dir)
+        _read_config(source)
+        _prepare_output(out, source, overwrite)
+        _copy_saved_folder(source, out)
+        described = MoEConfig.from_pretrained(out)
+    else:
+        raise TypeError(f"save_for_hub needs an hf_moe model or a saved folder, got {type(model_or_dir).__name__}.")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if remote_code:
@@ -317,14 +355,14 @@ def save_for_hub(
         config = _read_config(out)
         if config.pop("auto_map", None) is not None:
             _write_config(out, config)
-    card = model_card(model, repo_id=repo_id, license=license, base_model=base_model, balance=balance, tags=tags,
+    card = model_card(described, repo_id=repo_id, license=license, base_model=base_model, balance=balance, tags=tags,
                       remote_code=remote_code)
     (out / "README.md").write_text(card, encoding="utf-8")
     return out
 
 
 def push_to_hub(
-    model: MoEPreTrainedModel,
+    model_or_dir: MoEPreTrainedModel | str | os.PathLike,
     repo_id: str,
     *,
     remote_code: bool = True,
@@ -340,15 +378,16 @@ def push_to_hub(
     tags: Sequence[str] = (),
     max_shard_size: int | str = "5GB",
 ) -> CommitInfo:
-    """Create `repo_id` if needed and upload `save_for_hub`'s folder in one commit. Weight shards and modeling
-    files left from an earlier upload are deleted in the same commit, so the repository matches the folder."""
+    """Create `repo_id` if needed and upload `save_for_hub`'s folder (written to a temporary directory) in one
+    commit. Weight shards and modeling files left from an earlier upload are deleted in the same commit, so the
+    repository matches the folder. Returns huggingface_hub's CommitInfo."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model").repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     stale = ["*.safetensors", "model.safetensors.index.json", *(f.name for f in remote_code_files())]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_for_hub(model, tmp, remote_code=remote_code, tokenizer=tokenizer, repo_id=repo_id,
+        folder = save_for_hub(model_or_dir, tmp, remote_code=remote_code, tokenizer=tokenizer, repo_id=repo_id,
                               license=license, base_model=base_model, balance=balance, tags=tags,
                               max_shard_size=max_shard_size)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,

@@ -98,9 +98,10 @@ except ImportError:
     pass
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-folder, repo_id, tampered, out = sys.argv[1:5]
+folder, repo_id, tampered, out, threads = sys.argv[1:6]
+torch.set_num_threads(int(threads))  # the same reduction order as the parent process
 ids = torch.arange(3, 20).view(1, -1)
 report = {}
 for name, source in (("local", folder), ("hub", repo_id)):
@@ -110,6 +111,10 @@ for name, source in (("local", folder), ("hub", repo_id)):
         generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     save_file({"logits": logits.contiguous(), "generated": generated}, f"{out}/{name}.safetensors")
     report[name] = type(model).__module__ + "." + type(model).__name__
+    report["backends"] = {"attn_implementation": model.config._attn_implementation,
+                          "experts_implementation": model.config._experts_implementation}
+for auto in (AutoModel, AutoModelForSequenceClassification):
+    report[auto.__name__] = type(auto.from_pretrained(folder, trust_remote_code=True)).__name__
 try:
     AutoModelForCausalLM.from_pretrained(tampered, trust_remote_code=True)
     report["tampered"] = "loaded"
@@ -131,11 +136,6 @@ def fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
 
 def test_exported_model_loads_with_trust_remote_code_without_hf_moe_and_matches(tmp_path: Path) -> None:
     folder = hub.export_remote_code(random_model(num_nextn_predict_layers=1), tmp_path / "tiny-moe")
-    installed = AutoModelForCausalLM.from_pretrained(folder)  # hf_moe's own classes, same backends as remote
-    assert type(installed) is MoEForCausalLM
-    with torch.no_grad():
-        expected_logits = installed(IDS).logits
-        expected_generated = installed.generate(IDS, max_new_tokens=4, do_sample=False)
     fake_hub_cache(tmp_path / "hub", "someone/tiny-moe", folder)
     tampered = hub.export_remote_code(folder, tmp_path / "tampered")
     weights = load_file(tampered / "model.safetensors")
@@ -146,17 +146,26 @@ def test_exported_model_loads_with_trust_remote_code_without_hf_moe_and_matches(
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_MODULES_CACHE=str(tmp_path / "modules"),
                TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), "someone/tiny-moe", str(tampered), str(tmp_path)],
+        [sys.executable, "-c", REMOTE_SCRIPT, str(folder), "someone/tiny-moe", str(tampered), str(tmp_path),
+         str(torch.get_num_threads())],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["hf_moe_modules"] == []
+    # the reference: hf_moe's own classes on the same backends (installed hf_moe would default to its kernels)
+    installed = AutoModelForCausalLM.from_pretrained(folder, **report["backends"])
+    assert type(installed) is MoEForCausalLM
+    with torch.no_grad():
+        expected_logits = installed(IDS).logits
+        expected_generated = installed.generate(IDS, max_new_tokens=4, do_sample=False)
     for name in ("local", "hub"):
         assert report[name].startswith("transformers_modules.") and report[name].endswith(".model.MoEForCausalLM")
         got = load_file(tmp_path / f"{name}.safetensors")
         assert torch.equal(got["logits"], expected_logits), name
         assert torch.equal(got["generated"], expected_generated), name
+    assert report["AutoModel"] == "MoEModel"
+    assert report["AutoModelForSequenceClassification"] == "MoEForSequenceClassification"
     assert "Unexpected weights: model.layers.1.mlp.extra" in report["tampered"]
 
 
@@ -217,6 +226,40 @@ def test_save_for_hub_writes_a_complete_sharded_folder_that_reloads(tmp_path: Pa
     plain = hub.save_for_hub(reloaded, tmp_path / "plain", remote_code=False)  # config came with an auto_map
     assert "auto_map" not in json.loads((plain / "config.json").read_text())
     assert not (plain / "model.py").exists()
+
+
+def test_save_for_hub_from_a_saved_folder_leaves_pickles_out(tmp_path: Path) -> None:
+    config = tiny_gqa_config()
+    config.upcycled_from = {"base_model": "org/dense", "num_experts": 8}
+    model = MoEForCausalLM(config)
+    model.save_pretrained(tmp_path / "trained")
+    torch.save({"step": 3}, tmp_path / "trained" / "optimizer.pt")
+    torch.save(model.state_dict(), tmp_path / "trained" / "pytorch_model.bin")
+    (tmp_path / "trained" / "tokenizer.json").write_text("{}")
+
+    out = hub.save_for_hub(tmp_path / "trained", tmp_path / "repo", license="mit")
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "README.md", "model.py"} <= names
+    assert not {"optimizer.pt", "pytorch_model.bin"} & names
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "trained" / "model.safetensors").read_bytes()
+    meta, body = front_matter((out / "README.md").read_text())
+    assert meta["base_model"] == "org/dense" and meta["upcycling"] == {"base_model": "org/dense", "num_experts": 8}
+    assert f"({count_parameters(config).total:,})" in body
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        hub.save_for_hub(tmp_path / "trained", out)
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    hub.save_for_hub(tmp_path / "trained", out, overwrite=True, remote_code=False)
+    assert not (out / "model-00001-of-00009.safetensors").exists() and not (out / "model.py").exists()
+
+    hub.save_for_hub(tmp_path / "trained", tmp_path / "trained")  # in place: adds the card and the code
+    assert (tmp_path / "trained" / "README.md").is_file() and (tmp_path / "trained" / "model.py").is_file()
+
+    (tmp_path / "pickled").mkdir()
+    shutil.copy(tmp_path / "trained" / "config.json", tmp_path / "pickled")
+    shutil.copy(tmp_path / "trained" / "pytorch_model.bin", tmp_path / "pickled")
+    with pytest.raises(ValueError, match="no \\*.safetensors weights"):
+        hub.save_for_hub(tmp_path / "pickled", tmp_path / "repo2")
 
 
 class FakeApi:

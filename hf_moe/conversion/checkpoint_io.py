@@ -161,17 +161,24 @@ class SourceCheckpoint:
         return self._handle(self.weight_map[key]).get_tensor(key)
 
     def iter_tensors(self, progress: bool = True, desc: str = "reading") -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor) one at a time, shard by shard in index order, with a progress bar over bytes."""
+        """(key, tensor) one at a time, shard by shard in index order, with a progress bar over bytes; each
+        shard's memory map is released once its tensors are read."""
         with tqdm(total=self.total_bytes(), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
             for file in self.files:
                 for key in [k for k, f in self.weight_map.items() if f == file]:
                     tensor = self.get(key)
                     bar.update(tensor_nbytes(tensor))
                     yield key, tensor
+                self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Close the shards' memory maps: pages read so far stop counting in this process's resident memory
+        (they stay in the page cache). Later reads reopen the shard."""
         self._slices.clear()
         self._handles.clear()
+
+    def close(self) -> None:
+        self.release()
 
     def __enter__(self) -> SourceCheckpoint:
         return self

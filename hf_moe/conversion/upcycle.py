@@ -14,7 +14,9 @@ up_n x, so its neurons can be partitioned into shards without loss (He et al. 20
   `scale_on="down_proj"`) or routed_scaling_factor = R (`scale_on="routed_scaling_factor"`) makes the MoE
   equal the dense model whatever the router weights are, for softmax and sigmoid scores. (Megatron's
   cube-root scaling of both matrices is not exact for SiLU.) G = 1, S = 0 is copy upcycling (Komatsuzaki
-  et al. 2022, every expert a copy of the FFN), exact for any top_k.
+  et al. 2022, every expert a copy of the FFN), exact for any top_k;
+* group-limited routing (n_group > 1) stays exact when every group holds whole copies ((N / n_group) % R == 0);
+  dense layers kept by first_k_dense_replace / moe_layer_freq are copied verbatim.
 
 Router initialisation: "random" (N(0, initializer_range) per copy), "zero" (uniform scores; ties between
 copies are broken by a per-copy e_score_correction_bias of -1e-5 * copy, so top-k still picks whole copies),
@@ -39,7 +41,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
-from transformers.activations import ACT2FN
 
 from ..inspection import count_parameters
 from ..modeling.attention import RotaryEmbedding
@@ -54,118 +55,22 @@ from .checkpoint_io import (
     check_output_dir,
     copy_side_files,
     parse_size,
-)  # fmt: skip
+)
 from .dense import dense_global_shapes, dense_layer_shapes, moe_fields_from_dense
 from .probe import LayerwiseRunner, ProbeBatch, compare_logits
+from .upcycle_recipe import (
+    UpcycleRecipe,
+    build_moe_config,
+    invalid_argument,
+    neuron_activity,
+    neuron_partition,
+    router_rows,
+    upcycle_ffn,
+)
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "copy", "virtual-group", "drop-upcycling")
-ROUTER_INITS = ("random", "zero", "hidden")
-SHARED_SELECTIONS = ("first", "active")
-SCALE_TARGETS = ("down_proj", "routed_scaling_factor")
-SCORING_FUNCS = ("softmax", "sigmoid")
-TIE_BREAK = 1e-5  # per-copy bias step that orders copies under a zero router (far below gamma = 1e-3)
 EXACT_RTOL = 1e-4  # measured max |dlogit| <= EXACT_RTOL * max(1, max |logit|) counts as exact (fp32 probe)
-
-
-def _fail(name: str, value: object, why: str) -> ValueError:
-    return ValueError(f"upcycle {name}={value!r} is invalid: {why}.")
-
-
-@dataclass(frozen=True)
-class UpcycleRecipe:
-    """What `upcycle` builds; see the module docstring for the layout. Validated by `check`."""
-
-    num_experts: int
-    top_k: int
-    granularity: int = 1
-    shared_experts: int = 0
-    strategy: str = "auto"
-    scoring_func: str = "sigmoid"
-    router_init: str = "random"
-    drop_ratio: float = 0.0
-    shared_selection: str = "first"
-    shared_expert_gate: bool = False
-    scale_on: str = "down_proj"
-    n_group: int = 1
-    topk_group: int = 1
-    first_k_dense_replace: int = 0
-    moe_layer_freq: int = 1
-    router_bias_update_rate: float = 1e-3
-    seed: int = 0
-
-    @property
-    def routed_shards(self) -> int:
-        """R: shards of one copy that are routed experts."""
-        return self.granularity - self.shared_experts
-
-    @property
-    def copies(self) -> int:
-        """C = N / R copies of the routed neurons."""
-        return self.num_experts // self.routed_shards
-
-    @property
-    def resolved_strategy(self) -> str:
-        if self.strategy != "auto":
-            return self.strategy
-        if self.drop_ratio > 0:
-            return "drop-upcycling"
-        return "copy" if self.granularity == 1 and self.shared_experts == 0 else "virtual-group"
-
-    def check(self, intermediate_size: int) -> None:
-        """Raise ValueError naming the argument for a combination that cannot be built."""
-        choices = (("strategy", STRATEGIES), ("scoring_func", SCORING_FUNCS), ("router_init", ROUTER_INITS),
-                   ("shared_selection", SHARED_SELECTIONS), ("scale_on", SCALE_TARGETS))  # fmt: skip
-        for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise _fail(name, getattr(self, name), f"allowed values are {allowed}")
-        for name in ("num_experts", "top_k", "granularity"):
-            if getattr(self, name) < 1:
-                raise _fail(name, getattr(self, name), "must be a positive integer")
-        if self.top_k > self.num_experts:
-            raise _fail("top_k", self.top_k, f"must be at most num_experts={self.num_experts}")
-        if intermediate_size % self.granularity:
-            raise _fail("granularity", self.granularity,
-                        f"must divide the FFN's intermediate_size={intermediate_size} (experts are equal shards)")
-        if not 0 <= self.shared_experts < self.granularity:
-            raise _fail("shared_experts", self.shared_experts,
-                        f"must be >= 0 and below granularity={self.granularity}: shared experts are shards carved "
-                        "out of the FFN and at least one shard must remain for the routed experts")  # fmt: skip
-        if self.num_experts % self.routed_shards:
-            raise _fail("num_experts", self.num_experts,
-                        f"must be a multiple of the {self.routed_shards} routed shards per copy "
-                        f"(granularity {self.granularity} - shared_experts {self.shared_experts})")  # fmt: skip
-        strategy = self.resolved_strategy
-        if strategy == "copy" and (self.granularity != 1 or self.shared_experts):
-            raise _fail("strategy", "copy", "copy upcycling makes every expert a whole FFN (granularity=1, "
-                        "shared_experts=0); use 'virtual-group' for shards and shared experts")
-        if not 0.0 <= self.drop_ratio <= 1.0:
-            raise _fail("drop_ratio", self.drop_ratio, "must be between 0 and 1")
-        if strategy == "drop-upcycling" and self.drop_ratio == 0:
-            raise _fail("drop_ratio", self.drop_ratio, "strategy 'drop-upcycling' needs a ratio in (0, 1] (paper: 0.5)")
-        if strategy != "drop-upcycling" and self.drop_ratio > 0:
-            raise _fail("drop_ratio", self.drop_ratio, f"only strategy 'drop-upcycling' re-initialises (got {strategy!r})")
-        if self.shared_expert_gate and not self.shared_experts:
-            raise _fail("shared_expert_gate", True, "needs shared_experts > 0")
-        if self.n_group < 1 or self.num_experts % self.n_group:
-            raise _fail("n_group", self.n_group, f"must be >= 1 and divide num_experts={self.num_experts}")
-
-    def exactness_issues(self, dtype: torch.dtype) -> list[str]:
-        """Why this recipe cannot give the dense model's function exactly (empty when it can)."""
-        issues, r = [], self.routed_shards
-        if self.top_k % r:
-            issues.append(f"top_k={self.top_k} is not a multiple of the {r} routed shards per copy, so a token gets "
-                          "parts of copies; use top_k = m * (granularity - shared_experts)")
-        if self.n_group > 1 and (self.num_experts // self.n_group) % r:
-            issues.append(f"n_group={self.n_group} makes groups of {self.num_experts // self.n_group} experts that "
-                          f"split copies of {r} shards, so group-limited routing can cut a copy")
-        if self.resolved_strategy == "drop-upcycling":
-            issues.append(f"Drop-Upcycling re-initialises {self.drop_ratio:.0%} of every expert's neurons")
-        if self.scale_on == "down_proj" and r & (r - 1) and dtype not in (torch.float32, torch.float64):
-            issues.append(f"down_proj x {r} rounds in {dtype} ({r} is not a power of two): "
-                          "use scale_on='routed_scaling_factor' to keep the stored experts exact slices")
-        return issues
 
 
 @dataclass
@@ -211,112 +116,6 @@ class UpcycleReport:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ config
-def build_moe_config(fields: dict[str, Any], recipe: UpcycleRecipe, base_model: str, base_type: str) -> MoEConfig:
-    """The MoEConfig of the upcycled model: the dense model's shape and attention plus the recipe's experts."""
-    size = fields["intermediate_size"] // recipe.granularity
-    r = recipe.routed_shards
-    sigmoid = recipe.scoring_func == "sigmoid"
-    method = "noaux_tc" if sigmoid else ("group_limited_greedy" if recipe.n_group > 1 else "greedy")
-    provenance = {"base_model": base_model, "base_model_type": base_type, **asdict(recipe),
-                  "strategy": recipe.resolved_strategy, "routed_shards_per_copy": r, "copies": recipe.copies}
-    return MoEConfig(
-        **fields, n_routed_experts=recipe.num_experts, num_experts_per_tok=recipe.top_k, moe_intermediate_size=size,
-        n_shared_experts=recipe.shared_experts, shared_expert_intermediate_size=recipe.shared_experts * size,
-        shared_expert_gate=recipe.shared_expert_gate, first_k_dense_replace=recipe.first_k_dense_replace,
-        moe_layer_freq=recipe.moe_layer_freq, scoring_func=recipe.scoring_func, topk_method=method,
-        n_group=recipe.n_group, topk_group=recipe.topk_group, norm_topk_prob=True,
-        routed_scaling_factor=float(r) if recipe.scale_on == "routed_scaling_factor" else 1.0,
-        router_bias_update_rate=recipe.router_bias_update_rate, upcycled_from=provenance,
-    )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------- FFN -> MoE
-def neuron_partition(
-    intermediate_size: int, recipe: UpcycleRecipe, activity: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shared neuron ids (S*I,), routed neuron ids (R*I,)): the first S shards are shared, or with
-    shared_selection "active" the S*I neurons of highest mean |act(gate x) * up x| (`activity`, (F,))."""
-    width = intermediate_size // recipe.granularity * recipe.shared_experts
-    order = torch.arange(intermediate_size)
-    if recipe.shared_selection == "active" and width:
-        if activity is None:
-            raise ValueError("shared_selection='active' needs neuron activity measured on the probe batch.")
-        chosen = torch.zeros(intermediate_size, dtype=torch.bool)
-        chosen[activity.float().topk(width).indices] = True
-        return order[chosen], order[~chosen]  # both kept in ascending neuron order
-    return order[:width], order[width:]
-
-
-def router_rows(recipe: UpcycleRecipe, hidden_size: int, std: float, layer: int,
-                hidden_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router weight (N, H) fp32 (one row per copy, repeated over its R shards) and e_score_correction_bias (N,)."""
-    r, copies = recipe.routed_shards, recipe.copies
-    if recipe.router_init == "random":
-        generator = torch.Generator().manual_seed(recipe.seed * 100_003 + layer)
-        rows = torch.randn(copies, hidden_size, generator=generator) * std
-    elif recipe.router_init == "zero":
-        rows = torch.zeros(copies, hidden_size)
-    else:
-        if hidden_rows is None:
-            raise ValueError("router_init='hidden' needs the FFN-input states of the probe texts.")
-        rows = hidden_rows.float() / hidden_rows.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    copy_of_expert = torch.arange(recipe.num_experts) // r  # (N,)
-    bias = torch.zeros(recipe.num_experts)
-    if recipe.router_init == "zero" and r > 1:
-        bias = -TIE_BREAK * copy_of_expert.float()
-    return rows[copy_of_expert].contiguous(), bias
-
-
-def _redraw(matrix: torch.Tensor, like: torch.Tensor, mask: torch.Tensor, dim: int, generator: torch.Generator
-            ) -> torch.Tensor:
-    """Replace the rows (dim 0) or columns (dim 1) of `matrix` where `mask` is True by N(mean, std) of `like`."""
-    fresh = torch.randn(matrix.shape, generator=generator) * like.float().std() + like.float().mean()
-    keep = mask.view(-1, 1) if dim == 0 else mask.view(1, -1)
-    return torch.where(keep, fresh, matrix.float()).to(matrix.dtype)
-
-
-def upcycle_ffn(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, recipe: UpcycleRecipe, layer: int,
-                shared_ids: torch.Tensor, routed_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The expert tensors (keys relative to `mlp.`) of one dense FFN gate (F, H), up (F, H), down (H, F);
-    the router is added by the caller. Dtypes follow the dense weights."""
-    size = gate.shape[0] // recipe.granularity
-    r = recipe.routed_shards
-    scale = float(r) if recipe.scale_on == "down_proj" else 1.0
-    shard_ids = routed_ids.view(r, size)  # (R, I)
-    expert_ids = shard_ids[torch.arange(recipe.num_experts) % r]  # (N, I): expert j = shard j mod R
-    gate_up = torch.cat((gate[expert_ids], up[expert_ids]), dim=1)  # (N, 2I, H)
-    down_experts = down[:, expert_ids].permute(1, 0, 2)  # (N, H, I)
-    if scale != 1.0:
-        down_experts = (down_experts.float() * scale).to(down.dtype)
-    if recipe.drop_ratio > 0:  # Drop-Upcycling: per expert, re-draw round(r * I) neurons
-        generator = torch.Generator().manual_seed(recipe.seed * 100_003 + layer + 7919)
-        dropped = max(1, round(recipe.drop_ratio * size))
-        for j in range(recipe.num_experts):
-            mask = torch.zeros(size, dtype=torch.bool)
-            mask[torch.randperm(size, generator=generator)[:dropped]] = True
-            gate_up[j, :size] = _redraw(gate_up[j, :size], gate, mask, 0, generator)
-            gate_up[j, size:] = _redraw(gate_up[j, size:], up, mask, 0, generator)
-            down_experts[j] = _redraw(down_experts[j], down.float() * scale, mask, 1, generator)
-    out = {"experts.gate_up_proj": gate_up.contiguous(), "experts.down_proj": down_experts.contiguous()}
-    if recipe.shared_experts:
-        shared_down = down[:, shared_ids]
-        if recipe.shared_expert_gate:  # sigmoid(0) = 1/2 on the shared output: store down x 2 (exact)
-            shared_down = shared_down * 2
-            out["shared_expert_gate.weight"] = torch.zeros(1, gate.shape[1], dtype=gate.dtype)
-        out.update({"shared_experts.gate_proj.weight": gate[shared_ids], "shared_experts.up_proj.weight": up[shared_ids],
-                    "shared_experts.down_proj.weight": shared_down.contiguous()})  # fmt: skip
-    return out
-
-
-def neuron_activity(ffn_input: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str,
-                    valid: torch.Tensor) -> torch.Tensor:
-    """Mean |act(gate x) * up x| per intermediate neuron (F,) over the real probe tokens."""
-    x = ffn_input[valid].float()  # (tokens, H)
-    h = ACT2FN[act](x @ gate.float().T) * (x @ up.float().T)  # (tokens, F)
-    return h.abs().mean(dim=0)
-
-
 # --------------------------------------------------------------------------------------------- streaming
 def _check_keys(keys: list[str], shape: Callable[[str], tuple[int, ...]], fields: dict[str, Any], family: str) -> None:
     """Every key the dense family needs, with its shape, and nothing else (clear errors before any output)."""
@@ -348,15 +147,17 @@ def _hidden_rows(ffn_input: torch.Tensor, batch: ProbeBatch, copies: int) -> tor
 
 def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[str], tuple[int, ...]],
          dense_config: PreTrainedConfig, recipe: UpcycleRecipe, emit: Callable[[str, torch.Tensor], None],
-         batch: ProbeBatch | None, base_model: str, progress: bool) -> tuple[MoEConfig, UpcycleReport]:
-    """Upcycle layer by layer: read one dense layer, emit its MoE tensors, advance both probe forwards."""
+         batch: ProbeBatch | None, base_model: str, progress: bool, release: Callable[[], None] = lambda: None
+         ) -> tuple[MoEConfig, UpcycleReport]:
+    """Upcycle layer by layer: read one dense layer, emit its MoE tensors, advance both probe forwards;
+    `release()` runs after each layer (the streaming source drops its memory maps there)."""
     fields = moe_fields_from_dense(dense_config)
     recipe.check(fields["intermediate_size"])
     family = dense_config.model_type
     _check_keys(keys, shape, fields, family)
     config = build_moe_config(fields, recipe, base_model, family)
     if recipe.router_init == "hidden" and (batch is None or batch.input_ids.shape[0] < recipe.copies):
-        raise _fail("router_init", "hidden", f"needs at least one probe text per copy ({recipe.copies} copies)")
+        raise invalid_argument("router_init", "hidden", f"needs at least one probe text per copy ({recipe.copies} copies)")
     dtype = get("model.norm.weight").dtype
     report = UpcycleReport(output=None, recipe=config.upcycled_from, base_model=base_model, base_model_type=family,
                            expected_exact=False, why_not_exact=recipe.exactness_issues(dtype))  # fmt: skip
@@ -391,6 +192,7 @@ def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[s
         if moe is not None:
             moe.layer(i, tensors)
         del tensors
+        release()
     norm = get("model.norm.weight")
     emit("model.norm.weight", norm)
     head = get("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
@@ -424,7 +226,7 @@ def _probe_batch(recipe: UpcycleRecipe, vocab_size: int, probe: bool, texts: lis
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return ProbeBatch.from_ids([tokenizer(t)["input_ids"] for t in texts], pad_id=pad)
     if recipe.router_init == "hidden":
-        raise _fail("router_init", "hidden", "needs probe_texts (or probe_input_ids), at least one per copy")
+        raise invalid_argument("router_init", "hidden", "needs probe_texts (or probe_input_ids), at least one per copy")
     if recipe.shared_selection == "active" and recipe.shared_experts:
         logger.warning("shared_selection='active' measures neuron activity on random tokens: pass probe_texts.")
     return ProbeBatch.random(vocab_size, seed=recipe.seed) if probe or recipe.shared_selection == "active" else None
@@ -498,7 +300,7 @@ def upcycle(
         with atomic_output_dir(out, overwrite, src) as tmp:
             writer = ShardedWriter(tmp, max_shard_size)
             config, report = _run(source.get, source.keys(), source.shape, dense_config, recipe, writer.add, batch,
-                                  _base_name(source), progress)  # fmt: skip
+                                  _base_name(source), progress, release=source.release)  # fmt: skip
             config.save_pretrained(tmp)
             report.extra["side_files"] = copy_side_files(src, tmp)
             writer.finish()
@@ -553,7 +355,4 @@ def upcycle_model(dense_model: PreTrainedModel, *, num_experts: int, top_k: int,
     return model
 
 
-__all__ = [
-    "ROUTER_INITS", "SCALE_TARGETS", "SHARED_SELECTIONS", "STRATEGIES", "UpcycleRecipe", "UpcycleReport",
-    "build_moe_config", "neuron_partition", "router_rows", "upcycle", "upcycle_ffn", "upcycle_model",
-]  # fmt: skip
+__all__ = ["UpcycleReport", "upcycle", "upcycle_model"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,13 @@ def grouped_mm_available(device: torch.device) -> bool:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA/XPU devices, and on CPU only under its interpreter (TRITON_INTERPRET=1)."""
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return device.type in ("cuda", "xpu")
 
 
 def hub_kernel_available(device: torch.device) -> bool:
@@ -75,6 +83,9 @@ def triton_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index:
     _check_layout(experts, "hf_moe_triton")
     if not triton_available():
         raise ImportError("experts_implementation='hf_moe_triton' needs Triton: pip install 'hf-moe[triton]'.")
+    if not triton_runnable(hidden_states.device):
+        raise RuntimeError(f"experts_implementation='hf_moe_triton' cannot run on {hidden_states.device}: Triton "
+                           "needs a GPU (or TRITON_INTERPRET=1 on CPU, for testing only).")
     from .triton_experts import triton_experts
 
     return triton_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)

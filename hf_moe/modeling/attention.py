@@ -148,6 +148,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.attention_out_bias)
+        # Decoding with weight absorption (see `absorbed_attention`) costs ~T*S*(2r + dr) per head against
+        # S*r*(dn + dv) + T*S*(dn + dr + dv) for re-expanding the cache: absorb while T is below the crossover.
+        r, dn, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        self.absorb_max_query_len = r * (dn + dv) // max(2 * r - dn - dv, 1)
+        self.absorb = True  # set False to force the expanded form (tests, benchmarks)
 
     def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, T, H) -> (B, heads, T, qk_head_dim)."""
@@ -173,6 +178,54 @@ class MultiHeadLatentAttention(nn.Module):
         keys = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return keys, values
 
+    def use_absorption(self, length: int, past_length: int, attention_mask: object) -> bool:
+        """Decode steps absorb: a cache holding earlier tokens (so prefill stays expanded), a query shorter than
+        the crossover length, a plain Linear kv_b_proj (not LoRA-wrapped or quantized), no attention dropout,
+        and a 4-D mask or none."""
+        return (
+            self.absorb
+            and past_length > 0
+            and length <= self.absorb_max_query_len
+            and type(self.kv_b_proj) is nn.Linear
+            and not (self.training and self.attention_dropout > 0)
+            and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))
+        )
+
+    def absorbed_attention(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA over the cached latent without expanding it (DeepSeek-V3 inference "absorb", vLLM's MLA).
+
+        With W_UK (heads, dn, r) and W_UV (heads, dv, r) the key and value parts of kv_b_proj:
+            score_{h,s} = scale * ((W_UK,h^T q_nope,h) . c_s + q_pe,h . k_pe,s)
+            o_h         = W_UV,h (sum_s p_{h,s} c_s)
+        q_nope/q_pe (B, heads, T, dn/dr), latent (B, 1, S, r), rotated k_pe (B, 1, S, dr), mask additive or bool
+        (B, 1, T, >=S). Returns (B, T, heads, dv) and the probabilities (B, heads, T, S).
+        """
+        batch, heads, length, _ = q_nope.shape
+        kv_length = latent.shape[2]
+        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (h, dn, r), (h, dv, r)
+        q_latent = torch.matmul(q_nope * self.scaling, w_uk).reshape(batch, heads * length, -1)  # (B, h*T, r)
+        q_rope = (q_pe * self.scaling).reshape(batch, heads * length, -1)  # (B, h*T, dr)
+        latent = latent.squeeze(1)  # (B, S, r)
+        scores = torch.baddbmm(torch.bmm(q_rope, k_pe.squeeze(1).transpose(1, 2)), q_latent, latent.transpose(1, 2))
+        scores = scores.view(batch, heads, length, kv_length)  # (B, h, T, S)
+        if attention_mask is None and length > 1:  # causal within the new tokens, aligned to the cache's end
+            rows = torch.arange(length, device=scores.device)[:, None] + (kv_length - length)
+            attention_mask = (torch.arange(kv_length, device=scores.device) <= rows)[None, None]
+        if attention_mask is not None:
+            mask = attention_mask[:, :, :, :kv_length]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        out_latent = torch.bmm(probs.view(batch, heads * length, kv_length), latent)  # (B, h*T, r)
+        output = torch.matmul(out_latent.view(batch, heads, length, -1), w_uv.transpose(1, 2))  # (B, h, T, dv)
+        return output.transpose(1, 2), probs
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -188,14 +241,19 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin, interleaved)
         latent, k_pe = self.compress_kv(hidden_states)
         k_pe = apply_rope(k_pe, cos, sin, interleaved)
+        past_length = 0
         if cache is not None:  # the cache holds the latent and the rotated shared key only
+            past_length = cache.get_seq_length(self.layer_idx)
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
-        keys, values = self.expand_kv(latent, k_pe)
-        queries = torch.cat((q_nope, q_pe), dim=-1)
-        output, weights = attention_function(self.config)(
-            self, queries, keys, values, attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
-        )
+        if self.use_absorption(length, past_length, attention_mask):
+            output, weights = self.absorbed_attention(q_nope, q_pe, latent, k_pe, attention_mask)
+        else:  # prefill and training: expanded keys/values through the configured attention backend
+            keys, values = self.expand_kv(latent, k_pe)
+            queries = torch.cat((q_nope, q_pe), dim=-1)
+            output, weights = attention_function(self.config)(
+                self, queries, keys, values, attention_mask,
+                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+            )
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
 

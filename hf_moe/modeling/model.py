@@ -10,6 +10,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -24,6 +25,7 @@ from .losses import moe_auxiliary_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
 from .routing import Router, RouterOutput
+from .speculative import MTPGenerationOutput, mtp_generate
 
 
 @dataclass
@@ -71,6 +73,13 @@ class MoEPreTrainedModel(PreTrainedModel):
     def _can_set_experts_implementation(cls) -> bool:
         """Our experts class carries `@use_experts_implementation` (experts.py), not this module's source."""
         return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """None (the default) and "auto" mean hf_moe's per-device choice "hf_moe_auto" when `hf_moe.kernels`
+        has registered it (`import hf_moe` does), else transformers' default (grouped_mm, or eager)."""
+        if requested_experts in (None, "auto"):
+            requested_experts = "hf_moe_auto" if "hf_moe_auto" in ALL_EXPERTS_FUNCTIONS else None
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -285,6 +294,25 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             routings=tuple(routings),
         )
         return result if return_dict is not False else result.to_tuple()
+
+    def generate_with_mtp(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        num_draft_tokens: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> MTPGenerationOutput:
+        """Greedy decoding sped up by self-speculation with the MTP modules (DeepSeek-V3 §2.2): the MTP modules
+        draft, one main forward verifies; the tokens equal `generate(do_sample=False)`'s (see `speculative.py`).
+        eos/pad default to `generation_config`. Returns the sequences and the draft acceptance statistics."""
+        gen = self.generation_config
+        return mtp_generate(
+            self, input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            num_draft_tokens=num_draft_tokens, eos_token_id=gen.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=gen.pad_token_id if pad_token_id is None else pad_token_id,
+        )
 
     def multi_token_prediction_loss(
         self,

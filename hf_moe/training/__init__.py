@@ -4,6 +4,9 @@
   auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2).
 - Balance losses and the MTP loss are part of the model's forward (`loss`, `aux_loss`, `mtp_loss`).
 - Metrics: `ExpertLoads` (tokens per expert, MaxVio), `expert_load(model, batches)` over an eval set.
+- Finetuning recipes: `apply_recipe(model, "freeze-router" | "freeze-routed-experts" | "moe-only" | "esft" |
+  "lora" | "full", **options)`; ESFT expert selection `select_experts(model, dataset, criterion, threshold)`;
+  `save_finetuned_delta` / `apply_finetuned_delta` keep only what a recipe trained.
 """
 
 from .balancing import (
@@ -15,16 +18,30 @@ from .balancing import (
     update_router_biases,
 )
 from .callbacks import MoECallback
+from .expert_selection import expert_scores, load_expert_selection, save_expert_selection, select_experts
+from .frozen_experts import freeze_experts, restore_frozen_experts
 from .metrics import RouterLoadRecorder, expert_load
+from .recipes import RECIPES, RecipeReport, apply_finetuned_delta, apply_recipe, save_finetuned_delta
 
 __all__ = [
     "ExpertLoads",
     "MoECallback",
+    "RECIPES",
+    "RecipeReport",
     "RouterLoadRecorder",
+    "apply_finetuned_delta",
+    "apply_recipe",
     "expert_load",
+    "expert_scores",
     "find_routers",
+    "freeze_experts",
+    "load_expert_selection",
     "max_violation",
     "read_expert_counts",
     "reset_expert_counters",
+    "restore_frozen_experts",
+    "save_expert_selection",
+    "save_finetuned_delta",
+    "select_experts",
     "update_router_biases",
 ]

@@ -216,6 +216,10 @@ def _esft(
     unknown = sorted(set(selection) - set(layers))
     if unknown:
         raise ValueError(f"experts names layers {unknown} that are not MoE layers; the MoE layers are {layers}.")
+    num_experts = getattr(model.config, "n_routed_experts", None)
+    for layer, ids in selection.items():
+        if num_experts is not None and any(not 0 <= e < num_experts for e in ids):
+            raise ValueError(f"experts[{layer}]={ids} is out of range: expert ids go from 0 to {num_experts - 1}.")
     parts = {"routed_experts"}
     parts |= {"shared_experts"} if train_shared_experts else set()
     parts |= NON_EXPERT_PARTS if train_non_expert else set()

@@ -22,14 +22,8 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from hf_moe.conversion.families import (
-    StateDictConverter,
-    bind_table,
-    config_from_moe,
-    config_to_moe,
-    state_dict_from_moe,
-    state_dict_to_moe,
-)
+from hf_moe.conversion.families import StateDictConverter, bind_table, state_dict_from_moe, state_dict_to_moe
+from hf_moe.conversion.family_configs import config_from_moe, config_to_moe
 from hf_moe.modeling.configuration import MoEConfig
 from hf_moe.modeling.model import MoEForCausalLM
 

@@ -27,7 +27,8 @@ from transformers import (
 
 import hf_moe
 from hf_moe.conversion.checkpoint_io import CheckpointError
-from hf_moe.conversion.upcycle import TIE_BREAK, UpcycleRecipe, neuron_partition, router_rows, upcycle_model
+from hf_moe.conversion.upcycle import upcycle_model
+from hf_moe.conversion.upcycle_recipe import TIE_BREAK, UpcycleRecipe, neuron_partition, router_rows
 from hf_moe.modeling.routing import Router
 
 TOL = 1e-5
@@ -367,7 +368,7 @@ def test_shape_mismatch_and_missing_tensors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"Shape mismatch for 'model.layers.0.mlp.gate_proj.weight'.*\(64, 32\)"):
         hf_moe.upcycle(tmp_path / "dense", tmp_path / "o1", num_experts=2, top_k=1, progress=False)
     (tmp_path / "dense" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(CheckpointError, match="lacks 9 tensors"):
+    with pytest.raises(CheckpointError, match="lacks 13 tensors"):
         hf_moe.upcycle(tmp_path / "dense", tmp_path / "o2", num_experts=2, top_k=1, progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 

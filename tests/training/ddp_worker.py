@@ -1,12 +1,11 @@
 """Multi-process worker for tests/training/test_ddp.py (CPU, gloo). Run by torchrun, or in one process.
 
-    torchrun --nproc_per_node 2 tests/training/ddp_worker.py OUT --mode trainer   # HF Trainer, DDP
-    torchrun --nproc_per_node 2 tests/training/ddp_worker.py OUT --mode fsdp2     # plain loop, FSDP2
-    python tests/training/ddp_worker.py OUT --mode reference                      # both, one process
+    torchrun --nproc_per_node 2 tests/training/ddp_worker.py OUT    # HF Trainer (DDP), then a loop with FSDP2
+    python tests/training/ddp_worker.py OUT                         # the same two runs in one process
 
 Every run trains the same tiny model with the ESFT recipe (some expert slices frozen, bias balancing on)
 and AdamW (weight decay 0.1) on the same global batches, then saves on every rank `OUT/{mode}-rank{r}.pt`:
-the full parameters, the router biases, and the initial parameters.
+the full parameters and buffers (router biases included) after training, and before.
 """
 
 from __future__ import annotations
@@ -96,21 +95,16 @@ def run_loop(out: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--mode", choices=("trainer", "fsdp2", "reference"), required=True)
-    args = parser.parse_args()
+    out = parser.parse_args().out
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     torch.set_num_threads(1)
     initial = snapshot(build_model())
-    if args.mode == "reference":
-        runs = {"trainer": run_trainer(args.out, 0, 1), "fsdp2": run_loop(args.out, 0, 1)}
-    elif args.mode == "trainer":
-        runs = {"trainer": run_trainer(args.out, rank, world)}
-    else:
+    runs = {"trainer": run_trainer(out, rank, world)}
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-        runs = {"fsdp2": run_loop(args.out, rank, world)}
+    runs["fsdp2"] = run_loop(out, rank, world)
     for mode, final in runs.items():
-        tag = "reference" if args.mode == "reference" else f"rank{rank}"
-        torch.save({"initial": initial, "final": final, "world": world}, os.path.join(args.out, f"{mode}-{tag}.pt"))
+        torch.save({"initial": initial, "final": final}, os.path.join(out, f"{mode}-world{world}-rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

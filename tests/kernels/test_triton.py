@@ -1,0 +1,50 @@
+"""The Triton experts kernels equal the eager reference, forward and backward, under TRITON_INTERPRET=1 on CPU
+(tiny shapes: the interpreter is slow). Skipped when triton is not installed (extra: triton)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'hf-moe[triton]')")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before their import
+
+from hf_moe.kernels import triton_experts as kernels  # noqa: E402
+from tests.kernels.test_backends import assert_matches_eager, make_experts, random_routing, run  # noqa: E402
+
+triton_experts = kernels.triton_experts
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and type(kernels._segment_gemm_kernel).__name__ != "InterpretedFunction",
+    reason="no GPU, and the kernels were defined before TRITON_INTERPRET=1 was set",
+)
+
+
+def test_random_inputs_match_eager() -> None:
+    experts = make_experts(num_experts=4, hidden=40, inter=24)  # widths not multiples of the block sizes
+    ids, weights = random_routing(21, 4, 2)
+    assert_matches_eager(experts, "hf_moe_triton", torch.randn(21, 40), ids, weights, grad=torch.randn(21, 40))
+
+
+def test_edge_cases_match_eager() -> None:
+    experts = make_experts(num_experts=4, hidden=16, inter=16)
+    x = torch.randn(18, 16)
+    one_expert = torch.zeros(18, 1, dtype=torch.long)  # all tokens on expert 0, three experts empty
+    assert_matches_eager(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1), grad=torch.randn(18, 16))
+    ids, weights = random_routing(1, 4, 2)  # a single token
+    assert_matches_eager(experts, "hf_moe_triton", x[:1], ids, weights, grad=None)  # non-contiguous grad
+    grads = run(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1), None)
+    assert grads[2][1:].abs().sum() == 0 and grads[3][1:].abs().sum() == 0
+
+
+def test_bf16_close_to_fp32() -> None:
+    experts = make_experts(num_experts=4, hidden=16, inter=16)
+    ids, weights = random_routing(6, 4, 2)
+    x = torch.randn(6, 16)
+    want = triton_experts(x, ids, weights, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    got = triton_experts(x.bfloat16(), ids, weights.bfloat16(), experts.gate_up_proj.detach().bfloat16(),
+                         experts.down_proj.detach().bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2 * want.abs().max().item())

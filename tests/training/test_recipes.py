@@ -1,0 +1,305 @@
+"""Recipes freeze exactly what they say: after AdamW (weight decay on) every frozen tensor or expert slice is
+bit-identical and every trainable one changed, in plain loops, under HF Trainer and under accelerate."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from hf_moe import MoEForCausalLM
+from hf_moe.training.balancing import update_router_biases
+from hf_moe.training.frozen_experts import frozen_experts, restore_frozen_experts
+from hf_moe.training.recipes import (
+    RECIPES,
+    apply_finetuned_delta,
+    apply_recipe,
+    parameter_parts,
+    save_finetuned_delta,
+)
+from tests.conftest import tiny_config
+
+SELECTION = {1: [0, 3, 5], 2: [6]}
+EXPERT_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def tiny_model(**overrides: object) -> MoEForCausalLM:
+    torch.manual_seed(0)
+    return MoEForCausalLM(tiny_config(num_nextn_predict_layers=1, **overrides))
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 3, seed: int = 0) -> None:
+    """A few AdamW steps on random tokens (MTP loss on), with the router bias update after each step."""
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, 97, (4, 12), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        update_router_biases(model)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+def expected_trainable(name: str, recipe: str, options: dict) -> bool | list[int]:
+    """An independent statement of each recipe, from parameter names: True / False, or the trainable expert
+    rows of a fused expert weight."""
+    is_router = name.endswith(".mlp.gate.weight")
+    is_routed = ".mlp.experts." in name
+    is_shared = ".mlp.shared_expert" in name
+    if recipe == "full":
+        return True
+    if recipe == "freeze-router":
+        return not is_router
+    if recipe == "freeze-routed-experts":
+        return not (is_routed or is_router)
+    if recipe == "moe-only":
+        return is_routed or is_router
+    if recipe == "esft":
+        match = EXPERT_WEIGHT.match(name)
+        if match:
+            return SELECTION.get(int(match.group(1)), [])
+        if is_routed or is_router:
+            return False
+        if is_shared:
+            return options.get("train_shared_experts", False)
+        return options.get("train_non_expert", False)
+    raise AssertionError(recipe)
+
+
+def assert_recipe_held(model: torch.nn.Module, before: dict, recipe: str, options: dict) -> None:
+    """Frozen tensors / slices bit-identical, trainable ones changed (every trainable expert slice too)."""
+    checked = 0
+    for name, param in model.named_parameters():
+        old, new = before[name], param.detach()
+        rule = expected_trainable(name, recipe, options)
+        if isinstance(rule, list):
+            for expert in range(new.shape[0]):
+                same = torch.equal(old[expert], new[expert])
+                assert same != (expert in rule), f"{recipe}: {name}[{expert}] trainable={expert in rule}"
+                checked += 1
+        else:
+            assert torch.equal(old, new) != rule, f"{recipe}: {name} expected trainable={rule}"
+            checked += 1
+    assert checked > 20
+
+
+RECIPE_CASES = [
+    ("full", {}),
+    ("freeze-router", {}),
+    ("freeze-routed-experts", {}),
+    ("moe-only", {}),
+    ("esft", {"experts": SELECTION}),
+    ("esft", {"experts": SELECTION, "train_shared_experts": True}),
+    ("esft", {"experts": SELECTION, "train_non_expert": True}),
+]
+
+
+@pytest.mark.parametrize(("recipe", "options"), RECIPE_CASES, ids=lambda v: v if isinstance(v, str) else str(sorted(v)))
+def test_recipe_freezes_exactly_under_adamw(recipe: str, options: dict) -> None:
+    model = tiny_model()
+    report = apply_recipe(model, recipe, verbose=False, **options)
+    before = snapshot(model)
+    # every parameter handed to the optimizer, frozen ones included, as a careless user would
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    assert_recipe_held(model, before, recipe, options)
+    biases_moved = any(not torch.equal(before[n], b) for n, b in model.named_buffers() if "correction_bias" in n)
+    assert biases_moved == (recipe != "esft")  # ESFT turns bias balancing off by default
+    assert 0 < report.trainable <= report.total
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),  # L2 term enters inside step()
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+        lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.Adafactor(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+    ],
+    ids=["adamw-fused", "adam-l2", "sgd-nesterov", "rmsprop", "adafactor", "nadamw"],
+)
+def test_esft_slices_survive_other_optimizers(make_optimizer) -> None:
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    before = snapshot(model)
+    train(model, make_optimizer([p for p in model.parameters() if p.requires_grad]))
+    assert_recipe_held(model, before, "esft", {})
+
+
+def test_esft_slices_survive_momentum_from_earlier_steps() -> None:
+    """Full finetuning builds AdamW moments in every expert; switching to ESFT on the same optimizer must
+    still leave the now frozen experts untouched (zero gradients alone would not)."""
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, optimizer, steps=2)
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    before = snapshot(model)
+    train(model, optimizer, steps=3, seed=1)
+    assert_recipe_held(model, before, "esft", {})
+
+
+def test_gradient_masking_alone_is_not_enough() -> None:
+    """The premise of the design: with frozen rows' gradients zeroed but no restore, AdamW moves them."""
+    model = tiny_model()
+    experts = model.model.layers[1].mlp.experts
+    experts.gate_up_proj.register_hook(lambda g: g.index_fill(0, torch.tensor([1, 2]), 0))
+    before = experts.gate_up_proj.detach().clone()
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), steps=1)
+    assert not torch.equal(before[1:3], experts.gate_up_proj.detach()[1:3])
+
+
+def test_esft_under_hf_trainer(tmp_path) -> None:
+    """The Trainer builds (fused AdamW) and wraps the optimizer after the recipe ran."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_moe.training.callbacks import MoECallback
+
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, train_shared_experts=True, verbose=False)
+    before = snapshot(model)
+    ids = torch.randint(3, 97, (12, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, weight_decay=0.1,
+        use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, logging_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+            callbacks=[MoECallback()]).train()
+    assert_recipe_held(model, before, "esft", {"train_shared_experts": True})
+
+
+def test_esft_under_accelerate_with_accumulation() -> None:
+    from accelerate import Accelerator
+
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    before = snapshot(model)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        with accelerator.accumulate(model):
+            ids = torch.randint(3, 97, (2, 12), generator=generator)
+            accelerator.backward(model(input_ids=ids, labels=ids).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert_recipe_held(accelerator.unwrap_model(model), before, "esft", {})
+
+
+def test_report_counts_and_table(capsys: pytest.CaptureFixture) -> None:
+    model = tiny_model()
+    report = apply_recipe(model, "esft", experts=SELECTION)
+    printed = capsys.readouterr().out
+    config = model.config
+    per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+    assert report.trainable == per_expert * sum(len(v) for v in SELECTION.values())
+    assert report.total == sum(p.numel() for p in model.parameters())
+    assert report.experts == SELECTION
+    assert "esft" in printed and "routed_experts" in printed and f"{report.trainable:,}" in printed
+    assert model.config.router_bias_update_rate == 0  # ESFT: routing stays as pretrained
+    assert frozen_experts(model) == {
+        "model.layers.1.mlp.experts": [1, 2, 4, 6, 7],
+        "model.layers.2.mlp.experts": [0, 1, 2, 3, 4, 5, 7],
+    }  # the MTP block's experts are frozen whole (requires_grad=False), not sliced
+
+
+def test_report_counts_match_requires_grad() -> None:
+    model = tiny_model()
+    for recipe in ("full", "freeze-router", "freeze-routed-experts", "moe-only"):
+        report = apply_recipe(model, recipe, verbose=False)
+        assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    parts = parameter_parts(model)
+    assert parts["model.layers.1.mlp.gate.weight"] == "router"
+    assert parts["model.layers.1.mlp.experts.gate_up_proj"] == "routed_experts"
+    assert parts["model.layers.1.mlp.shared_experts.up_proj.weight"] == "shared_experts"
+    assert parts["model.layers.0.mlp.up_proj.weight"] == "dense_ffn"
+    assert parts["mtp.0.block.self_attn.o_proj.weight"] == "attention"
+    assert parts["mtp.0.eh_proj.weight"] == "mtp"
+    assert parts["lm_head.weight"] == "head"
+
+
+def test_recipes_do_not_stack() -> None:
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    report = apply_recipe(model, "full", verbose=False)
+    assert report.trainable == report.total and not frozen_experts(model)
+    before = snapshot(model)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), steps=1)
+    assert_recipe_held(model, before, "full", {})
+
+
+def test_bad_arguments_are_named() -> None:
+    model = tiny_model()
+    with pytest.raises(ValueError, match="allowed values"):
+        apply_recipe(model, "freeze-everything")
+    with pytest.raises(TypeError, match="experts"):
+        apply_recipe(model, "freeze-router", experts=SELECTION)
+    with pytest.raises(ValueError, match=r"layers \[0\]"):
+        apply_recipe(model, "esft", experts={0: [1]})
+    with pytest.raises(ValueError, match="out of range"):
+        apply_recipe(model, "esft", experts={1: [8]})
+    assert set(RECIPES) == {"full", "freeze-router", "freeze-routed-experts", "moe-only", "esft", "lora"}
+
+
+def test_restore_frozen_experts_by_hand() -> None:
+    """For optimizers outside torch.optim (e.g. DeepSpeed) the restore can be called directly."""
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), steps=1)
+    weight = model.model.layers[1].mlp.experts.down_proj
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    restore_frozen_experts(model)
+    assert torch.equal(weight[[1, 2, 4, 6, 7]], kept[[1, 2, 4, 6, 7]])
+    assert torch.equal(weight[SELECTION[1]], kept[SELECTION[1]] + 1.0)
+
+
+def test_delta_holds_only_what_changed_and_reapplies(tmp_path) -> None:
+    model = tiny_model()
+    report = apply_recipe(model, "esft", experts=SELECTION, bias_update=True, verbose=False)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    manifest = save_finetuned_delta(model, tmp_path, task="unit-test")
+    assert manifest["recipe"] == "esft" and manifest["task"] == "unit-test"
+    assert manifest["tensors"]["model.layers.1.mlp.experts.gate_up_proj"] == {"experts": SELECTION[1]}
+
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "delta.safetensors")
+    biases = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert sum(t.numel() for t in stored.values()) == report.trainable + biases
+
+    base = tiny_model()  # the same initial weights (seeded)
+    assert not all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), model.state_dict().values()))
+    apply_finetuned_delta(base, tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_delta_refuses_a_different_base(tmp_path) -> None:
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    save_finetuned_delta(model, tmp_path)
+    torch.manual_seed(0)
+    other = MoEForCausalLM(tiny_config(num_nextn_predict_layers=1, moe_intermediate_size=12))
+    with pytest.raises(ValueError, match="shape"):
+        apply_finetuned_delta(other, tmp_path)
+
+
+def test_frozen_rows_get_no_gradient() -> None:
+    """Gradient clipping and the DDP all-reduce see zeros for frozen experts, real gradients for trained ones."""
+    model = tiny_model()
+    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
+    ids = torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for layer, trained in SELECTION.items():
+        grad = model.model.layers[layer].mlp.experts.gate_up_proj.grad
+        frozen = [e for e in range(grad.shape[0]) if e not in trained]
+        assert torch.count_nonzero(grad[frozen]) == 0
+        assert torch.count_nonzero(grad[trained]) > 0
