@@ -4,15 +4,16 @@
 AutoModelForSequenceClassification.
 """
 
+__version__ = "0.1.0"
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import kernels  # noqa: F401  registers the hf_moe_* experts backends with transformers
 from .conversion.convert import convert
 from .conversion.upcycle import upcycle
+from .hub import push_to_hub, save_for_hub
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEForCausalLM, MoEForSequenceClassification, MoEModel, MoEPreTrainedModel
-
-__version__ = "0.1.0"
 
 AutoConfig.register(MoEConfig.model_type, MoEConfig, exist_ok=True)
 AutoModel.register(MoEConfig, MoEModel, exist_ok=True)
@@ -27,5 +28,7 @@ __all__ = [
     "MoEForSequenceClassification",
     "upcycle",
     "convert",
+    "save_for_hub",
+    "push_to_hub",
     "__version__",
 ]

@@ -1,10 +1,10 @@
 """Publishing to the Hugging Face Hub: model card, remote-code export, Hub-ready folders and upload.
 
-`save_for_hub(model, out)` writes what a Hub repository needs: safetensors shards (+ index), `config.json`,
+`save_for_hub(model_or_dir, out)` writes what a Hub repository needs: safetensors shards (+ index), `config.json`,
 `generation_config.json`, a model card (`README.md`) and, with `remote_code=True`, the self-contained
 `hf_moe/modeling/` files plus an `auto_map` in `config.json`, so that
 `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works where hf_moe is not installed.
-`push_to_hub(model, repo_id)` writes that folder to a temporary directory and uploads it in one commit.
+`push_to_hub(model_or_dir, repo_id)` writes that folder to a temporary directory and uploads it in one commit.
 
 Loading stays safe either way: `MoEPreTrainedModel.from_pretrained` reads safetensors only and, for a checkpoint
 saved by the same class, fails on missing or unexpected weights (see its docstring).
@@ -95,8 +95,8 @@ def export_remote_code(model_or_dir: MoEPreTrainedModel | str | os.PathLike, out
     """Make `out` loadable with `trust_remote_code=True` where hf_moe is not installed.
 
     A model is first saved to `out` (`save_pretrained`); a saved folder is copied to `out` without pickle-based
-    files (nothing is copied when `out` is that folder). Then the modeling files (`remote_code_files()`) are copied flat into `out` and
-    `config.json` gets `auto_map` (`AUTO_MAP`). Returns `out`.
+    files (nothing is copied when `out` is that folder). Then the modeling files (`remote_code_files()`) are
+    copied flat into `out` and `config.json` gets `auto_map` (`AUTO_MAP`). Returns `out`.
     """
     out = Path(out)
     if isinstance(model_or_dir, MoEPreTrainedModel):
@@ -260,9 +260,8 @@ def model_card(
     load_id = repo_id or "REPO_ID"
     lines = [
         f"# {title}", "",
-        "A DeepSeek-style Mixture-of-Experts causal language model in the "
-        f"[hf_moe](https://pypi.org/project/hf-moe/) format (model_type `{MoEConfig.model_type}`, "
-        f"written by hf_moe {__version__}).", "",
+        "A DeepSeek-style Mixture-of-Experts causal language model in the hf_moe format "
+        f"(model_type `{MoEConfig.model_type}`, written by hf_moe {__version__}).", "",
         "## Architecture", "", *_table(rows, ("property", "value")), "",
     ]
     parts = [(part, f"{_human(count.parts[part])} / {_human(count.active_parts[part])}")
@@ -294,6 +293,8 @@ def _prepare_output(out: Path, source: Path | None, overwrite: bool) -> None:
     """Refuse to mix with an earlier, different folder (stale shards) unless `overwrite`, which empties it."""
     if source is not None and out.exists() and source.resolve() == out.resolve():
         return  # publishing a saved folder in place only adds files
+    if source is not None and out.resolve() in source.resolve().parents:
+        raise ValueError(f"{out} contains the source folder {source}; choose an output folder outside it.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it.")

@@ -156,6 +156,7 @@ def test_exported_model_loads_with_trust_remote_code_without_hf_moe_and_matches(
     # the reference: hf_moe's own classes on the same backends (installed hf_moe would default to its kernels)
     installed = AutoModelForCausalLM.from_pretrained(folder, **report["backends"])
     assert type(installed) is MoEForCausalLM
+    assert installed.config._experts_implementation == report["backends"]["experts_implementation"]
     with torch.no_grad():
         expected_logits = installed(IDS).logits
         expected_generated = installed.generate(IDS, max_new_tokens=4, do_sample=False)
@@ -252,6 +253,8 @@ def test_save_for_hub_from_a_saved_folder_leaves_pickles_out(tmp_path: Path) -> 
     hub.save_for_hub(tmp_path / "trained", out, overwrite=True, remote_code=False)
     assert not (out / "model-00001-of-00009.safetensors").exists() and not (out / "model.py").exists()
 
+    with pytest.raises(ValueError, match="contains the source folder"):
+        hub.save_for_hub(tmp_path / "trained", tmp_path, overwrite=True)
     hub.save_for_hub(tmp_path / "trained", tmp_path / "trained")  # in place: adds the card and the code
     assert (tmp_path / "trained" / "README.md").is_file() and (tmp_path / "trained" / "model.py").is_file()
 
@@ -356,3 +359,18 @@ def test_pickle_checkpoints_are_refused(saved: Path) -> None:
         AutoModelForCausalLM.from_pretrained(saved)
     with pytest.raises(ValueError, match="safetensors checkpoints only"):
         AutoModelForCausalLM.from_pretrained(saved, use_safetensors=False)
+
+
+def test_model_save_pretrained_writes_a_card_and_push_to_hub_goes_through_hf_moe(tmp_path, monkeypatch) -> None:
+    import hf_moe.hub
+    from hf_moe import MoEForCausalLM
+    from tests.conftest import tiny_config
+
+    model = MoEForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "saved")
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "hf_moe" in card and "mixture-of-experts" in card
+    calls = []
+    monkeypatch.setattr(hf_moe.hub, "push_to_hub", lambda model, repo_id, **kw: calls.append((model, repo_id, kw)))
+    model.push_to_hub("someone/tiny-moe", license="mit")
+    assert calls == [(model, "someone/tiny-moe", {"license": "mit"})]

@@ -33,9 +33,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,7 +242,7 @@ def upcycle(
     top_k: int,
     granularity: int = 1,
     shared_experts: int = 0,
-    strategy: str = "auto",
+    strategy: str | None = "auto",
     scoring_func: str = "sigmoid",
     router_init: str = "random",
     drop_ratio: float = 0.0,
@@ -259,6 +261,7 @@ def upcycle(
     seed: int = 0,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
+    base_model: str | None = None,
 ) -> UpcycleReport:
     """Upcycle the dense checkpoint folder `src` (Llama, Mistral, Qwen2, Qwen3; safetensors) into an hf_moe
     checkpoint at `out`, streaming one decoder layer at a time (peak memory ~ one output shard + one layer).
@@ -269,19 +272,20 @@ def upcycle(
     (whole copies are chosen); the factor R goes on the routed down_proj (`scale_on`) or on
     routed_scaling_factor. strategy: "copy" (G = 1, Komatsuzaki et al. 2022), "virtual-group",
     "drop-upcycling" (re-draw `drop_ratio` of each expert, Nakamura et al. 2025) or "auto" (from the other
-    arguments). router_init: "random" | "zero" | "hidden" (needs >= one probe text per copy).
+    arguments; None means "auto"). router_init: "random" | "zero" | "hidden" (needs >= one probe text per copy).
     shared_selection: "first" shards or the "active" neurons (mean |activation| on the probe batch).
     n_group/topk_group, first_k_dense_replace/moe_layer_freq, router_bias_update_rate: as in MoEConfig.
     probe: run dense and MoE on probe_texts / probe_input_ids (default: random tokens) and report max |dlogit|.
     The output is written to a temporary folder next to `out` and renamed when complete; an existing non-empty
-    `out` is refused unless `overwrite`. Returns an `UpcycleReport`; config.upcycled_from records the recipe.
+    `out` is refused unless `overwrite`. Returns an `UpcycleReport`; config.upcycled_from records the recipe
+    and `base_model` (default: the config's Hub id, a Hub-cache snapshot's repo id, else the source path).
     """
     start = time.perf_counter()
     parse_size(max_shard_size)
     check_output_dir(out, overwrite, src)
     recipe = UpcycleRecipe(
         num_experts=num_experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts,
-        strategy=strategy, scoring_func=scoring_func, router_init=router_init, drop_ratio=drop_ratio,
+        strategy=strategy or "auto", scoring_func=scoring_func, router_init=router_init, drop_ratio=drop_ratio,
         shared_selection=shared_selection, shared_expert_gate=shared_expert_gate, scale_on=scale_on,
         n_group=n_group, topk_group=topk_group, first_k_dense_replace=first_k_dense_replace,
         moe_layer_freq=moe_layer_freq, router_bias_update_rate=router_bias_update_rate, seed=seed,
@@ -300,7 +304,7 @@ def upcycle(
         with atomic_output_dir(out, overwrite, src) as tmp:
             writer = ShardedWriter(tmp, max_shard_size)
             config, report = _run(source.get, source.keys(), source.shape, dense_config, recipe, writer.add, batch,
-                                  _base_name(source), progress, release=source.release)  # fmt: skip
+                                  base_model or _base_name(source), progress, release=source.release)  # fmt: skip
             config.save_pretrained(tmp)
             report.extra["side_files"] = copy_side_files(src, tmp)
             writer.finish()
@@ -321,7 +325,13 @@ def _dense_config(source: SourceCheckpoint) -> PreTrainedConfig:
 
 
 def _base_name(source: SourceCheckpoint) -> str:
-    return str(source.config.get("_name_or_path") or source.folder.resolve().name)
+    """The base model to record: the config's Hub id, the id of a Hub-cache snapshot folder
+    (.../models--org--name/snapshots/<hash>), else the source's absolute path."""
+    named = str(source.config.get("_name_or_path") or "")
+    if named and not Path(named).exists():
+        return named
+    match = re.search(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$", source.folder.resolve().as_posix())
+    return f"{match.group(1)}/{match.group(2)}" if match else str(source.folder.resolve())
 
 
 def upcycle_model(dense_model: PreTrainedModel, *, num_experts: int, top_k: int, probe: bool = True,

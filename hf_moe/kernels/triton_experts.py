@@ -12,7 +12,8 @@ Three kernels over token-slots sorted by expert (see `fused.SlotPlan`):
 Work is split into tiles of BLOCK_M sorted slots that never straddle two experts; the tile table is built
 on the host from the per-expert counts. Accumulation is fp32; fp32 inputs use IEEE dots (no TF32) so the
 results match the eager reference tightly. On CPU the kernels run under `TRITON_INTERPRET=1` (slow:
-correctness tests only).
+correctness tests only); they use only builtins (no `tl.zeros`/`tl.sigmoid`, which are themselves jit
+functions), so the interpreter works even when triton was imported before the variable was set.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _gate_up_swiglu_kernel(
     tokens = tl.load(rows_ptr + rows, mask=row_mask, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < inter
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     w_base = w_ptr + expert * stride_we
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -63,7 +64,7 @@ def _gate_up_swiglu_kernel(
         acc_gate += tl.dot(a, b_gate, input_precision=PRECISION)
         acc_up += tl.dot(a, b_up, input_precision=PRECISION)
     weight = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    h = acc_gate * tl.sigmoid(acc_gate) * acc_up * weight[:, None]
+    h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up * weight[:, None]  # silu(gate) * up * w
     out_mask = row_mask[:, None] & col_mask[None, :]
     gu_offsets = rows[:, None] * stride_gum + cols[None, :]
     tl.store(gu_ptr + gu_offsets, acc_gate.to(gu_ptr.dtype.element_ty), mask=out_mask)
@@ -90,7 +91,7 @@ def _segment_gemm_kernel(
         a_rows = tl.load(a_rows_ptr + rows, mask=row_mask, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     b_base = b_ptr + expert * stride_be
     for k0 in range(0, k_dim, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -123,7 +124,7 @@ def _segment_wgrad_kernel(
     n_mask = ns < n_dim
     start = tl.load(seg_start_ptr + expert)
     end = tl.load(seg_end_ptr + expert)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for s0 in range(start, end, BLOCK_K):
         slots = s0 + tl.arange(0, BLOCK_K)
         s_mask = slots < end

@@ -133,6 +133,29 @@ class MoEPreTrainedModel(PreTrainedModel):
                 "newly initialised, unexpected ones ignored).")
         return (model, info) if return_info else model
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md: architecture, total/active
+        parameters, routing, upcycling recipe) when hf_moe is installed and the folder has no card yet."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card_path = os.path.join(save_directory, "README.md")
+        if not kwargs.get("is_main_process", True) or os.path.exists(card_path):
+            return
+        try:  # absent where the model runs as remote code without hf_moe: then there is no card
+            from hf_moe.hub import model_card
+        except ImportError:
+            return
+        with open(card_path, "w", encoding="utf-8") as card:
+            card.write(model_card(self, remote_code="auto_map" in self.config.to_dict()))
+
+    def push_to_hub(self, repo_id: str, **kwargs: object) -> object:
+        """Upload through `hf_moe.hub.push_to_hub` (safetensors shards, model card, modeling code so the repo
+        loads with trust_remote_code where hf_moe is not installed); transformers' upload without hf_moe."""
+        try:
+            from hf_moe.hub import push_to_hub
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_to_hub(self, repo_id, **kwargs)
+
 
 class MoEModel(MoEPreTrainedModel):
     """Embeddings -> decoder layers (dense or MoE) -> final RMSNorm."""

@@ -131,12 +131,15 @@ def _experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
 
 
 def _train_parts(model: nn.Module, trainable: set[str]) -> None:
-    """requires_grad = (part in `trainable`) for every parameter; no expert slice stays frozen."""
+    """requires_grad = (part in `trainable`) for every parameter; no expert slice stays frozen. Frozen tensors
+    also lose any stale `.grad` (an optimizer skips a parameter only while its grad is None)."""
     for module in _experts_modules(model).values():
         unfreeze_experts(module)
     parts = parameter_parts(model)
     for name, param in model.named_parameters():
         param.requires_grad_(parts[name] in trainable)
+        if not param.requires_grad:
+            param.grad = None
 
 
 def recipe_report(model: nn.Module, recipe: str, notes: list[str] | None = None) -> RecipeReport:

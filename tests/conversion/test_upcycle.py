@@ -278,8 +278,20 @@ def test_config_records_attention_and_recipe(tmp_path: Path) -> None:
         for name, value in checks.items():
             assert getattr(config, name) == value, (family, name)
         assert config.upcycled_from["strategy"] == "copy"
+        assert config.upcycled_from["base_model"] == str((tmp_path / family).resolve())  # a local path
         assert config.upcycled_from["function_preservation"]["max_abs_logit_diff"] is None  # probe=False
     assert hf_moe.MoEConfig.from_pretrained(tmp_path / "llama-moe").rope_parameters["rope_type"] == "llama3"
+
+
+def test_base_model_from_hub_cache_folder_and_override(tmp_path: Path) -> None:
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "abc123"
+    dense_checkpoint(snapshot, "llama")
+    report = hf_moe.upcycle(snapshot, tmp_path / "a", num_experts=2, top_k=1, strategy=None, probe=False,
+                            progress=False)  # fmt: skip
+    assert report.base_model == "org/tiny-llama" and report.recipe["strategy"] == "copy"
+    named = hf_moe.upcycle(snapshot, tmp_path / "b", num_experts=2, top_k=1, base_model="me/dense", probe=False,
+                           progress=False)  # fmt: skip
+    assert hf_moe.MoEConfig.from_pretrained(tmp_path / "b").upcycled_from["base_model"] == named.base_model == "me/dense"
 
 
 def test_in_memory_upcycle_model() -> None:

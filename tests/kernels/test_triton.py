@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="triton is not installed (pip install 'hf-moe[triton]')")
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (pip install 'hf-moe[triton]')", allow_module_level=True)
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before their import
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton and the kernels are first imported
 
 from hf_moe.kernels import triton_experts as kernels  # noqa: E402
 from tests.kernels.test_backends import assert_matches_eager, make_experts, random_routing, run  # noqa: E402
