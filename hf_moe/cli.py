@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from .conversion.upcycle_recipe import ROUTER_INITS, SCALE_TARGETS, SCORING_FUNCS, SHARED_SELECTIONS, STRATEGIES
+
 
 def _inspect(args: argparse.Namespace) -> None:
     from .inspection import count_parameters, format_parameter_report
@@ -30,7 +32,12 @@ def _upcycle(args: argparse.Namespace) -> None:
     report = upcycle(
         args.src, args.out, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity,
         shared_experts=args.shared, strategy=args.strategy, scoring_func=args.scoring_func,
-        router_init=args.router_init, drop_ratio=args.drop_ratio, overwrite=args.overwrite, seed=args.seed,
+        router_init=args.router_init, drop_ratio=args.drop_ratio, shared_selection=args.shared_selection,
+        shared_expert_gate=args.shared_expert_gate, scale_on=args.scale_on, n_group=args.n_group,
+        topk_group=args.topk_group, first_k_dense_replace=args.first_k_dense_replace,
+        moe_layer_freq=args.moe_layer_freq, router_bias_update_rate=args.router_bias_update_rate,
+        probe=not args.no_probe, probe_texts=args.probe_text or None, overwrite=args.overwrite, seed=args.seed,
+        max_shard_size=args.max_shard_size, base_model=args.base_model,
     )
     print(report)
 
@@ -52,10 +59,15 @@ def _select_experts(args: argparse.Namespace) -> None:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    from .hub import save_for_hub
+    from .hub import push_to_hub, save_for_hub
 
-    save_for_hub(args.model, args.out, remote_code=not args.no_remote_code, license=args.license)
-    print(f"Hub-ready folder written to {args.out}")
+    options = dict(remote_code=not args.no_remote_code, license=args.license, base_model=args.base_model,
+                   max_shard_size=args.max_shard_size)
+    if args.push:
+        print(push_to_hub(args.model, args.push, **options))
+    else:
+        save_for_hub(args.model, args.out, overwrite=args.overwrite, **options)
+        print(f"Hub-ready folder written to {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,10 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, required=True)
     p.add_argument("--granularity", type=int, default=1, help="shards per FFN copy (fine-grained upcycling)")
     p.add_argument("--shared", type=int, default=0, help="shards of the FFN kept as shared experts")
-    p.add_argument("--strategy", default=None, help="copy | virtual-group | drop (default: from granularity)")
-    p.add_argument("--scoring-func", default="softmax", choices=["softmax", "sigmoid"])
-    p.add_argument("--router-init", default="random", choices=["random", "zero", "hidden"])
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="default: from the other options")
+    p.add_argument("--scoring-func", default="sigmoid", choices=SCORING_FUNCS)
+    p.add_argument("--router-init", default="random", choices=ROUTER_INITS)
     p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling re-initialised fraction")
+    p.add_argument("--shared-selection", default="first", choices=SHARED_SELECTIONS)
+    p.add_argument("--shared-expert-gate", action="store_true", help="Qwen2-MoE-style sigmoid-gated shared expert")
+    p.add_argument("--scale-on", default="down_proj", choices=SCALE_TARGETS)
+    p.add_argument("--n-group", type=int, default=1)
+    p.add_argument("--topk-group", type=int, default=1)
+    p.add_argument("--first-k-dense-replace", type=int, default=0, help="keep the first k layers dense")
+    p.add_argument("--moe-layer-freq", type=int, default=1)
+    p.add_argument("--router-bias-update-rate", type=float, default=1e-3)
+    p.add_argument("--probe-text", action="append", help="probe/router-init text (repeatable)")
+    p.add_argument("--no-probe", action="store_true", help="skip the function-preservation measurement")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--base-model", default=None, help="Hub id recorded as base_model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_upcycle)
@@ -105,10 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_select_experts)
 
     p = sub.add_parser("publish", help="write a Hub-ready folder (card, shards, remote code)")
-    p.add_argument("model")
-    p.add_argument("out")
+    p.add_argument("model", help="a saved hf_moe model folder")
+    p.add_argument("out", nargs="?", help="the folder to write (not needed with --push)")
+    p.add_argument("--push", metavar="REPO_ID", help="upload to this Hub repository instead")
     p.add_argument("--license", default=None)
-    p.add_argument("--no-remote-code", action="store_true")
+    p.add_argument("--base-model", default=None)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--no-remote-code", action="store_true", help="leave the modeling code out")
+    p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_publish)
     return parser
 

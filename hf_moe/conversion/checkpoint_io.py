@@ -280,7 +280,11 @@ def atomic_output_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
-        check_output_dir(out, overwrite)  # it may have appeared meanwhile
+        try:
+            check_output_dir(out, overwrite)  # it may have appeared meanwhile
+        except FileExistsError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(out, old)
         os.replace(tmp, out)

@@ -34,12 +34,18 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast() -> bool:
+    """Dots in fp32 under the interpreter, whose tl.dot mis-reads bf16/fp16 tiles (triton 3.x)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr, rows_ptr, w_ptr, weights_ptr, gu_ptr, h_ptr, tile_expert_ptr, tile_start_ptr, seg_end_ptr,
     hidden, inter,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_gum, stride_hm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -61,6 +67,8 @@ def _gate_up_swiglu_kernel(
         b_mask = k_mask[:, None] & col_mask[None, :]
         b_gate = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None] * stride_wk, mask=b_mask, other=0.0)
         b_up = tl.load(w_base + (cols[None, :] + inter) * stride_wn + ks[:, None] * stride_wk, mask=b_mask, other=0.0)
+        if UPCAST:
+            a, b_gate, b_up = a.to(tl.float32), b_gate.to(tl.float32), b_up.to(tl.float32)
         acc_gate += tl.dot(a, b_gate, input_precision=PRECISION)
         acc_up += tl.dot(a, b_up, input_precision=PRECISION)
     weight = tl.load(weights_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -79,6 +87,7 @@ def _segment_gemm_kernel(
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
@@ -100,7 +109,10 @@ def _segment_gemm_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+        a = a.to(b.dtype)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     c_rows = rows
     if SCATTER_C:
         c_rows = tl.load(c_rows_ptr + rows, mask=row_mask, other=0)
@@ -115,6 +127,7 @@ def _segment_wgrad_kernel(
     stride_am, stride_ak, stride_bm, stride_bk, stride_ce, stride_cm, stride_cn,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     # C[e] (m_dim, n_dim) = sum over the slots s of expert e of A[s, :]^T B[s, :]
     expert = tl.program_id(0)
@@ -138,7 +151,10 @@ def _segment_wgrad_kernel(
                       mask=m_mask[:, None] & s_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :] * stride_bk,
                     mask=s_mask[:, None] & n_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-        acc += tl.dot(a_t.to(b.dtype), b, input_precision=PRECISION)
+        a_t = a_t.to(b.dtype)
+        if UPCAST:
+            a_t, b = a_t.to(tl.float32), b.to(tl.float32)
+        acc += tl.dot(a_t, b, input_precision=PRECISION)
     tl.store(c_ptr + expert * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -172,7 +188,7 @@ def _segment_gemm(a: torch.Tensor, a_rows: torch.Tensor | None, b: torch.Tensor,
             tiles.expert, tiles.start, tiles.seg_end, n_cols, k_dim,
             a.stride(0), a.stride(1), b.stride(0), stride_bk, stride_bn, out.stride(0), out.stride(1),
             GATHER_A=a_rows is not None, SCATTER_C=out_rows is not None,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(b.dtype),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(b.dtype), UPCAST=_upcast(),
         )
     return out
 
@@ -187,7 +203,7 @@ def _segment_wgrad(a: torch.Tensor, a_rows: torch.Tensor | None, b: torch.Tensor
         tiles.seg_start, tiles.seg_end, m_dim, n_dim,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=a_rows is not None, GATHER_B=b_rows is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(b.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(b.dtype), UPCAST=_upcast(),
     )
     return out
 
@@ -218,7 +234,7 @@ class TritonExpertsFunction(torch.autograd.Function):
                 tiles.expert, tiles.start, tiles.seg_end, hidden_states.shape[1], inter,
                 hidden_states.stride(0), hidden_states.stride(1), gate_up_proj.stride(0), gate_up_proj.stride(1),
                 gate_up_proj.stride(2), gate_up.stride(0), weighted.stride(0),
-                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(gate_up_proj.dtype),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=_precision(gate_up_proj.dtype), UPCAST=_upcast(),
             )
         y_slots = hidden_states.new_empty(num_slots, hidden_states.shape[1])  # in slot order (t * K + k)
         _segment_gemm(weighted, None, down_proj, True, y_slots, plan.order, tiles)

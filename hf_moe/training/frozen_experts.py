@@ -73,7 +73,7 @@ def freeze_experts(module: RoutedExperts, expert_ids: Iterable[int]) -> None:
     unfreeze_experts(module)
     if len(ids) == module.num_experts:
         for name in FUSED_EXPERT_WEIGHTS:
-            getattr(module, name).requires_grad_(False)
+            getattr(module, name).requires_grad_(False).grad = None  # optimizers skip only grad-less tensors
         return
     if not ids:
         return
@@ -147,6 +147,8 @@ def _masked(grad: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
 
 def _frozen_params(optimizer: torch.optim.Optimizer) -> Iterable[tuple[FrozenExperts, str, nn.Parameter]]:
     """(state, name, parameter) for every partially frozen fused weight that `optimizer` updates."""
+    if not _MODULES:
+        return
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for module in list(_MODULES):
         state = getattr(module, _ATTRIBUTE, None)
