@@ -1,0 +1,162 @@
+"""Measurement helpers for benchmarks/run.py: interleaved paired timing, peak-memory sampling, machine facts.
+
+The CPUs these runs share are noisy, so every comparison runs its contenders alternately in one process
+(A, B, C, A, B, C, ...), reports per-contender medians, and gives speed-ups as the median of the per-round
+ratios (paired rounds cancel slow drifts in machine load).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timings:
+    """Seconds per call for each contender, one entry per interleaved round."""
+
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
+
+    def best(self, name: str) -> float:
+        return min(self.seconds[name])
+
+    def speedup(self, ours: str, theirs: str) -> float:
+        """Median over rounds of theirs/ours (> 1: ours is faster)."""
+        return statistics.median(t / o for o, t in zip(self.seconds[ours], self.seconds[theirs]))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: {"median_s": self.median(name), "min_s": self.best(name), "rounds": len(values)}
+                for name, values in self.seconds.items()}
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device,
+                warmup: int = 1, setup: Callable[[str], None] | None = None) -> Timings:
+    """Time each contender `rounds` times, alternating between them; `setup(name)` runs untimed before a call."""
+    for _ in range(warmup):
+        for name, fn in contenders.items():
+            if setup is not None:
+                setup(name)
+            fn()
+    timings = Timings({name: [] for name in contenders})
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            if setup is not None:
+                setup(name)
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            timings.seconds[name].append(time.perf_counter() - start)
+    return timings
+
+
+class PeakMemory:
+    """Peak memory of a block above its starting level: CUDA allocator statistics, or on CPU the process's
+    anonymous resident memory (RssAnon, sampled every millisecond by a thread)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._running = False
+
+    @staticmethod
+    def _rss_anon() -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while self._running:
+            self._peak = max(self._peak, self._rss_anon())
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._peak = self._rss_anon()
+            self._running = True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._running = False
+            self._thread.join()
+            self.peak_bytes = max(self._peak, self._rss_anon()) - self._start
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """What ran the benchmark: CPU model and cores (lscpu), threads, torch/transformers versions, GPU name."""
+    info: dict[str, object] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "Flags"):
+                value = value.strip()
+                if key.strip() == "Flags":  # only the vector extensions that matter for GEMM speed
+                    value = " ".join(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
+                info[f"lscpu {key.strip()}"] = value
+    except (OSError, subprocess.CalledProcessError):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[Callable[[], object], float]:
+    """A plain square matmul and its FLOP count: the machine's practical GEMM ceiling."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b)), 2.0 * size**3
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256, rounds: int = 5) -> float:
+    """Bytes/s of a large tensor copy (read + write): the practical memory-bandwidth ceiling."""
+    src = torch.empty(megabytes * 2**20 // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
