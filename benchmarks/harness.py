@@ -7,6 +7,7 @@ ratios (paired rounds cancel slow drifts in machine load).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -66,26 +67,48 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device
     return timings
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> Callable[[], int] | None:
+    """Bytes currently allocated through glibc malloc (heap in use + mmapped chunks), or None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return in_use
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakMemory:
-    """Peak memory of a block above its starting level: CUDA allocator statistics, or on CPU the process's
-    anonymous resident memory (RssAnon, sampled every millisecond by a thread)."""
+    """Peak memory a block allocates above its starting level: CUDA allocator statistics; on CPU glibc's count of
+    allocated bytes (mallinfo2, which torch's CPU allocator goes through; RssAnon elsewhere), sampled every
+    millisecond by a thread, so very short peaks can be missed."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
         self._running = False
-
-    @staticmethod
-    def _rss_anon() -> int:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        self._read = _malloc_in_use() or _rss_anon
 
     def _sample(self) -> None:
         while self._running:
-            self._peak = max(self._peak, self._rss_anon())
+            self._peak = max(self._peak, self._read())
             time.sleep(0.001)
 
     def __enter__(self) -> PeakMemory:
@@ -94,7 +117,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            self._start = self._peak = self._rss_anon()
+            self._start = self._peak = self._read()
             self._running = True
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -107,7 +130,7 @@ class PeakMemory:
         else:
             self._running = False
             self._thread.join()
-            self.peak_bytes = max(self._peak, self._rss_anon()) - self._start
+            self.peak_bytes = max(self._peak, self._read()) - self._start
 
 
 def machine(device: torch.device) -> dict[str, object]:

@@ -8,7 +8,10 @@ __version__ = "0.1.0"
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from . import kernels  # noqa: F401  registers the hf_moe_* experts backends with transformers
+from . import (
+    kernels,  # noqa: F401  registers the hf_moe_* experts backends with transformers
+    training,  # noqa: F401  so that hf_moe.training.MoECallback works after `import hf_moe`
+)
 from .conversion.convert import convert
 from .conversion.upcycle import upcycle
 from .hub import push_to_hub, save_for_hub

@@ -49,13 +49,21 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _select_experts(args: argparse.Namespace) -> None:
-    from .training.expert_selection import select_experts_cli
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    selection = select_experts_cli(
-        args.model, args.data, criterion=args.criterion, threshold=args.threshold, max_samples=args.max_samples,
-        output=args.output,
-    )
-    print(json.dumps({str(k): v for k, v in selection.items()}))
+    from .training.expert_selection import save_expert_selection, select_experts
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    kind = "json" if args.data.endswith((".json", ".jsonl")) else "text"
+    texts = load_dataset(kind, data_files=args.data, split="train")[args.text_column]
+    selection = select_experts(model, texts, criterion=args.criterion, threshold=args.threshold,
+                               tokenizer=tokenizer, max_tokens=args.max_tokens, max_length=args.max_length)
+    if args.output:
+        save_expert_selection(selection, args.output, criterion=args.criterion, threshold=args.threshold,
+                              model=args.model, data=args.data)
+    print(json.dumps({str(layer): experts for layer, experts in selection.items()}))
 
 
 def _publish(args: argparse.Namespace) -> None:
@@ -121,10 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select-experts", help="ESFT: the experts a task uses, per layer, as JSON")
     p.add_argument("model")
-    p.add_argument("data", help="a local text/json/jsonl file or folder")
+    p.add_argument("data", help="a local .txt (one sample per line) or .json/.jsonl file")
+    p.add_argument("--text-column", default="text")
     p.add_argument("--criterion", default="gate", choices=["gate", "token"])
     p.add_argument("--threshold", type=float, default=None, help="cumulative share p (0.1 gate / 0.2 token)")
-    p.add_argument("--max-samples", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=None, help="stop scoring after this many tokens")
+    p.add_argument("--max-length", type=int, default=512, help="truncate each sample to this many tokens")
     p.add_argument("--output", default=None, help="write the selection JSON here")
     p.set_defaults(func=_select_experts)
 

@@ -30,12 +30,12 @@ def _check_layout(experts: nn.Module, name: str) -> None:
         )
 
 
-def grouped_mm_available(device: torch.device) -> bool:
-    """torch's grouped GEMM runs here: CPU (torch >= 2.9) or CUDA compute capability >= 8.0."""
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM runs here: CPU (torch >= 2.9), or bf16 on CUDA compute capability >= 8.0."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
     return device.type == "cpu"
 
 
@@ -70,9 +70,9 @@ def fused_grouped_mm_forward(experts: nn.Module, hidden_states: torch.Tensor, to
                              top_k_weights: torch.Tensor) -> torch.Tensor:
     """`hf_moe_grouped_mm`: the fused path with torch's grouped GEMM for the expert matmuls."""
     _check_layout(experts, "hf_moe_grouped_mm")
-    if not grouped_mm_available(hidden_states.device):
-        raise RuntimeError(f"experts_implementation='hf_moe_grouped_mm': torch grouped_mm is unavailable on "
-                           f"{hidden_states.device} with torch {torch.__version__}.")
+    if not grouped_mm_available(hidden_states.device, experts.gate_up_proj.dtype):
+        raise RuntimeError(f"experts_implementation='hf_moe_grouped_mm': torch grouped_mm is unavailable for "
+                           f"{experts.gate_up_proj.dtype} on {hidden_states.device} with torch {torch.__version__}.")
     return fused_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
                          "grouped_mm")
 
@@ -112,10 +112,10 @@ def phase_of(experts: nn.Module, hidden_states: torch.Tensor) -> str:
 def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) -> str:
     """The backend `hf_moe_auto` runs for this device, dtype and phase.
 
-    CPU: `hf_moe_fused` for every phase (per-expert MKL matmuls beat torch's CPU grouped_mm and
-    transformers' backends in benchmarks/results/cpu.json). CUDA: the Hub's sonic-moe kernel for bf16/fp16
-    training and prefill when it loads; otherwise our fused path on torch's grouped GEMM (no per-expert
-    launches); `hf_moe_fused` on older GPUs. The Triton backend is chosen only by name until GPU timings
+    CPU: `hf_moe_fused` for every phase (per-expert MKL matmuls: as fast as torch's CPU grouped_mm, which
+    loops over groups too, and it keeps its alignment-free fallbacks; see benchmarks/results/cpu.json).
+    CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
+    path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise. The Triton backend is chosen only by name until GPU timings
     show it ahead. Layouts these kernels do not cover use transformers' `grouped_mm`.
     """
     device = hidden_states.device
@@ -124,7 +124,7 @@ def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) 
     if device.type == "cuda":
         if phase != "decode" and hidden_states.dtype in (torch.bfloat16, torch.float16) and hub_kernel_available(device):
             return "hf_moe_hub"
-        return "hf_moe_grouped_mm" if grouped_mm_available(device) else "hf_moe_fused"
+        return "hf_moe_grouped_mm" if grouped_mm_available(device, experts.gate_up_proj.dtype) else "hf_moe_fused"
     return "hf_moe_fused"
 
 

@@ -17,11 +17,14 @@ Backward (dy = upstream gradient, gathered per slot: dy_s = dy_t(s)):
 
 Only the expert-width activations gu (S, 2I) and a (S, I) are saved; the token gather x_t(s) (S, H) is
 recomputed in backward instead of stored. The slot bookkeeping costs one stable argsort, one bincount and
-a single host sync (`.tolist()`) per forward.
+a single host sync (`.tolist()`) per forward. On CPU the transient slot-sized tensors live in reusable
+scratch buffers (`Workspace`): fresh multi-megabyte allocations cost page faults that rival the matmuls.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -59,13 +62,41 @@ class SlotPlan:
         return self._counts
 
 
-def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool) -> torch.Tensor:
+class Workspace(threading.local):
+    """Per-thread scratch buffers, reused across calls, for tensors that live only inside one forward or one
+    backward (never saved for backward, never returned). CPU only: CUDA's caching allocator already reuses
+    memory. Buffers made under inference mode are kept apart (they cannot be written outside it)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """A scratch tensor of `shape` (dtype/device of `like`), or None off CPU (callers then allocate)."""
+        if like.device.type != "cpu":
+            return None
+        key = (name, like.dtype, torch.is_inference_mode_enabled())
+        numel = math.prod(shape)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
+        return buffer[:numel].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = Workspace()
+
+
+def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-expert matmul over sorted slots: rows of segment e times weight[e]^T (or weight[e] if not transpose).
 
-    inputs (S, in), weight (E, out, in) if transpose else (E, in, out) -> (S, out).
+    inputs (S, in), weight (E, out, in) if transpose else (E, in, out) -> (S, out), written into `out` if given.
     """
     out_dim = weight.shape[1] if transpose else weight.shape[2]
-    out = inputs.new_empty(inputs.shape[0], out_dim)
+    if out is None:
+        out = inputs.new_empty(inputs.shape[0], out_dim)
     start = 0
     for expert, count in enumerate(plan.counts):
         if count:
@@ -96,12 +127,15 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     )
 
 
-def _grouped(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool) -> torch.Tensor:
-    """torch's grouped_mm version of `_mm_segments` (per-expert loop where its alignment rules fail)."""
+def _grouped(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch's grouped_mm version of `_mm_segments` (per-expert loop where its alignment rules fail). grouped_mm
+    has no `out=`; the result is copied into `out` only where a caller relies on it (never: callers use the
+    returned tensor)."""
     w = weight.transpose(-2, -1) if transpose else weight
     inputs = inputs.contiguous()
     if not _aligned(inputs, w):
-        return _mm_segments(inputs, weight, plan, transpose)
+        return _mm_segments(inputs, weight, plan, transpose, out)
     return torch._grouped_mm(inputs, w, offs=plan.offsets)
 
 
@@ -124,6 +158,14 @@ def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_
     return slots.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def _gather_rows(source: torch.Tensor, plan: SlotPlan, scratch: str) -> torch.Tensor:
+    """source (T, D) -> rows source[t(s)] in sorted-slot order (S, D), into a scratch buffer on CPU."""
+    out = WORKSPACE.get(scratch, (plan.tokens.shape[0], source.shape[1]), source)
+    if out is None:
+        return source.index_select(0, plan.tokens)
+    return torch.index_select(source, 0, plan.tokens, out=out)
+
+
 class FusedExpertsFunction(torch.autograd.Function):
     """Routed SwiGLU experts with a hand-written backward (see the module docstring for the math)."""
 
@@ -138,13 +180,16 @@ class FusedExpertsFunction(torch.autograd.Function):
         mode: str,
     ) -> torch.Tensor:
         num_tokens, top_k = top_k_weights.shape
+        num_slots, inter = plan.tokens.shape[0], down_proj.shape[2]
         mm = _grouped if mode == "grouped_mm" else _mm_segments
         slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
-        x_slots = hidden_states.index_select(0, plan.tokens)  # (S, H)
-        gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I)
+        x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (S, H) scratch
+        gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I), saved
         gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up  # (S, I)
-        y_slots = mm(act * slot_weights[:, None], down_proj, plan, transpose=True)  # (S, H)
+        act = F.silu(gate).mul_(up)  # (S, I), saved
+        weighted = WORKSPACE.get("slots_i", (num_slots, inter), act)
+        weighted = torch.mul(act, slot_weights[:, None], out=weighted) if weighted is not None else act * slot_weights[:, None]
+        y_slots = mm(weighted, down_proj, plan, transpose=True, out=WORKSPACE.get("slots_h", x_slots.shape, x_slots))
         ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights)
         ctx.plan, ctx.mode, ctx.top_k = plan, mode, top_k
         ctx.weights_dtype = top_k_weights.dtype
@@ -155,28 +200,43 @@ class FusedExpertsFunction(torch.autograd.Function):
         hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights = ctx.saved_tensors
         plan, top_k = ctx.plan, ctx.top_k
         num_tokens, num_experts = hidden_states.shape[0], gate_up_proj.shape[0]
+        num_slots, inter = act.shape
         grouped = ctx.mode == "grouped_mm"
         mm = _grouped if grouped else _mm_segments
         weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
         need_x, need_gu, need_d, need_w = ctx.needs_input_grad[:4]
+        scratch_i = WORKSPACE.get("slots_i", (num_slots, inter), act)
+        scratch_i2 = WORKSPACE.get("slots_i2", (num_slots, inter), act)
 
-        dy_slots = grad_output.index_select(0, plan.tokens)  # (S, H), also fine for non-contiguous grads
-        d_weighted = mm(dy_slots, down_proj, plan, transpose=False)  # (S, I)
-        grad_down = weight_grads(dy_slots, act * slot_weights[:, None], plan, num_experts) if need_d else None
+        dy_slots = _gather_rows(grad_output, plan, "slots_h")  # (S, H); strided grads are fine here
+        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=scratch_i)  # (S, I)
+        grad_down = None
+        if need_d:
+            weighted = act * slot_weights[:, None] if scratch_i2 is None else torch.mul(
+                act, slot_weights[:, None], out=scratch_i2)
+            grad_down = weight_grads(dy_slots, weighted, plan, num_experts)
         grad_weights = None
         if need_w:
-            d_slot_weights = (d_weighted * act).sum(dim=-1)  # (S,)
+            product = d_weighted * act if scratch_i2 is None else torch.mul(d_weighted, act, out=scratch_i2)
+            d_slot_weights = product.sum(dim=-1)  # (S,)
             grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
         grad_x = grad_gate_up = None
         if need_x or need_gu:
             d_act = d_weighted.mul_(slot_weights[:, None])  # (S, I)
             gate, up = gate_up.chunk(2, dim=-1)
-            d_gate_up = torch.cat((torch.ops.aten.silu_backward(d_act * up, gate), d_act * F.silu(gate)), dim=-1)
+            d_gate_up = WORKSPACE.get("slots_2i", gate_up.shape, gate_up)
+            if d_gate_up is None:
+                d_gate_up = torch.empty_like(gate_up)
+            torch.mul(d_act, up, out=d_gate_up[:, inter:])  # silu_backward's grad_output, staged in place
+            d_gate_up[:, :inter] = torch.ops.aten.silu_backward(d_gate_up[:, inter:], gate)
+            torch.mul(d_act, F.silu(gate), out=d_gate_up[:, inter:])
             if need_x:
-                grad_x = _unsort_sum(mm(d_gate_up, gate_up_proj, plan, transpose=False), plan, num_tokens, top_k)
+                dx_slots = mm(d_gate_up, gate_up_proj, plan, transpose=False,
+                              out=WORKSPACE.get("slots_h", dy_slots.shape, dy_slots))
+                grad_x = _unsort_sum(dx_slots, plan, num_tokens, top_k)
             if need_gu:
-                x_slots = hidden_states.index_select(0, plan.tokens)  # recomputed, not stored
+                x_slots = _gather_rows(hidden_states, plan, "slots_h")  # recomputed, not stored
                 grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)
         return grad_x, grad_gate_up, grad_down, grad_weights, None, None
 

@@ -101,9 +101,9 @@ def mtp_generate(
 
     # prompt: the main model's hidden states h^0 and its first greedy token
     out = base(input_ids=tokens, attention_mask=mask, position_ids=_positions(mask), cache=main_cache, use_cache=True)
-    first = lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1, keepdim=True)  # (B, 1)
+    greedy = lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1, keepdim=True)  # (B, 1)
     unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
-    new_ids, unfinished = _finish(first, unfinished, eos, pad_token_id)
+    new_ids, unfinished = _finish(greedy, unfinished, eos, pad_token_id)
     tokens, mask = torch.cat((tokens, new_ids), dim=1), torch.cat((mask, mask.new_ones(batch, 1)), dim=1)
     generated = 1
     num_modules = len(model.mtp)
@@ -120,7 +120,7 @@ def mtp_generate(
         final = list(cached)
         for k in range(1, depth + 1):
             module, start = model.mtp[k - 1], cached[k]
-            previous, first = available[k - 1]  # h^{k-1} at positions [start, L-1)
+            previous, _ = available[k - 1]  # h^{k-1} at positions [start, L-1)
             known = torch.cat([tokens, *drafts], dim=1)
             embeds = base.embed_tokens(known[:, start + k:length - 1 + k])  # Emb(t_{i+k}) for i in [start, L-1)
             position_ids = positions[:, start:length - 1]

@@ -119,6 +119,13 @@ def update_router_biases(
     zero_mean: subtract the update's mean per layer; default `config.router_bias_update_zero_mean`.
     process_group: the group to sum over (default: the whole world when torch.distributed is initialised).
     Returns the loads (summed over ranks) that drove the update, for metrics such as MaxVio.
+
+        for batch in loader:                                  # accelerate
+            with accelerator.accumulate(model):
+                accelerator.backward(model(**batch).loss)
+                optimizer.step(); optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                loads = update_router_biases(model)           # loads.mean_max_vio() for logging
     """
     routers = find_routers(model)
     if not routers:

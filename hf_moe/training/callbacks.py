@@ -100,7 +100,7 @@ class MoECallback(TrainerCallback):
 
     def _reset_window(self) -> None:
         self._loss_sums: dict[str, torch.Tensor] = {}
-        self._loss_weights: dict[str, float] = {}
+        self._loss_weights: dict[str, torch.Tensor] = {}
         self._vio_sums: dict[str, float] = {}
         self._vio_counts: dict[str, int] = {}
 
@@ -112,17 +112,21 @@ class MoECallback(TrainerCallback):
         multiplying back gives this micro-batch's sum, so sum / tokens is the exact mean over the window."""
         if not (module.training and torch.is_grad_enabled()):
             return
-        labels = kwargs.get("labels")
-        tokens = float(labels[..., 1:].ne(-100).sum()) if isinstance(labels, torch.Tensor) else 1.0
-        num_items = kwargs.get("num_items_in_batch")
+        labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
         for key in _LOSS_KEYS:
             value = getattr(output, key, None)
             if not isinstance(value, torch.Tensor):
                 continue
-            scale = tokens if key == "aux_loss" or num_items is None else float(num_items)
-            total = value.detach().float() * scale
-            self._loss_sums[key] = self._loss_sums[key] + total if key in self._loss_sums else total
-            self._loss_weights[key] = self._loss_weights.get(key, 0.0) + tokens
+            value = value.detach().float()
+            # tensors all the way (no host sync per micro-batch); read once per log
+            tokens = labels[..., 1:].ne(-100).sum().float() if isinstance(labels, torch.Tensor) else value.new_ones(())
+            tokens = tokens.to(value.device)
+            scale = tokens if key == "aux_loss" or num_items is None else torch.as_tensor(
+                num_items, dtype=torch.float32, device=value.device)
+            total, weight = value * scale, tokens
+            if key in self._loss_sums:
+                total, weight = total + self._loss_sums[key], weight + self._loss_weights[key]
+            self._loss_sums[key], self._loss_weights[key] = total, weight
 
     def _record_step(self, loads: ExpertLoads, step: int) -> None:
         self.last_loads = loads
@@ -145,7 +149,7 @@ class MoECallback(TrainerCallback):
             if key == "max_vio" or self.per_layer:
                 metrics[f"moe/{key}"] = total / self._vio_counts[key]
         for key, total in self._loss_sums.items():
-            metrics[f"moe/{key}"] = total.item() / max(self._loss_weights[key], 1.0)
+            metrics[f"moe/{key}"] = total.item() / max(self._loss_weights[key].item(), 1.0)
         return metrics
 
     # ------------------------------------------------------------------------------------- callbacks

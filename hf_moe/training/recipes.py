@@ -19,6 +19,7 @@ before wrapping the model (DDP, FSDP) and before creating the optimizer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -207,12 +208,15 @@ def _moe_only(model: nn.Module, train_router: bool = True, bias_update: bool | N
 
 def _esft(
     model: nn.Module,
-    experts: Mapping[int, list[int]] | str | os.PathLike,
+    experts: Mapping[int, list[int]] | str | os.PathLike | None = None,
     train_shared_experts: bool = False,
     train_non_expert: bool = False,
     bias_update: bool | None = False,
 ) -> list[str]:
     """ESFT: train the selected routed experts of each MoE layer (others, and MTP experts, frozen)."""
+    if experts is None:
+        raise ValueError("The 'esft' recipe needs experts={layer: [expert ids]} or the path of a JSON file "
+                         "written by save_expert_selection (see select_experts).")
     selection = load_expert_selection(experts) if isinstance(experts, (str, os.PathLike)) else dict(experts)
     selection = {int(layer): [int(e) for e in ids] for layer, ids in selection.items()}
     layers = moe_layer_indices(model)
@@ -293,9 +297,15 @@ def apply_recipe(model: nn.Module, name: str, verbose: bool = True, **options: A
     """
     if name not in RECIPES:
         raise ValueError(f"Unknown recipe name={name!r}; allowed values are {sorted(RECIPES)}.")
-    if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("Apply the recipe to the model before wrapping it in DistributedDataParallel.")
-    result = RECIPES[name](model, **options)
+    recipe = RECIPES[name]
+    signature = inspect.signature(recipe).parameters
+    allowed = [p for p, spec in signature.items() if p != "model" and spec.kind is not spec.VAR_KEYWORD]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown and not any(spec.kind is spec.VAR_KEYWORD for spec in signature.values()):
+        raise TypeError(f"apply_recipe(name={name!r}) got unknown options {unknown}; its options are {allowed}.")
+    result = recipe(model, **options)
     model, notes = result if isinstance(result, tuple) else (model, result)
     model.hf_moe_recipe = name
     report = recipe_report(model, name, notes)

@@ -14,6 +14,7 @@ from hf_moe import MoEForCausalLM
 from hf_moe.training import ExpertLoads, expert_load, find_routers, max_violation, update_router_biases
 from tests.conftest import tiny_config
 
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)  # tiny matmuls: a second thread only adds contention
@@ -242,3 +243,30 @@ def test_max_violation_definition() -> None:
     assert vio[0] == 0 and vio[1] == 8 / 4 - 1 and vio[2].isnan()
     assert ExpertLoads(["model.layers.1.mlp.gate", "model.layers.2.mlp.gate", "mtp.0.block.mlp.gate"],
                        loads).mean_max_vio() == 0.5
+
+
+def test_accelerate_loop_updates_once_per_synced_step() -> None:
+    """With accelerate, call `update_router_biases` when `accelerator.sync_gradients` (after the optimizer step
+    of the last micro-batch): the biases are those of the plain loop."""
+    from accelerate import Accelerator
+
+    batches = torch.randint(3, 97, (3, 8, 10), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    reference = MoEForCausalLM(tiny_config(router_bias_update_rate=GAMMA))
+    train_steps(reference, batches, micro=2)
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config(router_bias_update_rate=GAMMA)).train()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    wrapped, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1e-2))
+    updates = 0
+    for micro_batch in batches.reshape(6, 4, 10):
+        with accelerator.accumulate(wrapped):
+            accelerator.backward(wrapped(input_ids=micro_batch, labels=micro_batch).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            update_router_biases(wrapped)
+            updates += 1
+    assert updates == 3
+    assert torch.equal(biases(model), biases(reference))

@@ -72,17 +72,19 @@ def test_trainer_updates_biases_once_per_optimizer_step_and_logs_moe_metrics(tmp
         assert 0 < entry["moe/aux_loss"] < entry["moe/mtp_loss"] < entry["moe/lm_loss"]
 
 
-def test_trainer_gradient_accumulation_gives_the_biases_of_one_batch(tmp_path) -> None:
+def test_trainer_accumulation_and_checkpointing_give_the_biases_of_one_batch(tmp_path) -> None:
     """Without aux losses (which are per-micro-batch statistics, so not additive over micro-batches) the
     accumulated steps are the one-batch steps, and the biases are identical."""
     results = []
-    for batch, accumulation in ((4, 1), (2, 2), (1, 4)):
+    for batch, accumulation, checkpointing in ((4, 1, False), (2, 2, False), (1, 4, False), (2, 2, True)):
         model = make_model(aux_loss_alpha=0.0, seq_aux_loss_alpha=0.0)
-        Trainer(model=model, args=arguments(str(tmp_path / str(batch)), per_device_train_batch_size=batch,
-                                            gradient_accumulation_steps=accumulation),
+        Trainer(model=model, args=arguments(str(tmp_path / f"{batch}-{checkpointing}"),
+                                            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                                            activation_checkpointing=checkpointing),
                 train_dataset=dataset(), callbacks=[MoECallback()]).train()
+        assert model.model.layers[1].gradient_checkpointing == checkpointing
         results.append(biases(model))
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    assert all(torch.equal(results[0], other) for other in results[1:])
     assert results[0].abs().sum() > 0
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_moe import MoEForCausalLM
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_gqa_config
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +154,20 @@ def test_speculative_greedy_equals_generate_and_drafts_match_a_full_recompute(
                                                num_draft_tokens=depth, eos_token_id=[])
     assert trained_result.acceptance_rate > 0.9
     assert trained_result.tokens_per_forward > 1 + 0.8 * depth
+
+
+@pytest.mark.parametrize("config", [
+    tiny_gqa_config(num_nextn_predict_layers=3),
+    tiny_gqa_config(num_nextn_predict_layers=2, sliding_window=4, n_shared_experts=0, first_k_dense_replace=0),
+], ids=["gqa-depth3", "gqa-sliding-window"])
+def test_speculative_greedy_equals_generate_for_other_attention(config: object) -> None:
+    model = MoEForCausalLM(config).eval()
+    prompt = torch.randint(3, 97, (2, 9))
+    reference = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    result = model.generate_with_mtp(prompt, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(result.sequences, reference)
+    for length, drafts in result.rounds[:-1]:
+        assert torch.equal(drafts, reference_drafts(model, result.sequences[:, :length], drafts.shape[1]))
 
 
 def test_speculative_batch_with_left_padding_and_eos_equals_generate(trained: MoEForCausalLM) -> None:

@@ -240,8 +240,10 @@ def test_bad_arguments_are_named() -> None:
     model = tiny_model()
     with pytest.raises(ValueError, match="allowed values"):
         apply_recipe(model, "freeze-everything")
-    with pytest.raises(TypeError, match="experts"):
+    with pytest.raises(TypeError, match=r"unknown options \['experts'\]"):
         apply_recipe(model, "freeze-router", experts=SELECTION)
+    with pytest.raises(ValueError, match="select_experts"):
+        apply_recipe(model, "esft")
     with pytest.raises(ValueError, match=r"layers \[0\]"):
         apply_recipe(model, "esft", experts={0: [1]})
     with pytest.raises(ValueError, match="out of range"):

@@ -1,0 +1,459 @@
+"""Speed and memory of hf_moe against transformers' DeepseekV3ForCausalLM: same config, same weights, one process.
+
+Parts (select with --parts): `moe` MoE layer forward+backward (ours vs transformers' grouped_mm and eager, and
+a plain matmul for the FLOP/s ceiling), `train` training step forward+backward, `prefill` prompt tokens/s,
+`decode` seconds per token at several context lengths (absorbed MLA vs transformers' re-expanded cache, and
+our own expanded path), KV-cache bytes per token and peak memory. Writes benchmarks/results/<name>.json and a
+markdown table next to it.
+
+    python benchmarks/run.py                              # everything: the issue's config, CPU fp32, ~5-8 min
+    python benchmarks/run.py --parts moe,train --rounds 5
+    python benchmarks/run.py --quick                      # smoke run: fewer rounds, shorter contexts
+    python benchmarks/run.py --device cuda --dtype bfloat16 --name gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import PeakMemory, copy_bandwidth, interleaved, machine, matmul_flops  # noqa: E402
+
+import hf_moe  # noqa: E402
+from hf_moe import MoEConfig, MoEForCausalLM  # noqa: E402
+from hf_moe.conversion.families import config_from_moe, state_dict_from_moe  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("moe", "train", "prefill", "decode")
+
+
+def bench_config(**overrides: object) -> MoEConfig:
+    """The speed issue's config: vocab 4096, hidden 512, 4 layers (1 dense), 8 heads, MLA q_lora 192 / kv_lora
+    128 / rope 32 / nope 64 / v 64, 32 routed experts top-4 of width 128, 1 shared, groups 4/2."""
+    fields: dict = dict(
+        vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+        q_lora_rank=192, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+        n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=16384,
+        attn_implementation="sdpa",
+    )
+    fields.update(overrides)
+    return MoEConfig(**fields)
+
+
+def build_models(config: MoEConfig, device: torch.device, dtype: torch.dtype) -> tuple[MoEForCausalLM, DeepseekV3ForCausalLM]:
+    """Ours with random weights, and transformers' DeepseekV3 loaded with exactly those weights."""
+    torch.manual_seed(0)
+    ours = MoEForCausalLM(config)
+    with torch.no_grad():  # a non-zero balancing bias, so routing differences would show
+        for layer in ours.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.01)
+    their_config = config_from_moe(config, "deepseek_v3")
+    their_config._attn_implementation = config._attn_implementation
+    theirs = DeepseekV3ForCausalLM(their_config)
+    theirs.load_state_dict(state_dict_from_moe("deepseek_v3", ours.state_dict(), config), strict=True)
+    return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
+
+
+def set_experts(model: torch.nn.Module, implementation: str) -> None:
+    model.config._experts_implementation = implementation
+
+
+def moe_flops(config: MoEConfig, tokens: int) -> float:
+    """Forward+backward FLOPs of one MoE layer (router, routed and shared experts): 3x the forward's."""
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    forward = 2 * tokens * hidden * config.n_routed_experts  # router
+    forward += 2 * tokens * config.num_experts_per_tok * 3 * hidden * inter  # routed SwiGLU experts
+    forward += 2 * tokens * 3 * hidden * config.shared_intermediate_size  # shared experts
+    return 3.0 * forward
+
+
+def active_matmul_params(config: MoEConfig) -> tuple[int, int]:
+    """(parameters every token multiplies in a forward, of which routed-expert ones), embeddings excluded."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    attn = hidden * config.q_lora_rank + config.q_lora_rank * heads * config.qk_head_dim
+    attn += hidden * (config.kv_lora_rank + config.qk_rope_head_dim)
+    attn += config.kv_lora_rank * heads * (config.qk_nope_head_dim + config.v_head_dim)
+    attn += heads * config.v_head_dim * hidden
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    dense_layers = config.num_hidden_layers - moe_layers
+    routed = moe_layers * config.num_experts_per_tok * 3 * hidden * config.moe_intermediate_size
+    ffn = dense_layers * 3 * hidden * config.intermediate_size + routed
+    ffn += moe_layers * (3 * hidden * config.shared_intermediate_size + hidden * config.n_routed_experts)
+    head = hidden * config.vocab_size
+    return config.num_hidden_layers * attn + ffn + head, routed
+
+
+def train_flops(config: MoEConfig, batch: int, length: int) -> float:
+    """Forward+backward FLOPs of a training step: 6 x active params x tokens + causal attention scores."""
+    params, _ = active_matmul_params(config)
+    tokens = batch * length
+    per_layer_attn = 2 * batch * length * length * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+    return 6.0 * params * tokens + 3.0 * config.num_hidden_layers * per_layer_attn / 2
+
+
+# ---------------------------------------------------------------------------------------------- parts
+def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, batch: int,
+                    length: int, rounds: int, device: torch.device, dtype: torch.dtype) -> dict:
+    layer = config.first_k_dense_replace  # the first MoE layer
+    our_block, their_block = ours.model.layers[layer].mlp, theirs.model.layers[layer].mlp
+    our_block.train()
+    their_block.train()
+    x = torch.randn(batch, length, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    matmul, mm_flops = matmul_flops(device, dtype)
+
+    def ours_step() -> None:
+        our_block(x)[0].backward(grad)
+
+    def theirs_step() -> None:
+        their_block(x).backward(grad)
+
+    implementation = {"ours": "hf_moe_auto", "transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+
+    def setup(name: str) -> None:
+        x.grad = None
+        our_block.zero_grad(set_to_none=True)
+        their_block.zero_grad(set_to_none=True)
+        if name.startswith("transformers"):
+            set_experts(theirs, implementation[name])
+
+    set_experts(ours, "hf_moe_auto")
+    timings = interleaved({"ours": ours_step, "transformers_grouped_mm": theirs_step, "transformers_eager": theirs_step,
+                           "matmul_2048": matmul}, rounds, device, setup=setup)
+    flops = moe_flops(config, batch * length)
+    mm_rate = mm_flops / timings.median("matmul_2048")
+    result = {
+        "tokens": batch * length, "flops_per_call": flops, "timings": timings.summary(),
+        "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
+        "speedup_vs_transformers_eager": timings.speedup("ours", "transformers_eager"),
+        "matmul_flops_per_s": mm_rate,
+    }
+    for name in ("ours", "transformers_grouped_mm", "transformers_eager"):
+        result[f"flops_per_s_{name}"] = flops / timings.median(name)
+        result[f"fraction_of_matmul_{name}"] = flops / timings.median(name) / mm_rate
+    return result
+
+
+def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, batch: int, length: int,
+                rounds: int, device: torch.device) -> dict:
+    ours.train()
+    theirs.train()
+    ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+
+    def step(model: torch.nn.Module) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def setup(name: str) -> None:
+        ours.zero_grad(set_to_none=True)
+        theirs.zero_grad(set_to_none=True)
+        if name in implementation:
+            set_experts(theirs, implementation[name])
+
+    set_experts(ours, "hf_moe_auto")
+    contenders = {"ours": lambda: step(ours), "transformers_grouped_mm": lambda: step(theirs),
+                  "transformers_eager": lambda: step(theirs)}
+    timings = interleaved(contenders, rounds, device, setup=setup)
+    fastest = min(implementation, key=timings.median)
+    tokens = batch * length
+    flops = train_flops(config, batch, length)
+    peaks = {}
+    for name, fn in contenders.items():
+        setup(name)
+        with PeakMemory(device) as peak:
+            fn()
+        peaks[name] = peak.peak_bytes
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
+    return {
+        "batch": batch, "length": length, "timings": timings.summary(),
+        "tokens_per_s": {name: tokens / timings.median(name) for name in contenders},
+        "model_flops_per_step": flops,
+        "model_flops_per_s": {name: flops / timings.median(name) for name in contenders},
+        "fastest_transformers": fastest,
+        "speedup_vs_fastest_transformers": timings.speedup("ours", fastest),
+        "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
+        "speedup_vs_transformers_eager": timings.speedup("ours", "transformers_eager"),
+        "peak_memory_bytes": peaks,
+    }
+
+
+def bench_prefill(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, length: int, rounds: int,
+                  device: torch.device) -> dict:
+    ours.eval()
+    theirs.eval()
+    ids = torch.randint(0, config.vocab_size, (1, length), device=device)
+    implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+
+    def setup(name: str) -> None:
+        if name in implementation:
+            set_experts(theirs, implementation[name])
+
+    with torch.inference_mode():
+        contenders = {"ours": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1),
+                      "transformers_grouped_mm": lambda: theirs(input_ids=ids, use_cache=True, logits_to_keep=1),
+                      "transformers_eager": lambda: theirs(input_ids=ids, use_cache=True, logits_to_keep=1)}
+        timings = interleaved(contenders, rounds, device, setup=setup)
+    fastest = min(implementation, key=timings.median)
+    return {
+        "length": length, "timings": timings.summary(),
+        "tokens_per_s": {name: length / timings.median(name) for name in contenders},
+        "fastest_transformers": fastest, "speedup_vs_fastest_transformers": timings.speedup("ours", fastest),
+    }
+
+
+def filled_cache(config: object, latents: list[torch.Tensor], rope_keys: list[torch.Tensor]) -> DynamicCache:
+    """A DynamicCache holding the given per-layer (latent, rotated k_pe): both models cache exactly these."""
+    cache = DynamicCache(config=config)
+    for layer, (latent, k_pe) in enumerate(zip(latents, rope_keys)):
+        cache.update(latent.clone(), k_pe.clone(), layer)
+    return cache
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def decode_bytes_per_step(config: MoEConfig, context: int, dtype: torch.dtype) -> float:
+    """Bytes a batch-1 decode step must read at least: active weights (embedding row aside) plus the cache."""
+    params, _ = active_matmul_params(config)
+    per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+    element = torch.finfo(dtype).bits // 8
+    return float((params + context * per_token) * element)
+
+
+def bench_decode(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, context: int, rounds: int,
+                 device: torch.device, dtype: torch.dtype, bandwidth: float) -> dict:
+    """Seconds per decode step (batch 1) with `context` tokens already cached; the cache is cropped back after
+    every timed step so every step sees the same context."""
+    ours.eval()
+    theirs.eval()
+    layers = config.num_hidden_layers
+    latents = [torch.randn(1, 1, context, config.kv_lora_rank, device=device, dtype=dtype) for _ in range(layers)]
+    rope_keys = [torch.randn(1, 1, context, config.qk_rope_head_dim, device=device, dtype=dtype) for _ in range(layers)]
+    caches = {"ours": filled_cache(ours.config, latents, rope_keys),
+              "ours_expanded": filled_cache(ours.config, latents, rope_keys),
+              "transformers_grouped_mm": filled_cache(theirs.config, latents, rope_keys),
+              "transformers_eager": filled_cache(theirs.config, latents, rope_keys)}
+    del latents, rope_keys
+    token = torch.tensor([[7]], device=device)
+    position = torch.tensor([[context]], device=device)
+    implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+
+    def set_absorb(flag: bool) -> None:
+        for layer in ours.model.layers:
+            layer.self_attn.absorb = flag
+
+    def step(name: str) -> torch.Tensor:
+        model = theirs if name.startswith("transformers") else ours
+        return model(input_ids=token, position_ids=position, cache=caches[name], use_cache=True).logits
+
+    def setup(name: str) -> None:
+        extra = caches[name].get_seq_length() - context
+        if extra > 0:
+            caches[name].crop(-extra)
+        set_absorb(name != "ours_expanded")
+        if name in implementation:
+            set_experts(theirs, implementation[name])
+
+    with torch.inference_mode():
+        logits = {}
+        for name in caches:
+            setup(name)
+            logits[name] = step(name).float()
+        timings = interleaved({name: (lambda n=name: step(n)) for name in caches}, rounds, device, warmup=0,
+                              setup=setup)
+        peaks = {}
+        for name in ("ours", "transformers_grouped_mm"):
+            setup(name)
+            with PeakMemory(device) as peak:
+                step(name)
+            peaks[name] = peak.peak_bytes
+        setup("ours")
+        bytes_ours = cache_bytes(caches["ours"]) / context
+        setup("transformers_grouped_mm")
+        bytes_theirs = cache_bytes(caches["transformers_grouped_mm"]) / context
+    set_absorb(True)
+    fastest = min(implementation, key=timings.median)
+    bound = decode_bytes_per_step(config, context, dtype) / bandwidth
+    return {
+        "context": context, "timings": timings.summary(),
+        "seconds_per_token": {name: timings.median(name) for name in caches},
+        "fastest_transformers": fastest,
+        "speedup_vs_fastest_transformers": timings.speedup("ours", fastest),
+        "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
+        "speedup_absorbed_vs_our_expanded": timings.speedup("ours", "ours_expanded"),
+        "max_abs_logit_diff_vs_transformers": (logits["ours"] - logits["transformers_grouped_mm"]).abs().max().item(),
+        "max_abs_logit_diff_absorbed_vs_expanded": (logits["ours"] - logits["ours_expanded"]).abs().max().item(),
+        "kv_cache_bytes_per_token": {"ours": bytes_ours, "transformers": bytes_theirs},
+        "memory_bound_seconds": bound, "ours_over_memory_bound": timings.median("ours") / bound,
+        "peak_memory_bytes": peaks,
+    }
+
+
+def parity(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, device: torch.device) -> dict:
+    """Same weights, same logits: the comparison is between two implementations of one model."""
+    ours.eval()
+    theirs.eval()
+    set_experts(ours, "hf_moe_auto")
+    set_experts(theirs, "grouped_mm")
+    ids = torch.randint(0, config.vocab_size, (2, 64), device=device)
+    with torch.inference_mode():
+        diff = (ours(input_ids=ids).logits.float() - theirs(input_ids=ids).logits.float()).abs().max().item()
+    return {"max_abs_logit_diff": diff}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def goals(results: dict) -> list[dict]:
+    rows = []
+
+    def add(goal: str, measured: float | None, target: float, higher_is_better: bool = True) -> None:
+        if measured is None:
+            rows.append({"goal": goal, "target": target, "measured": None, "met": None})
+            return
+        met = measured >= target if higher_is_better else measured <= target
+        rows.append({"goal": goal, "target": target, "measured": measured, "met": bool(met)})
+
+    moe, train, decode = results.get("moe_layer"), results.get("train_step"), results.get("decode", {})
+    add("MoE layer fwd+bwd speed-up vs transformers grouped_mm", moe and moe["speedup_vs_transformers_grouped_mm"], 1.25)
+    add("MoE layer FLOP/s as a fraction of plain matmul FLOP/s", moe and moe["fraction_of_matmul_ours"], 0.65)
+    add("training step speed-up vs transformers' fastest experts backend",
+        train and train["speedup_vs_fastest_transformers"], 1.3)
+    for context, target in ((2048, 3.0), (8192, 5.0)):
+        entry = decode.get(str(context))
+        add(f"decode speed-up at {context} context vs transformers' fastest", entry and
+            entry["speedup_vs_fastest_transformers"], target)
+    if decode:
+        entry = decode[max(decode, key=int)]
+        ratio = entry["kv_cache_bytes_per_token"]["ours"] / entry["kv_cache_bytes_per_token"]["transformers"]
+        add("KV-cache bytes/token, ours / transformers", ratio, 1.0, higher_is_better=False)
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# hf_moe vs transformers DeepseekV3 ({results['settings']['device']}, {results['settings']['dtype']})", ""]
+    m = results["machine"]
+    lines += [f"Machine: {m.get('lscpu Model name', m.get('gpu', '?'))}, {m.get('cpu_count')} CPUs, "
+              f"{m['torch_threads']} torch threads, torch {m['torch']}, transformers {m.get('transformers')}. "
+              f"Speed-ups are medians of per-round ratios of interleaved runs (noisy shared machine).", ""]
+    lines += ["| goal | target | measured | met |", "|---|---|---|---|"]
+    for row in results["goals"]:
+        measured = "-" if row["measured"] is None else f"{row['measured']:.3g}"
+        met = "-" if row["met"] is None else ("yes" if row["met"] else "no")
+        lines.append(f"| {row['goal']} | {row['target']} | {measured} | {met} |")
+    lines.append("")
+    if "moe_layer" in results:
+        r = results["moe_layer"]
+        lines += [f"## MoE layer forward+backward ({r['tokens']} tokens, {r['flops_per_call'] / 1e9:.2f} GFLOP)", "",
+                  "| implementation | median ms | GFLOP/s | fraction of matmul |", "|---|---|---|---|"]
+        for name in ("ours", "transformers_grouped_mm", "transformers_eager"):
+            lines.append(f"| {name} | {r['timings'][name]['median_s'] * 1e3:.1f} | "
+                         f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} |")
+        lines += [f"| plain 2048^3 matmul | {r['timings']['matmul_2048']['median_s'] * 1e3:.1f} | "
+                  f"{r['matmul_flops_per_s'] / 1e9:.1f} | 1.00 |", ""]
+    for key, title, unit in (("train_step", "Training step (forward+backward)", "tokens/s"),
+                             ("prefill", "Prefill", "tokens/s")):
+        if key in results:
+            r = results[key]
+            lines += [f"## {title}", "", f"| implementation | median s | {unit} | peak memory MB |", "|---|---|---|---|"]
+            for name, rate in r["tokens_per_s"].items():
+                peak = r.get("peak_memory_bytes", {}).get(name)
+                lines.append(f"| {name} | {r['timings'][name]['median_s']:.3f} | {rate:.0f} | "
+                             f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
+            lines.append("")
+    if results.get("decode"):
+        lines += ["## Decode (batch 1, seconds per token)", "",
+                  "| context | ours (absorbed) | ours expanded | transformers grouped_mm | transformers eager | "
+                  "speed-up | KV bytes/token ours / theirs | ours / memory bound |", "|---|---|---|---|---|---|---|---|"]
+        for context, r in sorted(results["decode"].items(), key=lambda kv: int(kv[0])):
+            s, kv = r["seconds_per_token"], r["kv_cache_bytes_per_token"]
+            lines.append(f"| {context} | {s['ours'] * 1e3:.1f} ms | {s['ours_expanded'] * 1e3:.1f} ms | "
+                         f"{s['transformers_grouped_mm'] * 1e3:.1f} ms | {s['transformers_eager'] * 1e3:.1f} ms | "
+                         f"{r['speedup_vs_fastest_transformers']:.2f}x | {kv['ours']:.0f} / {kv['transformers']:.0f} | "
+                         f"{r['ours_over_memory_bound']:.1f}x |")
+        lines.append("")
+    if "gpu" in results:
+        lines += [f"GPU: {results['gpu']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256, help="training/MoE sequence length")
+    parser.add_argument("--prefill-length", type=int, default=2048)
+    parser.add_argument("--contexts", default="512,2048,8192")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for the MoE layer and training")
+    parser.add_argument("--decode-rounds", type=int, default=9)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, contexts 128,512")
+    parser.add_argument("--name", default=None, help="results file stem (default: the device type)")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.decode_rounds, args.contexts, args.prefill_length = 2, 2, "128,512", 256
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+
+    config = bench_config()
+    ours, theirs = build_models(config, device, dtype)
+    started = time.time()
+    results: dict = {
+        "machine": machine(device),
+        "settings": {"device": str(device), "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds,
+                     "decode_rounds": args.decode_rounds, "hf_moe": hf_moe.__version__},
+        "config": {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_")},
+        "parity": parity(ours, theirs, config, device),
+    }
+    print(f"parity: {results['parity']}", flush=True)
+    if "moe" in parts:
+        results["moe_layer"] = bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
+                                               device, dtype)
+        print(f"moe: {results['moe_layer']['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
+              f"{results['moe_layer']['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
+    if "train" in parts:
+        results["train_step"] = bench_train(ours, theirs, config, args.batch, args.length, args.rounds, device)
+        print(f"train: {results['train_step']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+    if "prefill" in parts:
+        results["prefill"] = bench_prefill(ours, theirs, config, args.prefill_length, max(args.rounds // 2, 2), device)
+        print(f"prefill: {results['prefill']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+    if "decode" in parts:
+        bandwidth = copy_bandwidth(device)
+        results["memory_copy_bytes_per_s"] = bandwidth
+        results["decode"] = {}
+        for context in (int(c) for c in args.contexts.split(",")):
+            rounds = args.decode_rounds if context <= 2048 else max(args.decode_rounds // 2, 2)
+            entry = bench_decode(ours, theirs, config, context, rounds, device, dtype, bandwidth)
+            results["decode"][str(context)] = entry
+            print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+    if device.type != "cuda":
+        results["gpu"] = "not measured: no GPU was available for this run (bf16 MFU and HBM-bound decode need one)"
+    results["goals"] = goals(results)
+    results["seconds"] = time.time() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = args.name or device.type
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Pictures of expert balance: a load heatmap (MoE layers x experts) and MaxVio over training steps, as PNG.
+
+Needs matplotlib (`pip install 'hf-moe[plot]'`); everything else in hf_moe works without it.
+
+    from hf_moe.analysis import plot_expert_load, plot_max_vio
+    plot_expert_load(hf_moe.training.expert_load(model, eval_loader), "load.png")
+    plot_max_vio(trainer.state.log_history, "max_vio.png")   # the `moe/max_vio*` keys MoECallback logs
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .training.balancing import ExpertLoads, max_violation
+
+
+def _matplotlib() -> Any:
+    """matplotlib's Figure class and Agg canvas, or an ImportError naming the `plot` extra."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "hf_moe.analysis draws with matplotlib, which is not installed: pip install 'hf-moe[plot]' "
+            "(or pip install matplotlib)."
+        ) from error
+    return Figure, FigureCanvasAgg
+
+
+def _save(figure: Any, canvas_class: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas_class(figure)
+    figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_expert_load(
+    loads: ExpertLoads | torch.Tensor,
+    path: str | Path,
+    labels: Sequence[str] | None = None,
+    title: str = "Expert load",
+) -> Path:
+    """Heatmap of load_i / mean load (1 = perfectly balanced) per MoE layer (rows) and expert (columns), each
+    row labelled with its MaxVio. `loads`: ExpertLoads (e.g. from `expert_load`) or a (layers, experts)
+    tensor. Returns the PNG path."""
+    Figure, Canvas = _matplotlib()
+    if isinstance(loads, ExpertLoads):
+        labels = labels or loads.labels
+        loads = loads.loads
+    loads = torch.as_tensor(loads, dtype=torch.float32).cpu()
+    if loads.dim() != 2 or loads.numel() == 0:
+        raise ValueError(f"plot_expert_load: loads must be a non-empty (layers, experts) table, got {tuple(loads.shape)}.")
+    labels = list(labels or [f"layer {i}" for i in range(loads.shape[0])])
+    used = loads.sum(dim=-1) > 0  # routers that saw no token (e.g. MTP blocks at inference) are left out
+    if not used.any():
+        raise ValueError("plot_expert_load: no router saw any token.")
+    loads, labels = loads[used], [name for name, keep in zip(labels, used.tolist()) if keep]
+    relative = loads / loads.mean(dim=-1, keepdim=True).clamp(min=1e-12)
+    vio = max_violation(loads).tolist()
+    height = 1.2 + 0.45 * loads.shape[0]
+    figure = Figure(figsize=(max(6.0, 0.32 * loads.shape[1] + 2.5), height))
+    axes = figure.add_subplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, float(relative.max())))  # white = balanced
+    image = axes.imshow(relative.numpy(), aspect="auto", cmap="RdBu_r", norm=norm)
+    axes.set_xlabel("expert")
+    axes.set_yticks(range(len(labels)), [f"{name}  (MaxVio {v:.2f})" for name, v in zip(labels, vio)])
+    axes.set_xticks(range(loads.shape[1]), [str(i) for i in range(loads.shape[1])], fontsize=7)
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="load / mean load")
+    return _save(figure, Canvas, path)
+
+
+def max_vio_series(log_history: Sequence[Mapping[str, Any]], prefix: str = "moe/max_vio") -> dict[str, list]:
+    """From a Trainer log history: {"mean" or layer label: [(step, MaxVio), ...]} for every `moe/max_vio*`
+    key (the eval keys `moe/eval_max_vio*` with prefix="moe/eval_max_vio")."""
+    series: dict[str, list] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key == prefix or key.startswith(prefix + "/"):
+                name = "mean" if key == prefix else key[len(prefix) + 1:]
+                if isinstance(value, (int, float)) and not math.isnan(value):
+                    series.setdefault(name, []).append((entry.get("step", len(series.get(name, []))), float(value)))
+    return series
+
+
+def plot_max_vio(
+    history: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[tuple[int, float]]],
+    path: str | Path,
+    title: str = "MaxVio during training",
+    per_layer: bool = True,
+) -> Path:
+    """MaxVio over training steps: the mean over MoE layers (bold) and, if `per_layer`, each layer (thin).
+    `history`: a Trainer log history (`trainer.state.log_history`) or {name: [(step, value), ...]}."""
+    Figure, Canvas = _matplotlib()
+    series = dict(history) if isinstance(history, Mapping) else max_vio_series(history)
+    if not series:
+        raise ValueError("plot_max_vio: no MaxVio values found (expected `moe/max_vio` keys from MoECallback).")
+    figure = Figure(figsize=(7.0, 4.0))
+    axes = figure.add_subplot()
+    for name, points in sorted(series.items(), key=lambda item: item[0] != "mean"):
+        if name != "mean" and not per_layer:
+            continue
+        steps, values = zip(*points)
+        if name == "mean":
+            axes.plot(steps, values, color="black", linewidth=2.2, label="mean over MoE layers")
+        else:
+            axes.plot(steps, values, linewidth=0.9, alpha=0.7, label=name)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("MaxVio = max load / mean load - 1")
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.set_title(title)
+    axes.legend(fontsize=7, ncol=2)
+    return _save(figure, Canvas, path)
