@@ -32,9 +32,11 @@ class DecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
-        """Returns the new hidden states (B, T, H), the router's decision (MoE layers) and attention weights."""
+        """Returns the new hidden states (B, T, H), the router's decision (MoE layers) and attention weights.
+        token_mask (B*T,) bool: the real (non-padding) tokens, which alone count as expert load."""
         kwargs.pop("use_cache", None)
         kwargs.pop("position_ids", None)
         attn_out, attn_weights = self.self_attn(
@@ -43,7 +45,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         hidden_states = hidden_states + attn_out
         routing = None
         if isinstance(self.mlp, MoEBlock):
-            ffn_out, routing = self.mlp(self.post_attention_layernorm(hidden_states))
+            ffn_out, routing = self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
         else:
             ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + ffn_out, routing, attn_weights

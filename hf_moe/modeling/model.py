@@ -55,6 +55,13 @@ def _name_keys(keys: set[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def real_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(B*T,) bool of the non-padding tokens of the current positions, from a 2-D padding mask (else None)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -length:].bool().reshape(-1)
+
+
 class MoEPreTrainedModel(PreTrainedModel):
     config_class = MoEConfig
     config: MoEConfig
@@ -214,6 +221,7 @@ class MoEModel(MoEPreTrainedModel):
 
         mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        token_mask = real_tokens(attention_mask, inputs_embeds.shape[1])
         hidden_states = inputs_embeds
         all_hidden, all_attn, routings = [], [], []
         for layer in self.layers:
@@ -221,7 +229,7 @@ class MoEModel(MoEPreTrainedModel):
                 all_hidden.append(hidden_states)
             hidden_states, routing, attn_weights = layer(
                 hidden_states, attention_mask=mask, position_embeddings=position_embeddings, cache=cache,
-                use_cache=use_cache, **kwargs,
+                use_cache=use_cache, token_mask=token_mask, **kwargs,
             )
             if routing is not None:
                 routings.append(routing)
@@ -301,10 +309,11 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 routings.extend(mtp_routings)
                 loss = loss + mtp_loss
         aux_loss = outputs.aux_loss
-        if aux_loss is not None and len(routings) > len(outputs.routings):  # the MTP blocks' routers balance too
-            mtp_routings = routings[len(outputs.routings):]
-            aux_loss = aux_loss + moe_auxiliary_loss(
-                mtp_routings, attention_mask, tuple(inputs_embeds.shape[:2]), self.config)
+        if aux_loss is not None:  # the MTP blocks' routers balance too, over the positions that have inputs
+            for depth, routing in enumerate(routings[len(outputs.routings):], start=1):
+                aux_loss = aux_loss + moe_auxiliary_loss(
+                    [routing], mtp_positions(attention_mask, inputs_embeds, depth), tuple(inputs_embeds.shape[:2]),
+                    self.config)
         if loss is not None and aux_loss is not None:
             # Trainer: the LM loss is a sum over this micro-batch / `num_items_in_batch` (all micro-batches and
             # ranks); weight the per-batch aux loss by this batch's share of those tokens to match
@@ -358,7 +367,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         for k, module in enumerate(self.mtp, start=1):
             if labels.shape[1] <= k + 1:
                 break
-            previous, routing = module(previous, shift_left(inputs_embeds, k, 0.0), mask, position_embeddings)
+            valid = mtp_positions(attention_mask, inputs_embeds, k)
+            previous, routing = module(previous, shift_left(inputs_embeds, k, 0.0), mask, position_embeddings,
+                                       token_mask=valid.reshape(-1))
             if routing is not None:
                 routings.append(routing)
             logits_k = self.lm_head(module.norm(previous))
@@ -366,6 +377,16 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size,
                                                num_items_in_batch=num_items_in_batch)
         return self.config.mtp_loss_weight / len(self.mtp) * total, routings
+
+
+def mtp_positions(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor, depth: int) -> torch.Tensor:
+    """(B, T) bool: positions i whose MTP input at `depth` is a real token t_{i+depth} (not padding, not the
+    filler past the end of the sequence)."""
+    batch, length = inputs_embeds.shape[:2]
+    real = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real = attention_mask[:, -length:].bool()
+    return shift_left(real, depth, False) & real
 
 
 class MoEForSequenceClassification(GenericForSequenceClassification, MoEPreTrainedModel):

@@ -21,10 +21,13 @@ class MoEBlock(nn.Module):
         self.shared_experts = MLP(config, config.shared_intermediate_size) if config.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """hidden_states (B, T, H); token_mask (B*T,) bool of real tokens (for the router's load counters)."""
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        routing = self.gate(tokens)
+        routing = self.gate(tokens, token_mask)
         output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)

@@ -35,12 +35,13 @@ class MTPModule(nn.Module):
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, object]:
         """previous_hidden h^{k-1} (B, T, H), future_embeds Emb(t_{i+k}) (B, T, H) -> h^k (B, T, H), routing.
         `cache` (decoding only) holds the block's keys/values under its layer index."""
         merged = self.eh_proj(torch.cat((self.enorm(future_embeds), self.hnorm(previous_hidden)), dim=-1))
         hidden, routing, _ = self.block(merged, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                                        cache=cache)
+                                        cache=cache, token_mask=token_mask)
         return hidden, routing
 
 

@@ -81,8 +81,9 @@ class Router(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
         return keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
 
-    def forward(self, hidden_states: torch.Tensor) -> RouterOutput:
-        """hidden_states (T, H) -> RouterOutput."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RouterOutput:
+        """hidden_states (T, H) -> RouterOutput. `token_mask` (T,) bool marks real tokens: padding is routed
+        like any token (its output is never used) but not counted as expert load."""
         x = hidden_states.float()
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
@@ -110,8 +111,10 @@ class Router(nn.Module):
         if self.config.capacity_factor is not None:
             topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor)
         if self.training and torch.is_grad_enabled() and not inside_backward():
-            kept = topk_ids[topk_weights != 0] if self.config.capacity_factor is not None else topk_ids
-            self.tokens_per_expert += torch.bincount(kept.flatten(), minlength=self.num_experts).float()
+            counted = topk_weights != 0 if self.config.capacity_factor is not None else torch.ones_like(topk_ids, dtype=torch.bool)
+            if token_mask is not None:
+                counted = counted & token_mask.view(-1, 1)
+            self.tokens_per_expert += torch.bincount(topk_ids[counted], minlength=self.num_experts).float()
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
 
 

@@ -113,8 +113,9 @@ def test_only_training_forwards_with_grad_count_tokens() -> None:
         model(input_ids=ids, labels=ids)
     assert counters(model).sum() == 0
     model(input_ids=ids, labels=ids).loss.backward()
-    # every token chooses K=2 experts in each MoE layer (2 decoder layers + the MTP block)
-    assert counters(model).sum(dim=-1).tolist() == [24.0, 24.0, 24.0]
+    # every token chooses K=2 experts in each MoE layer (2 decoder layers); the MTP block counts only the
+    # positions whose input t_{i+1} exists (5 of 6 per sequence)
+    assert counters(model).sum(dim=-1).tolist() == [24.0, 24.0, 20.0]
     topk = model(input_ids=ids).routings[0].topk_ids
     assert torch.equal(counters(model)[0], 2 * torch.bincount(topk.flatten(), minlength=8).float())
 
@@ -129,7 +130,7 @@ def test_gradient_checkpointing_does_not_count_the_recompute_and_gives_identical
             model.gradient_checkpointing_enable()
             assert model.model.layers[1].gradient_checkpointing
         loads = train_steps(model, batches)
-        assert all(step.loads.sum(dim=-1).tolist() == [80.0, 80.0, 80.0] for step in loads)  # 4*10 tokens * K
+        assert all(step.loads.sum(dim=-1).tolist() == [80.0, 80.0, 72.0] for step in loads)  # 4*10 tokens * K; MTP: 4*9
         runs.append((biases(model), [step.loads for step in loads]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
@@ -270,3 +271,13 @@ def test_accelerate_loop_updates_once_per_synced_step() -> None:
             updates += 1
     assert updates == 3
     assert torch.equal(biases(model), biases(reference))
+
+
+def test_padding_tokens_are_not_counted_as_expert_load() -> None:
+    model = MoEForCausalLM(tiny_config(num_nextn_predict_layers=1)).train()
+    ids = torch.randint(3, 97, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # 3 left-padding tokens in the first sequence
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    # 9 real tokens x K=2 in each decoder MoE layer; the MTP block: real positions whose next token is real (7)
+    assert counters(model).sum(dim=-1).tolist() == [18.0, 18.0, 14.0]
