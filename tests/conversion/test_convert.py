@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_families import CASES, family_model, inputs, logits_of, mtp_case
 from transformers import AutoModelForCausalLM
 
 import hf_moe
@@ -24,6 +23,7 @@ from hf_moe.cli import main as cli_main
 from hf_moe.conversion import checkpoint_io
 from hf_moe.conversion.checkpoint_io import SAFE_WEIGHTS_INDEX_NAME, CheckpointError
 from hf_moe.modeling.model import MoEForCausalLM
+from tests.conversion.test_families import CASES, family_model, inputs, logits_of, mtp_case
 
 TOL = 1e-5
 LOAD = dict(attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
