@@ -164,12 +164,14 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
     set_experts(ours, "hf_moe_auto")
     contenders = {"ours": lambda: step(ours), "transformers_grouped_mm": lambda: step(theirs),
                   "transformers_eager": lambda: step(theirs)}
-    timings = interleaved(contenders, rounds, device, setup=setup)
+    matmul, mm_flops = matmul_flops(device, next(ours.parameters()).dtype)
+    timings = interleaved({**contenders, "matmul_2048": matmul}, rounds, device, setup=setup)
+    mm_rate = mm_flops / timings.median("matmul_2048")
     fastest = min(implementation, key=timings.median)
     tokens = batch * length
     flops = train_flops(config, batch, length)
     peaks = {}
-    for name, fn in contenders.items():
+    for name, fn in contenders.items():  # peak memory: one more untimed step each
         setup(name)
         with PeakMemory(device) as peak:
             fn()
@@ -181,6 +183,8 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
         "tokens_per_s": {name: tokens / timings.median(name) for name in contenders},
         "model_flops_per_step": flops,
         "model_flops_per_s": {name: flops / timings.median(name) for name in contenders},
+        "matmul_flops_per_s": mm_rate,
+        "fraction_of_matmul": {name: flops / timings.median(name) / mm_rate for name in contenders},
         "fastest_transformers": fastest,
         "speedup_vs_fastest_transformers": timings.speedup("ours", fastest),
         "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
@@ -362,14 +366,16 @@ def markdown(results: dict) -> str:
                          f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} |")
         lines += [f"| plain 2048^3 matmul | {r['timings']['matmul_2048']['median_s'] * 1e3:.1f} | "
                   f"{r['matmul_flops_per_s'] / 1e9:.1f} | 1.00 |", ""]
-    for key, title, unit in (("train_step", "Training step (forward+backward)", "tokens/s"),
-                             ("prefill", "Prefill", "tokens/s")):
+    for key, title in (("train_step", "Training step (forward+backward)"), ("prefill", "Prefill")):
         if key in results:
             r = results[key]
-            lines += [f"## {title}", "", f"| implementation | median s | {unit} | peak memory MB |", "|---|---|---|---|"]
+            lines += [f"## {title}", "", "| implementation | median s | tokens/s | model FLOP/s as a fraction of "
+                      "matmul | peak memory MB |", "|---|---|---|---|---|"]
             for name, rate in r["tokens_per_s"].items():
                 peak = r.get("peak_memory_bytes", {}).get(name)
+                fraction = r.get("fraction_of_matmul", {}).get(name)
                 lines.append(f"| {name} | {r['timings'][name]['median_s']:.3f} | {rate:.0f} | "
+                             f"{'-' if fraction is None else f'{fraction:.2f}'} | "
                              f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
             lines.append("")
     if results.get("decode"):

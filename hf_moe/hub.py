@@ -26,7 +26,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 from . import __version__
-from .inspection import count_parameters
+from .inspection import attention_summary, count_parameters, human_count, routing_summary
 from .modeling import model as modeling_model
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEPreTrainedModel
@@ -113,14 +113,6 @@ def export_remote_code(model_or_dir: MoEPreTrainedModel | str | os.PathLike, out
 
 
 # ------------------------------------------------------------------------------------------- model card
-def _human(n: float) -> str:
-    """1234567890 -> '1.23B', 12345678 -> '12.35M', 12345 -> '12.35K', 123 -> '123'."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:g}"
-
-
 def _hub_model_id(name: object) -> str | None:
     """`name` when it is a valid Hub model id and not a local path (the Hub rejects other `base_model`s)."""
     if not isinstance(name, str) or os.path.exists(name):
@@ -138,34 +130,6 @@ def _upcycling_source(recipe: Mapping[str, Any]) -> object:
         if recipe.get(key):
             return recipe[key]
     return None
-
-
-def _attention_row(config: MoEConfig) -> str:
-    if config.attention_type == "mla":
-        q = "direct queries" if config.q_lora_rank is None else f"q_lora_rank {config.q_lora_rank}"
-        return (f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, {q}, qk head "
-                f"{config.qk_nope_head_dim} nope + {config.qk_rope_head_dim} rope, v head {config.v_head_dim}")
-    kind = "MHA" if config.num_key_value_heads == config.num_attention_heads else "GQA"
-    text = f"{kind}, {config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head_dim {config.head_dim}"
-    if config.qk_norm:
-        text += f", qk_norm {config.qk_norm}"
-    if config.sliding_window:
-        text += f", sliding window {config.sliding_window}"
-    return text
-
-
-def _routing_row(config: MoEConfig) -> str:
-    scores = config.scoring_func + (" of the top-k logits" if config.topk_before_softmax else "")
-    text = f"{scores} scores, {config.topk_method}"
-    if config.n_group > 1:
-        text += f", {config.n_group} groups (top {config.topk_group} kept)"
-    if config.norm_topk_prob:
-        text += ", gates renormalised"
-    if config.routed_scaling_factor != 1:
-        text += f", gates x{config.routed_scaling_factor:g}"
-    if config.capacity_factor is not None:
-        text += f", capacity factor {config.capacity_factor:g}"
-    return text
 
 
 def _balancing_row(config: MoEConfig) -> str:
@@ -236,12 +200,12 @@ def model_card(
 
     n_moe = len(config.moe_layer_indices)
     rows: list[tuple[str, object]] = [
-        ("Parameters (total)", f"{_human(count.total)} ({count.total:,})"),
-        ("Parameters (active per token)", f"{_human(count.active)} ({count.active:,})"),
+        ("Parameters (total)", f"{human_count(count.total)} ({count.total:,})"),
+        ("Parameters (active per token)", f"{human_count(count.active)} ({count.active:,})"),
         ("Layers", f"{config.num_hidden_layers} ({config.num_hidden_layers - n_moe} dense, {n_moe} MoE)"),
         ("Hidden size / dense FFN", f"{config.hidden_size} / {config.intermediate_size}"),
         ("Vocabulary / context", f"{config.vocab_size} / {config.max_position_embeddings}"),
-        ("Attention", _attention_row(config)),
+        ("Attention", attention_summary(config)),
     ]
     if config.n_routed_experts:
         rows += [
@@ -249,10 +213,10 @@ def model_card(
                                f"token, width {config.moe_intermediate_size}"),
             ("Shared experts", f"{config.n_shared_experts} (total width {config.shared_intermediate_size}"
                                + (", gated)" if config.shared_expert_gate else ")")),
-            ("Routing", _routing_row(config)),
+            ("Routing", routing_summary(config)),
             ("Load balancing", _balancing_row(config)),
         ]
-    mtp = (f"{config.num_nextn_predict_layers} module(s), {_human(count.mtp)} parameters (not in the total)"
+    mtp = (f"{config.num_nextn_predict_layers} module(s), {human_count(count.mtp)} parameters (not in the total)"
            if config.num_nextn_predict_layers else "none")
     rows.append(("Multi-token prediction", mtp))
 
@@ -264,7 +228,7 @@ def model_card(
         f"(model_type `{MoEConfig.model_type}`, written by hf_moe {__version__}).", "",
         "## Architecture", "", *_table(rows, ("property", "value")), "",
     ]
-    parts = [(part, f"{_human(count.parts[part])} / {_human(count.active_parts[part])}")
+    parts = [(part, f"{human_count(count.parts[part])} / {human_count(count.active_parts[part])}")
              for part in count.parts if count.parts[part] and part != "mtp"]
     lines += ["Parameters by part (total / active per token):", "", *_table(parts, ("part", "parameters")), ""]
     if recipe:

@@ -101,7 +101,7 @@ def count_parameters(config_or_model: MoEConfig | nn.Module) -> ParameterCount:
     return ParameterCount(total=total, active=active, parts=parts, active_parts=active_parts)
 
 
-def _human(n: int | float) -> str:
+def human_count(n: int | float) -> str:
     """1234567890 -> '1.23B', 12345678 -> '12.35M' (K and plain numbers below a million)."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
@@ -109,7 +109,8 @@ def _human(n: int | float) -> str:
     return str(int(n))
 
 
-def _attention_summary(config: MoEConfig) -> str:
+def attention_summary(config: MoEConfig) -> str:
+    """One line describing the attention (MLA ranks and head dims, or GQA heads and options)."""
     if config.attention_type == "mla":
         q = "direct q" if config.q_lora_rank is None else f"q_lora_rank {config.q_lora_rank}"
         return (f"MLA, {config.num_attention_heads} heads, kv_lora_rank {config.kv_lora_rank}, {q}, "
@@ -124,7 +125,8 @@ def _attention_summary(config: MoEConfig) -> str:
             f"{config.head_dim}" + "".join(f", {e}" for e in extras))
 
 
-def _routing_summary(config: MoEConfig) -> str:
+def routing_summary(config: MoEConfig) -> str:
+    """One line describing experts and routing (scores, groups, normalisation, scaling, shared experts)."""
     if config.n_routed_experts == 0:
         return "dense (no routed experts)"
     scoring = config.scoring_func + (" over top-k logits" if config.topk_before_softmax else "")
@@ -136,6 +138,8 @@ def _routing_summary(config: MoEConfig) -> str:
         text += ", renormalised"
     if config.routed_scaling_factor != 1:
         text += f", scaling {config.routed_scaling_factor:g}"
+    if config.capacity_factor is not None:
+        text += f", capacity factor {config.capacity_factor:g}"
     if config.shared_intermediate_size:
         gated = " gated" if config.shared_expert_gate else ""
         text += f"; {config.n_shared_experts}{gated} shared ({config.shared_intermediate_size} wide)"
@@ -151,19 +155,19 @@ def format_parameter_report(count: ParameterCount, config: MoEConfig) -> str:
         rows.append(("other", count.parts["other"], count.active_parts["other"]))
     width = 24
     lines = [f"{'part':<{width}}{'total':>10}{'active':>10}", "-" * (width + 20)]
-    lines += [f"{part:<{width}}{_human(total):>10}{_human(active):>10}" for part, total, active in rows]
+    lines += [f"{part:<{width}}{human_count(total):>10}{human_count(active):>10}" for part, total, active in rows]
     lines.append("-" * (width + 20))
-    lines.append(f"{'total (without MTP)':<{width}}{_human(count.total):>10}{_human(count.active):>10}")
+    lines.append(f"{'total (without MTP)':<{width}}{human_count(count.total):>10}{human_count(count.active):>10}")
     if config.num_nextn_predict_layers:
-        lines.append(f"{'mtp (not in total)':<{width}}{_human(count.parts['mtp']):>10}"
-                     f"{_human(count.active_parts['mtp']):>10}")
-        lines.append(f"{'total with MTP':<{width}}{_human(count.total_with_mtp):>10}"
-                     f"{_human(count.active_with_mtp):>10}")
+        lines.append(f"{'mtp (not in total)':<{width}}{human_count(count.parts['mtp']):>10}"
+                     f"{human_count(count.active_parts['mtp']):>10}")
+        lines.append(f"{'total with MTP':<{width}}{human_count(count.total_with_mtp):>10}"
+                     f"{human_count(count.active_with_mtp):>10}")
     n_moe = len(config.moe_layer_indices)
     lines += [
         "",
-        f"routing:   {_routing_summary(config)}",
-        f"attention: {_attention_summary(config)}",
+        f"routing:   {routing_summary(config)}",
+        f"attention: {attention_summary(config)}",
         f"layers:    {config.num_hidden_layers} ({config.num_hidden_layers - n_moe} dense, {n_moe} MoE), hidden "
         f"{config.hidden_size}, vocab {config.vocab_size}" + (", tied embeddings" if config.tie_word_embeddings else ""),
         f"mtp depth: {config.num_nextn_predict_layers}",

@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_moe.hub as hub
 from hf_moe import MoEForCausalLM, MoEModel
-from hf_moe.inspection import count_parameters
+from hf_moe.inspection import count_parameters, human_count
 from hf_moe.modeling import model as modeling_model
 from tests.conftest import tiny_config, tiny_gqa_config
 
@@ -184,13 +184,14 @@ def test_model_card_metadata_and_architecture_table() -> None:
     assert meta["upcycling"] == config.upcycled_from
 
     count = count_parameters(config)
-    assert f"| Parameters (total) | {hub._human(count.total)} ({count.total:,}) |" in body
-    assert f"| Parameters (active per token) | {hub._human(count.active)} ({count.active:,}) |" in body
+    assert f"| Parameters (total) | {human_count(count.total)} ({count.total:,}) |" in body
+    assert f"| Parameters (active per token) | {human_count(count.active)} ({count.active:,}) |" in body
     assert "| Layers | 3 (1 dense, 2 MoE) |" in body
     assert "| Routed experts | 8 per MoE layer, 2 active per token, width 16 |" in body
-    assert "| Routing | sigmoid scores, noaux_tc, 4 groups (top 2 kept), gates renormalised, gates x1.5 |" in body
+    assert ("| Routing | 8 routed experts of 16, top-2, sigmoid, noaux_tc, 4 groups (keep 2), renormalised, "
+            "scaling 1.5; 1 shared (16 wide) |") in body
     assert "auxiliary-loss-free bias (gamma 0.001), sequence-wise balance loss (0.0001)" in body
-    assert f"| Multi-token prediction | 1 module(s), {hub._human(count.mtp)} parameters (not in the total) |" in body
+    assert f"| Multi-token prediction | 1 module(s), {human_count(count.mtp)} parameters (not in the total) |" in body
     assert "| MaxVio (per layer) | 0.25 / 0.375 / 0.5 (min / mean / max over 2) |" in body
     assert "| strategy | copy |" in body
     assert 'from_pretrained("me/tiny-moe", trust_remote_code=True)' in body

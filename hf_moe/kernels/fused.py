@@ -158,6 +158,12 @@ def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_
     return slots.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def _scaled_rows(rows: torch.Tensor, scale: torch.Tensor, scratch: str) -> torch.Tensor:
+    """rows (S, D) * scale (S,) per row, into a scratch buffer on CPU."""
+    out = WORKSPACE.get(scratch, rows.shape, rows)
+    return rows * scale[:, None] if out is None else torch.mul(rows, scale[:, None], out=out)
+
+
 def _gather_rows(source: torch.Tensor, plan: SlotPlan, scratch: str) -> torch.Tensor:
     """source (T, D) -> rows source[t(s)] in sorted-slot order (S, D), into a scratch buffer on CPU."""
     out = WORKSPACE.get(scratch, (plan.tokens.shape[0], source.shape[1]), source)
@@ -180,15 +186,13 @@ class FusedExpertsFunction(torch.autograd.Function):
         mode: str,
     ) -> torch.Tensor:
         num_tokens, top_k = top_k_weights.shape
-        num_slots, inter = plan.tokens.shape[0], down_proj.shape[2]
         mm = _grouped if mode == "grouped_mm" else _mm_segments
         slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
         x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (S, H) scratch
         gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I), saved
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate).mul_(up)  # (S, I), saved
-        weighted = WORKSPACE.get("slots_i", (num_slots, inter), act)
-        weighted = torch.mul(act, slot_weights[:, None], out=weighted) if weighted is not None else act * slot_weights[:, None]
+        weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
         y_slots = mm(weighted, down_proj, plan, transpose=True, out=WORKSPACE.get("slots_h", x_slots.shape, x_slots))
         ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights)
         ctx.plan, ctx.mode, ctx.top_k = plan, mode, top_k
@@ -200,24 +204,21 @@ class FusedExpertsFunction(torch.autograd.Function):
         hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights = ctx.saved_tensors
         plan, top_k = ctx.plan, ctx.top_k
         num_tokens, num_experts = hidden_states.shape[0], gate_up_proj.shape[0]
-        num_slots, inter = act.shape
         grouped = ctx.mode == "grouped_mm"
         mm = _grouped if grouped else _mm_segments
         weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
         need_x, need_gu, need_d, need_w = ctx.needs_input_grad[:4]
-        scratch_i = WORKSPACE.get("slots_i", (num_slots, inter), act)
-        scratch_i2 = WORKSPACE.get("slots_i2", (num_slots, inter), act)
+        inter = act.shape[1]
 
         dy_slots = _gather_rows(grad_output, plan, "slots_h")  # (S, H); strided grads are fine here
-        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=scratch_i)  # (S, I)
+        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=WORKSPACE.get("slots_i", act.shape, act))
         grad_down = None
         if need_d:
-            weighted = act * slot_weights[:, None] if scratch_i2 is None else torch.mul(
-                act, slot_weights[:, None], out=scratch_i2)
-            grad_down = weight_grads(dy_slots, weighted, plan, num_experts)
+            grad_down = weight_grads(dy_slots, _scaled_rows(act, slot_weights, "slots_i2"), plan, num_experts)
         grad_weights = None
         if need_w:
-            product = d_weighted * act if scratch_i2 is None else torch.mul(d_weighted, act, out=scratch_i2)
+            product = WORKSPACE.get("slots_i2", act.shape, act)
+            product = d_weighted * act if product is None else torch.mul(d_weighted, act, out=product)
             d_slot_weights = product.sum(dim=-1)  # (S,)
             grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
