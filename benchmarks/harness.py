@@ -133,6 +133,35 @@ class PeakMemory:
             self.peak_bytes = max(self._peak, self._read()) - self._start
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def others_cpu_use(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs busy over `seconds` while this process sleeps: other jobs' load (0 = quiet)."""
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_times()
+    except OSError:
+        return float("nan")
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(max_busy: float, timeout: float) -> float:
+    """Sleep until other jobs use at most `max_busy` of the CPUs (or `timeout` seconds pass); returns the last
+    measured fraction. On a shared machine this keeps a part from running through someone else's burst."""
+    deadline = time.time() + timeout
+    busy = others_cpu_use()
+    while busy > max_busy and time.time() < deadline:
+        busy = others_cpu_use()
+    return busy
+
+
 def machine(device: torch.device) -> dict[str, object]:
     """What ran the benchmark: CPU model and cores (lscpu), threads, torch/transformers versions, GPU name."""
     info: dict[str, object] = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,14 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import PeakMemory, copy_bandwidth, interleaved, machine, matmul_flops  # noqa: E402
+from harness import (  # noqa: E402
+    PeakMemory,
+    copy_bandwidth,
+    interleaved,
+    machine,
+    matmul_flops,
+    wait_for_quiet,
+)
 
 import hf_moe  # noqa: E402
 from hf_moe import MoEConfig, MoEForCausalLM  # noqa: E402
@@ -348,9 +356,11 @@ def goals(results: dict) -> list[dict]:
 def markdown(results: dict) -> str:
     lines = [f"# hf_moe vs transformers DeepseekV3 ({results['settings']['device']}, {results['settings']['dtype']})", ""]
     m = results["machine"]
+    others = ", ".join(f"{part} {busy:.0%}" for part, busy in results.get("others_cpu_use_before_part", {}).items())
     lines += [f"Machine: {m.get('lscpu Model name', m.get('gpu', '?'))}, {m.get('cpu_count')} CPUs, "
               f"{m['torch_threads']} torch threads, torch {m['torch']}, transformers {m.get('transformers')}. "
-              f"Speed-ups are medians of per-round ratios of interleaved runs (noisy shared machine).", ""]
+              "Speed-ups are medians of per-round ratios of interleaved runs. Other jobs share these CPUs; their "
+              f"CPU use just before each part: {others or 'not measured'}.", ""]
     lines += ["| goal | target | measured | met |", "|---|---|---|---|"]
     for row in results["goals"]:
         measured = "-" if row["measured"] is None else f"{row['measured']:.3g}"
@@ -404,10 +414,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256, help="training/MoE sequence length")
     parser.add_argument("--prefill-length", type=int, default=2048)
     parser.add_argument("--contexts", default="512,2048,8192")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for the MoE layer and training")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds for the MoE layer and training")
     parser.add_argument("--decode-rounds", type=int, default=9)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, contexts 128,512")
     parser.add_argument("--name", default=None, help="results file stem (default: the device type)")
+    parser.add_argument("--max-busy", type=float, default=0.25,
+                        help="before each part, wait until other jobs use at most this fraction of the CPUs")
+    parser.add_argument("--quiet-timeout", type=float, default=60.0, help="longest wait for a quiet machine (s)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.decode_rounds, args.contexts, args.prefill_length = 2, 2, "128,512", 256
@@ -424,21 +437,31 @@ def main() -> None:
     started = time.time()
     results: dict = {
         "machine": machine(device),
+        "load_average_at_start": os.getloadavg(),
         "settings": {"device": str(device), "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds,
                      "decode_rounds": args.decode_rounds, "hf_moe": hf_moe.__version__},
         "config": {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_")},
         "parity": parity(ours, theirs, config, device),
     }
     print(f"parity: {results['parity']}", flush=True)
+    others = results["others_cpu_use_before_part"] = {}
+
+    def quiet(part: str) -> None:
+        if device.type == "cpu":
+            others[part] = wait_for_quiet(args.max_busy, args.quiet_timeout)
+
     if "moe" in parts:
+        quiet("moe")
         results["moe_layer"] = bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
                                                device, dtype)
         print(f"moe: {results['moe_layer']['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
               f"{results['moe_layer']['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
     if "train" in parts:
+        quiet("train")
         results["train_step"] = bench_train(ours, theirs, config, args.batch, args.length, args.rounds, device)
         print(f"train: {results['train_step']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
     if "prefill" in parts:
+        quiet("prefill")
         results["prefill"] = bench_prefill(ours, theirs, config, args.prefill_length, max(args.rounds // 2, 2), device)
         print(f"prefill: {results['prefill']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
     if "decode" in parts:
@@ -446,6 +469,7 @@ def main() -> None:
         results["memory_copy_bytes_per_s"] = bandwidth
         results["decode"] = {}
         for context in (int(c) for c in args.contexts.split(",")):
+            quiet(f"decode {context}")
             rounds = args.decode_rounds if context <= 2048 else max(args.decode_rounds // 2, 2)
             entry = bench_decode(ours, theirs, config, context, rounds, device, dtype, bandwidth)
             results["decode"][str(context)] = entry
@@ -454,6 +478,7 @@ def main() -> None:
         results["gpu"] = "not measured: no GPU was available for this run (bf16 MFU and HBM-bound decode need one)"
     results["goals"] = goals(results)
     results["seconds"] = time.time() - started
+    results["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.name or device.type
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

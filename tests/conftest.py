@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from hf_moe import MoEConfig
+
+# tokenizers' thread pool and forked workers (DDP tests) do not mix: keep it single-threaded in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def tiny_config(**overrides: object) -> MoEConfig:

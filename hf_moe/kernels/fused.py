@@ -97,25 +97,21 @@ def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, tra
     out_dim = weight.shape[1] if transpose else weight.shape[2]
     if out is None:
         out = inputs.new_empty(inputs.shape[0], out_dim)
-    start = 0
-    for expert, count in enumerate(plan.counts):
-        if count:
-            w = weight[expert].t() if transpose else weight[expert]
-            torch.mm(inputs[start : start + count], w, out=out[start : start + count])
-            start += count
+    weights = (weight.transpose(1, 2) if transpose else weight).unbind(0)
+    for w, rows, result in zip(weights, inputs.split(plan.counts), out.split(plan.counts)):
+        if rows.shape[0]:
+            torch.mm(rows, w, out=result)
     return out
 
 
 def _mm_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPlan, num_experts: int) -> torch.Tensor:
     """sum over each expert's slots of grad_out_s inputs_s^T: (S, out), (S, in) -> (E, out, in)."""
     grad = grad_out.new_empty(num_experts, grad_out.shape[1], inputs.shape[1])
-    start = 0
-    for expert, count in enumerate(plan.counts):
-        if count:
-            torch.mm(grad_out[start : start + count].t(), inputs[start : start + count], out=grad[expert])
-            start += count
+    for result, rows_out, rows_in in zip(grad.unbind(0), grad_out.split(plan.counts), inputs.split(plan.counts)):
+        if rows_in.shape[0]:
+            torch.mm(rows_out.t(), rows_in, out=result)
         else:
-            grad[expert].zero_()
+            result.zero_()
     return grad
 
 
