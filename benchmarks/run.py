@@ -284,8 +284,7 @@ def bench_decode(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: Mo
         for name in caches:
             setup(name)
             logits[name] = step(name).float()
-        timings = interleaved({name: (lambda n=name: step(n)) for name in caches}, rounds, device, warmup=0,
-                              setup=setup)
+        timings = interleaved({name: (lambda n=name: step(n)) for name in caches}, rounds, device, setup=setup)
         peaks = {}
         for name in ("ours", "transformers_grouped_mm"):
             setup(name)
@@ -415,7 +414,7 @@ def main() -> None:
     parser.add_argument("--prefill-length", type=int, default=2048)
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds for the MoE layer and training")
-    parser.add_argument("--decode-rounds", type=int, default=9)
+    parser.add_argument("--decode-rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, contexts 128,512")
     parser.add_argument("--name", default=None, help="results file stem (default: the device type)")
     parser.add_argument("--max-busy", type=float, default=0.25,

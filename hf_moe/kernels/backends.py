@@ -113,10 +113,11 @@ def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) 
     """The backend `hf_moe_auto` runs for this device, dtype and phase.
 
     CPU: `hf_moe_fused` for every phase (per-expert MKL matmuls: as fast as torch's CPU grouped_mm, which
-    loops over groups too, and it keeps its alignment-free fallbacks; see benchmarks/results/cpu.json).
+    loops over groups too, with no alignment rules; decode touches only the chosen experts).
     CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
-    path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise. The Triton backend is chosen only by name until GPU timings
-    show it ahead. Layouts these kernels do not cover use transformers' `grouped_mm`.
+    path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise.
+    The Triton backend is chosen only by name until GPU timings show it ahead. Layouts these kernels do not
+    cover use transformers' `grouped_mm`.
     """
     device = hidden_states.device
     if not supports_fused(experts):

@@ -54,12 +54,25 @@ class SlotPlan:
         offsets = per_expert.cumsum(0).to(torch.int32)
         return cls(order=order, tokens=order // top_k, per_expert=per_expert, offsets=offsets)
 
+    _segments: list[tuple[int, int, int]] | None = None
+
     @property
     def counts(self) -> list[int]:
         """Slots per expert on the host: the one device-to-host sync, done once and only when needed."""
         if self._counts is None:
             self._counts = self.per_expert.tolist()
         return self._counts
+
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(expert, first sorted slot, count) of every expert with slots: decode touches only these."""
+        if self._segments is None:
+            self._segments, start = [], 0
+            for expert, count in enumerate(self.counts):
+                if count:
+                    self._segments.append((expert, start, count))
+                    start += count
+        return self._segments
 
 
 class Workspace(threading.local):
@@ -97,21 +110,19 @@ def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, tra
     out_dim = weight.shape[1] if transpose else weight.shape[2]
     if out is None:
         out = inputs.new_empty(inputs.shape[0], out_dim)
-    weights = (weight.transpose(1, 2) if transpose else weight).unbind(0)
-    for w, rows, result in zip(weights, inputs.split(plan.counts), out.split(plan.counts)):
-        if rows.shape[0]:
-            torch.mm(rows, w, out=result)
+    weight = weight.transpose(1, 2) if transpose else weight
+    for expert, start, count in plan.segments:
+        torch.mm(inputs[start : start + count], weight[expert], out=out[start : start + count])
     return out
 
 
 def _mm_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPlan, num_experts: int) -> torch.Tensor:
     """sum over each expert's slots of grad_out_s inputs_s^T: (S, out), (S, in) -> (E, out, in)."""
     grad = grad_out.new_empty(num_experts, grad_out.shape[1], inputs.shape[1])
-    for result, rows_out, rows_in in zip(grad.unbind(0), grad_out.split(plan.counts), inputs.split(plan.counts)):
-        if rows_in.shape[0]:
-            torch.mm(rows_out.t(), rows_in, out=result)
-        else:
-            result.zero_()
+    for expert, start, count in plan.segments:
+        torch.mm(grad_out[start : start + count].t(), inputs[start : start + count], out=grad[expert])
+    if len(plan.segments) < num_experts:  # experts without slots get zero gradients
+        grad[plan.per_expert == 0] = 0
     return grad
 
 
@@ -168,6 +179,24 @@ def _gather_rows(source: torch.Tensor, plan: SlotPlan, scratch: str) -> torch.Te
     return torch.index_select(source, 0, plan.tokens, out=out)
 
 
+def _experts_forward(
+    hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, top_k_weights: torch.Tensor,
+    plan: SlotPlan, mode: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward math: returns the output (T, H) and what backward needs: gate/up (S, 2I), the activation
+    (S, I) and the sorted slot weights (S,)."""
+    num_tokens, top_k = top_k_weights.shape
+    mm = _grouped if mode == "grouped_mm" else _mm_segments
+    slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
+    x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (S, H) scratch
+    gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = F.silu(gate).mul_(up)  # (S, I)
+    weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
+    y_slots = mm(weighted, down_proj, plan, transpose=True, out=WORKSPACE.get("slots_h", x_slots.shape, x_slots))
+    return _unsort_sum(y_slots, plan, num_tokens, top_k), gate_up, act, slot_weights
+
+
 class FusedExpertsFunction(torch.autograd.Function):
     """Routed SwiGLU experts with a hand-written backward (see the module docstring for the math)."""
 
@@ -181,19 +210,12 @@ class FusedExpertsFunction(torch.autograd.Function):
         plan: SlotPlan,
         mode: str,
     ) -> torch.Tensor:
-        num_tokens, top_k = top_k_weights.shape
-        mm = _grouped if mode == "grouped_mm" else _mm_segments
-        slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
-        x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (S, H) scratch
-        gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I), saved
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate).mul_(up)  # (S, I), saved
-        weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
-        y_slots = mm(weighted, down_proj, plan, transpose=True, out=WORKSPACE.get("slots_h", x_slots.shape, x_slots))
+        output, gate_up, act, slot_weights = _experts_forward(
+            hidden_states, gate_up_proj, down_proj, top_k_weights, plan, mode)
         ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights)
-        ctx.plan, ctx.mode, ctx.top_k = plan, mode, top_k
+        ctx.plan, ctx.mode, ctx.top_k = plan, mode, top_k_weights.shape[1]
         ctx.weights_dtype = top_k_weights.dtype
-        return _unsort_sum(y_slots, plan, num_tokens, top_k)
+        return output
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
@@ -251,7 +273,10 @@ def fused_experts(
     if mode not in MATMUL_MODES:
         raise ValueError(f"mode={mode!r} is not one of {MATMUL_MODES}")
     plan = SlotPlan.build(top_k_index, gate_up_proj.shape[0])
-    return FusedExpertsFunction.apply(hidden_states, gate_up_proj, down_proj, top_k_weights, plan, mode)
+    inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):  # inference: skip autograd
+        return _experts_forward(*inputs, plan, mode)[0]
+    return FusedExpertsFunction.apply(*inputs, plan, mode)
 
 
 def supports_fused(experts: nn.Module) -> bool:

@@ -59,5 +59,5 @@ class RoutedExperts(nn.Module):
             gate, up = F.linear(hidden_states[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
             expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # (S_e, H)
             weights = top_k_weights.reshape(-1)[slots, None].to(expert_out.dtype)
-            output.index_add_(0, tokens, expert_out * weights)
+            output.index_add_(0, tokens, (expert_out * weights).to(output.dtype))
         return output

@@ -181,3 +181,15 @@ def test_attention_backends_agree_with_eager_under_padding(make_config) -> None:
     for implementation in ("sdpa",):
         torch.testing.assert_close(outputs[implementation][1], outputs["eager"][1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outputs[implementation][0, 2:], outputs["eager"][0, 2:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm", "hf_moe_fused"])
+def test_bf16_autocast_runs_every_backend_close_to_fp32(backend: str) -> None:
+    model = MoEForCausalLM(tiny_config()).eval()
+    model.set_experts_implementation(backend)
+    ids = torch.randint(3, 97, (1, 5))
+    reference = model(ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
