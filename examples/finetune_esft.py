@@ -19,7 +19,6 @@ import os
 import random
 
 import torch
-from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_moe
@@ -31,6 +30,7 @@ from hf_moe.training import (
     save_finetuned_delta,
     select_experts,
 )
+from hf_moe.training.data import load_local_texts, token_blocks
 
 
 def demo_texts(n: int = 200) -> list[str]:
@@ -39,13 +39,6 @@ def demo_texts(n: int = 200) -> list[str]:
     rng = random.Random(0)
     return [f"{words[a]} plus {words[b]} is {a + b}." for a, b in ((rng.randrange(10), rng.randrange(10))
                                                                     for _ in range(n))]
-
-
-def token_blocks(texts: list[str], encode, block: int) -> Dataset:
-    """Concatenate the encoded texts and cut them into blocks of `block` tokens (labels = inputs)."""
-    ids = [t for text in texts for t in encode(text)]
-    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
-    return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
 def main() -> None:
@@ -62,8 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.data:
-        kind = {"jsonl": "json", "txt": "text"}.get(args.data.rsplit(".", 1)[-1], args.data.rsplit(".", 1)[-1])
-        texts = load_dataset(kind, data_files=args.data, split="train")["text"]
+        texts = load_local_texts(args.data)
     else:
         texts = demo_texts()
     if args.model:

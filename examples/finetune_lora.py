@@ -14,11 +14,11 @@ import argparse
 import os
 
 import torch
-from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_moe
 from hf_moe.training import MoECallback, apply_recipe
+from hf_moe.training.data import load_local_texts, token_blocks
 
 
 def main() -> None:
@@ -44,13 +44,10 @@ def main() -> None:
             num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1))
         encode = lambda text: list(text.encode())  # noqa: E731
     if args.data:
-        kind = {"jsonl": "json", "txt": "text"}.get(args.data.rsplit(".", 1)[-1], args.data.rsplit(".", 1)[-1])
-        texts = load_dataset(kind, data_files=args.data, split="train")["text"]
+        texts = load_local_texts(args.data)
     else:
         texts = [f"Q: what is {a} times 3? A: {a * 3}." for a in range(300)]
-    ids = [t for text in texts for t in encode(text)]
-    rows = [ids[i : i + args.block] for i in range(0, len(ids) - args.block + 1, args.block)]
-    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    data = token_blocks(texts, encode, args.block)
 
     report = apply_recipe(model, "lora", r=args.rank, lora_alpha=2 * args.rank, routed_experts=args.routed_experts)
     peft_model = report.model
@@ -62,7 +59,7 @@ def main() -> None:
     Trainer(model=peft_model, args=training, train_dataset=data, callbacks=[MoECallback()]).train()
     peft_model.save_pretrained(os.path.join(args.out, "adapter"))  # the adapter alone (small)
 
-    probe = torch.tensor([rows[0]])
+    probe = torch.tensor([data[0]["input_ids"]])
     peft_model.eval()
     with torch.no_grad():
         adapted = peft_model(probe).logits

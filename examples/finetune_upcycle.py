@@ -15,11 +15,11 @@ import argparse
 import os
 
 import torch
-from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import hf_moe
 from hf_moe.training import MoECallback, apply_recipe
+from hf_moe.training.data import load_local_texts, token_blocks
 
 
 def demo_dense(folder: str) -> None:
@@ -57,13 +57,10 @@ def main() -> None:
     else:
         encode = lambda text: list(text.encode())  # noqa: E731
     if args.data:
-        kind = {"jsonl": "json", "txt": "text"}.get(args.data.rsplit(".", 1)[-1], args.data.rsplit(".", 1)[-1])
-        texts = load_dataset(kind, data_files=args.data, split="train")["text"]
+        texts = load_local_texts(args.data)
     else:
         texts = [f"The {i}th line of a small corpus says {i * 7 % 13} is a number." for i in range(300)]
-    ids = [t for text in texts for t in encode(text)]
-    rows = [ids[i : i + args.block] for i in range(0, len(ids) - args.block + 1, args.block)]
-    data = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    data = token_blocks(texts, encode, args.block)
 
     experts_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.experts." in n}
     apply_recipe(model, "freeze-routed-experts")

@@ -49,15 +49,14 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _select_experts(args: argparse.Namespace) -> None:
-    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .training.data import load_local_texts
     from .training.expert_selection import save_expert_selection, select_experts
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    kind = "json" if args.data.endswith((".json", ".jsonl")) else "text"
-    texts = load_dataset(kind, data_files=args.data, split="train")[args.text_column]
+    texts = load_local_texts(args.data, column=args.text_column)
     selection = select_experts(model, texts, criterion=args.criterion, threshold=args.threshold,
                                tokenizer=tokenizer, max_tokens=args.max_tokens, max_length=args.max_length)
     if args.output:

@@ -38,3 +38,22 @@ def test_upcycle_then_inspect_then_publish(tmp_path, capsys) -> None:
     card = (tmp_path / "hub" / "README.md").read_text()
     assert "license: apache-2.0" in card
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["auto_map"]
+
+
+def test_select_experts_writes_the_esft_selection(tmp_path, capsys) -> None:
+    from hf_moe import MoEForCausalLM
+    from hf_moe.training.data import stdlib_sources, train_tokenizer
+    from hf_moe.training.expert_selection import load_expert_selection
+    from tests.conftest import tiny_config
+
+    tokenizer = train_tokenizer(stdlib_sources(max_bytes=40_000), vocab_size=300)
+    model = MoEForCausalLM(tiny_config(vocab_size=len(tokenizer)))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "task.txt").write_text("def add(a, b):\n    return a + b\nclass Point:\n    x = 1\n")
+    assert main(["select-experts", str(tmp_path / "model"), str(tmp_path / "task.txt"), "--criterion", "token",
+                 "--output", str(tmp_path / "experts.json")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    selection = load_expert_selection(tmp_path / "experts.json")
+    assert sorted(selection) == [1, 2] == sorted(int(k) for k in printed)
+    assert all(0 < len(experts) <= 8 for experts in selection.values())

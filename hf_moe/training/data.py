@@ -96,3 +96,27 @@ def build_lm_datasets(
     split = blocks.train_test_split(test_size=max(eval_fraction, 1 / len(blocks)), seed=seed)
     split["eval"] = split.pop("test")
     return split.with_format("torch")
+
+
+def load_local_texts(path: str | os.PathLike, column: str = "text") -> list[str]:
+    """The texts of a local .txt (one sample per line), .json or .jsonl file, read with `datasets`."""
+    from datasets import load_dataset
+
+    suffix = Path(path).suffix.lower()
+    kind = {".txt": "text", ".json": "json", ".jsonl": "json"}.get(suffix)
+    if kind is None:
+        raise ValueError(f"path={str(path)!r} has suffix {suffix!r}; allowed are .txt, .json and .jsonl.")
+    dataset = load_dataset(kind, data_files=str(path), split="train")
+    if column not in dataset.column_names:
+        raise ValueError(f"column={column!r} is not in {str(path)!r}; its columns are {dataset.column_names}.")
+    return dataset[column]
+
+
+def token_blocks(texts: list[str], encode: Any, block_size: int) -> Any:
+    """Concatenate `encode(text)` over `texts` and cut the stream into `block_size`-token rows: a datasets.Dataset
+    with `input_ids` and `labels` (equal; the model shifts them), the tail shorter than a block dropped."""
+    from datasets import Dataset
+
+    ids = [token for text in texts for token in encode(text)]
+    rows = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
