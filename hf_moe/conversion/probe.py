@@ -19,8 +19,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ..modeling.attention import RotaryEmbedding
 from ..modeling.model import MoEForCausalLM
+from ..modeling.rotary import RotaryEmbedding
 
 _VOCAB_CHUNK = 8192  # rows of the output head cast to fp32 at a time
 

@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
 from ..inspection import count_parameters
-from ..modeling.attention import RotaryEmbedding
 from ..modeling.configuration import MoEConfig
 from ..modeling.model import MoEForCausalLM
+from ..modeling.rotary import RotaryEmbedding
 from .checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
     CheckpointError,

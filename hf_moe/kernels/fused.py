@@ -18,18 +18,19 @@ Backward (dy = upstream gradient, gathered per slot: dy_s = dy_t(s)):
 Only the expert-width activations gu (S, 2I) and a (S, I) are saved; the token gather x_t(s) (S, H) is
 recomputed in backward instead of stored. The slot bookkeeping costs one stable argsort, one bincount and
 a single host sync (`.tolist()`) per forward. On CPU the transient slot-sized tensors live in reusable
-scratch buffers (`Workspace`): fresh multi-megabyte allocations cost page faults that rival the matmuls.
+scratch buffers (`hf_moe.modeling.scratch`): fresh multi-megabyte allocations cost page faults that rival the
+matmuls.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..modeling.scratch import WORKSPACE
 
 MATMUL_MODES = ("loop", "grouped_mm")
 
@@ -75,30 +76,6 @@ class SlotPlan:
         return self._segments
 
 
-class Workspace(threading.local):
-    """Per-thread scratch buffers, reused across calls, for tensors that live only inside one forward or one
-    backward (never saved for backward, never returned). CPU only: CUDA's caching allocator already reuses
-    memory. Buffers made under inference mode are kept apart (they cannot be written outside it)."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-        """A scratch tensor of `shape` (dtype/device of `like`), or None off CPU (callers then allocate)."""
-        if like.device.type != "cpu":
-            return None
-        key = (name, like.dtype, torch.is_inference_mode_enabled())
-        numel = math.prod(shape)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype)
-        return buffer[:numel].view(shape)
-
-    def clear(self) -> None:
-        self.buffers.clear()
-
-
-WORKSPACE = Workspace()
 
 
 def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool,

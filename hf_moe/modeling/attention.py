@@ -1,7 +1,7 @@
 """Attention: multi-head latent attention (MLA, DeepSeek-V2 §2.1) and grouped-query attention (GQA).
 
 Both run through transformers' attention interface (`config._attn_implementation`: eager, sdpa, flex, ...)
-and its Cache API. RoPE frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (default, yarn, llama3...).
+and its Cache API; rotary position embeddings come from rotary.py.
 """
 
 from __future__ import annotations
@@ -12,62 +12,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import MoEConfig
+from .mla_attention import mla_attention
 from .normalization import RMSNorm
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables of RoPE (Su et al. 2021) for the rotary width `config.head_dim`."""
-
-    def __init__(self, config: MoEConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.max_seq_len_cached = config.max_position_embeddings
-        self.original_max_seq_len = config.max_position_embeddings
-        self.rope_type = config.rope_parameters.get("rope_type", "default")
-        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[
-            self.rope_type]
-        inv_freq, self.attention_scaling = init_fn(config)
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
-
-    @staticmethod
-    def compute_default_rope_parameters(config: MoEConfig, **_: object) -> tuple[torch.Tensor, float]:
-        """theta_j = base^(-2j/d) for j < d/2 (RoFormer eq. 15)."""
-        base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
-
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, d/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs).
-
-    interleaved: rotary pairs are (x0, x1), (x2, x3), ... (DeepSeek checkpoints); the output is written in
-    half-split order, which leaves every q.k dot product unchanged because q and k are permuted alike.
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    if not interleaved:
-        return x * cos + rotate_half(x) * sin
-    half = cos.shape[-1] // 2
-    cos, sin = cos[..., :half], sin[..., :half]
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+from .rotary import apply_rope
+from .softmax_attention import explicit_wins, sdpa_attention_forward
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:
@@ -115,6 +66,10 @@ def eager_attention_forward(
 
 
 def attention_function(config: MoEConfig) -> Callable:
+    """The configured backend from transformers' attention interface; "sdpa" runs our wrapper, which keeps
+    torch's kernels except where the explicit-softmax kernel is faster (CPU, see softmax_attention.py)."""
+    if config._attn_implementation == "sdpa":
+        return sdpa_attention_forward
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
@@ -237,23 +192,31 @@ class MultiHeadLatentAttention(nn.Module):
         batch, length = hidden_states.shape[:2]
         cos, sin = position_embeddings
         interleaved = self.config.rope_interleave
-        q_nope, q_pe = self.project_queries(hidden_states).split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
-        q_pe = apply_rope(q_pe, cos, sin, interleaved)
+        queries = self.project_queries(hidden_states)  # (B, h, T, dn + dr), rotary part not yet rotated
         latent, k_pe = self.compress_kv(hidden_states)
         k_pe = apply_rope(k_pe, cos, sin, interleaved)
         past_length = 0
         if cache is not None:  # the cache holds the latent and the rotated shared key only
             past_length = cache.get_seq_length(self.layer_idx)
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+        dropout = self.attention_dropout if self.training else 0.0
         if self.use_absorption(length, past_length, attention_mask):
-            output, weights = self.absorbed_attention(q_nope, q_pe, latent, k_pe, attention_mask)
-        else:  # prefill and training: expanded keys/values through the configured attention backend
+            q_nope, q_pe = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
+            output, weights = self.absorbed_attention(q_nope, apply_rope(q_pe, cos, sin, interleaved), latent, k_pe,
+                                                      attention_mask)
+        elif self.config._attn_implementation == "sdpa" and explicit_wins(
+                queries, self.v_head_dim, batch * self.num_heads * length * latent.shape[2], dropout, **kwargs):
+            # token-major kernel: no split/concat/transpose copies of queries, keys, values or output
+            kv = self.kv_b_proj(latent.squeeze(1)).view(batch, -1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+            output = mla_attention(queries.transpose(1, 2), kv, k_pe.squeeze(1), cos, sin, attention_mask,
+                                   self.qk_nope_head_dim, self.scaling, interleaved)
+            weights = None
+        else:  # expanded keys/values through the configured attention backend
+            q_nope, q_pe = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
             keys, values = self.expand_kv(latent, k_pe)
-            queries = torch.cat((q_nope, q_pe), dim=-1)
+            queries = torch.cat((q_nope, apply_rope(q_pe, cos, sin, interleaved)), dim=-1)
             output, weights = attention_function(self.config)(
-                self, queries, keys, values, attention_mask,
-                dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
-            )
+                self, queries, keys, values, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         return self.o_proj(output.reshape(batch, length, -1)), weights
 
 

@@ -14,10 +14,60 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
 from .configuration import MoEConfig
+from .scratch import WORKSPACE
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """y = W_d (silu(W_g x) * W_u x) with a hand-written backward (Shazeer 2020, eq. 6):
+
+        a = silu(g) * u            dW_d = dy^T a           da = dy W_d
+        dg = da * u * silu'(g)     du = da * silu(g)       dx = dg W_g + du W_u    dW_g = dg^T x    dW_u = du^T x
+
+    g and u land side by side in one (tokens, 2I) buffer; backward writes dg, du into one buffer of that shape
+    and accumulates dx in place, instead of autograd's separate silu/mul backward passes and gradient sum.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, gate_weight: torch.Tensor,  # noqa: D102
+                up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        inter = gate_weight.shape[0]
+        rows = x.reshape(-1, x.shape[-1])  # (N, H)
+        gate_up = rows.new_empty(rows.shape[0], 2 * inter)  # (N, 2I)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        torch.mm(rows, gate_weight.t(), out=gate)
+        torch.mm(rows, up_weight.t(), out=up)
+        act = F.silu(gate).mul_(up)  # (N, I)
+        ctx.save_for_backward(rows, gate_weight, up_weight, down_weight, gate_up, act)
+        return torch.mm(act, down_weight.t()).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
+        rows, gate_weight, up_weight, down_weight, gate_up, act = ctx.saved_tensors
+        inter = gate_weight.shape[0]
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
+        grad_down = torch.mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
+        grad_act = torch.mm(grad_rows, down_weight, out=WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        grad_gate_up = WORKSPACE.empty("swiglu_2i", gate_up.shape, gate_up)  # scratch: never leaves backward
+        grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
+        torch.mul(grad_act, torch.ops.aten.silu.out(gate, out=grad_up), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad_gate, gate_weight).addmm_(grad_up, up_weight).view(*grad_output.shape[:-1], -1)
+        grad_gate_w = torch.mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
+        grad_up_w = torch.mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gate_w, grad_up_w, grad_down
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """A bias-free nn.Linear with no hooks (not LoRA-wrapped, quantized or sharded through module hooks)."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU)."""
+    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU). Plain SiLU layers run `SwiGLUFunction`."""
 
     def __init__(self, config: MoEConfig, intermediate_size: int) -> None:
         super().__init__()
@@ -27,8 +77,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fused = config.hidden_act in ("silu", "swish")  # False forces the eager module path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.fused and all(plain_linear(p) for p in projections):
+            return SwiGLUFunction.apply(x, *(p.weight for p in projections))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

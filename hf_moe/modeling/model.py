@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,14 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import RotaryEmbedding
 from .configuration import MoEConfig
+from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
-from .experts import RoutedExperts
+from .experts import RoutedExperts, plain_linear
 from .losses import moe_auxiliary_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
+from .rotary import RotaryEmbedding
 from .routing import Router, RouterOutput
 from .speculative import MTPGenerationOutput, mtp_generate
 
@@ -269,6 +271,32 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
         self.post_init()
 
+    @property
+    def loss_function(self) -> Callable:
+        """The LM loss: one set with `model.loss_function = fn` or a `loss_type` other than "ForCausalLM" is used
+        as in transformers; by default `causal_lm_loss` (ForCausalLMLoss's semantics, fewer logits-sized tensors)."""
+        if hasattr(self, "_loss_function"):
+            return self._loss_function
+        if getattr(self, "loss_type", None) in (None, "ForCausalLM"):
+            return causal_lm_loss
+        return super().loss_function
+
+    @loss_function.setter
+    def loss_function(self, value: Callable) -> None:
+        self._loss_function = value
+
+    def fuses_lm_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
+        """Whether the LM head and the default loss run as one `lm_head_and_loss` (same loss and logits, no
+        logits-sized gradient): a CPU fp32 training forward over all positions with a plain bias-free head."""
+        return (
+            torch.is_grad_enabled()
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dtype == torch.float32
+            and isinstance(logits_to_keep, int) and logits_to_keep == 0
+            and self.loss_function is causal_lm_loss
+            and plain_linear(self.lm_head)
+        )
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -294,13 +322,20 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-
         loss = lm_loss = mtp_loss = None
+        if labels is not None and self.fuses_lm_loss(hidden_states, logits_to_keep):
+            lm_loss, logits = lm_head_and_loss(hidden_states, self.lm_head.weight, labels,
+                                               num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                               shift_labels=kwargs.get("shift_labels"))
+        else:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
+                                             **kwargs)
+
         routings = list(outputs.routings or ())
         if labels is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss
             if self.mtp is not None and self.config.mtp_loss_weight > 0:
                 mtp_loss, mtp_routings = self.multi_token_prediction_loss(

@@ -1,0 +1,169 @@
+"""The causal-LM loss with transformers' `ForCausalLMLoss` semantics, computed without logits-sized temporaries.
+
+    loss = scale * sum_{t valid} (logsumexp(z_t) - z_t[y_t]),   dz_t = scale * (softmax(z_t) - onehot(y_t))
+
+scale = 1 / num_items_in_batch when given (Trainer's token-count normalisation over accumulation and ranks),
+else 1 / (number of valid targets); targets equal to `ignore_index` contribute nothing.
+
+Why: autograd's cross-entropy allocates the log-probabilities, a zero-filled gradient for the gather and the
+log-softmax gradient, each as large as the logits (tokens x vocabulary); on CPU every fresh multi-megabyte
+tensor is page-faulted in, which for a 4096-token vocabulary cost as much as the LM head's matmuls. Here the
+logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through one reused scratch block (`scratch.WORKSPACE`). `LinearCrossEntropy-
+Function` goes further when the model computes the loss itself: it owns the LM-head matmul, so the logits'
+gradient is formed chunk by chunk in scratch and multiplied into the hidden-state and weight gradients at once,
+never as a whole. The logits are still returned (and may feed other losses: their gradient is added).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .scratch import WORKSPACE
+
+CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk (32 MB in fp32): the scratch block's size
+MIN_CHUNK_ROWS = 256  # fewer rows would starve the chunked gradient matmuls (their inner dimension)
+
+
+def chunks(rows: int, vocab: int) -> list[slice]:
+    """Row slices of about `CHUNK_ELEMENTS` logits each (all rows at once for small vocabularies)."""
+    step = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension of (N, V), chunk by chunk through a scratch block. Returns (N,)."""
+    lse = logits.new_empty(logits.shape[0])
+    for rows in chunks(*logits.shape):
+        block = logits[rows]
+        row_max = block.amax(dim=-1, keepdim=True)  # (rows, 1)
+        shifted = WORKSPACE.empty("ce_rows", block.shape, block)
+        torch.sub(block, row_max, out=shifted).exp_()
+        torch.add(shifted.sum(dim=-1).log_(), row_max.squeeze(1), out=lse[rows])
+    return lse
+
+
+def summed_loss(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    return ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * valid).sum() * scale
+
+
+def logit_gradient_into(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+                        row_scale: torch.Tensor) -> torch.Tensor:
+    """out (rows, V) = row_scale * (softmax(logits) - onehot(targets)) for one chunk of rows."""
+    torch.sub(logits, lse[:, None], out=out).exp_()
+    out.scatter_add_(1, targets[:, None], torch.full_like(row_scale, -1.0))
+    return out.mul_(row_scale)
+
+
+def prepare_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets with ignored ones replaced by 0, bool mask of the valid ones)."""
+    valid = targets != ignore_index
+    return targets.masked_fill(~valid, 0), valid
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Summed cross-entropy of logits (N, V) against targets (N,), times `scale`; hand-written backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, targets: torch.Tensor,  # noqa: D102
+                scale: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        targets, valid = prepare_targets(targets, ignore_index)
+        lse = row_logsumexp(logits)
+        ctx.save_for_backward(logits, lse, targets, valid, scale)
+        return summed_loss(logits, lse, targets, valid, scale)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # noqa: D102
+        logits, lse, targets, valid, scale = ctx.saved_tensors
+        row_scale = (valid * (scale * grad_loss)).to(logits.dtype)[:, None]  # (N, 1)
+        grad = torch.empty_like(logits)
+        for rows in chunks(*logits.shape):
+            logit_gradient_into(grad[rows], logits[rows], lse[rows], targets[rows], row_scale[rows])
+        return grad, None, None, None
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """(loss, logits) of the LM head z = h W^T and the summed cross-entropy times `scale`. Backward forms dz in
+    row chunks (plus any gradient that reached the returned logits) and multiplies it straight into dh and dW."""
+
+    @staticmethod
+    def forward(  # noqa: D102
+        ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+        scale: torch.Tensor, ignore_index: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.mm(hidden, weight.t())  # (N, V)
+        targets, valid = prepare_targets(targets, ignore_index)
+        lse = row_logsumexp(logits)
+        ctx.save_for_backward(hidden, weight, logits, lse, targets, valid, scale)
+        ctx.set_materialize_grads(False)
+        return summed_loss(logits, lse, targets, valid, scale), logits
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor | None,  # noqa: D102
+                 grad_logits: torch.Tensor | None) -> tuple:
+        hidden, weight, logits, lse, targets, valid, scale = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None
+        row_scale = None if grad_loss is None else (valid * (scale * grad_loss)).to(logits.dtype)[:, None]
+        for rows in chunks(*logits.shape):
+            block = WORKSPACE.empty("ce_rows", logits[rows].shape, logits)  # dz for these rows, scratch
+            if row_scale is None:
+                block.zero_()
+            else:
+                logit_gradient_into(block, logits[rows], lse[rows], targets[rows], row_scale[rows])
+            if grad_logits is not None:
+                block += grad_logits[rows]
+            if need_hidden:
+                torch.mm(block, weight, out=grad_hidden[rows])
+            if need_weight:
+                if grad_weight is None:
+                    grad_weight = torch.mm(block.t(), hidden[rows])
+                else:
+                    grad_weight.addmm_(block.t(), hidden[rows])
+        return grad_hidden, grad_weight, None, None, None
+
+
+def loss_scale(targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None, ignore_index: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """1 / num_items_in_batch, or 1 / (valid targets) when it is not given (a mean, as cross_entropy's)."""
+    if num_items_in_batch is None:
+        denominator = (targets != ignore_index).sum()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=targets.device)
+    return 1.0 / denominator.to(dtype)
+
+
+def next_token_targets(labels: torch.Tensor, ignore_index: int, shift_labels: torch.Tensor | None) -> torch.Tensor:
+    """labels (B, T) -> the flat target of every position, the next label (ignore_index for the last)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100, shift_labels: torch.Tensor | None = None, **_: object,
+) -> torch.Tensor:
+    """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (shifted here unless `shift_labels`)."""
+    logits = logits.float().reshape(-1, vocab_size)
+    targets = next_token_targets(labels, ignore_index, shift_labels).to(logits.device)
+    scale = loss_scale(targets, num_items_in_batch, ignore_index, logits.dtype)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") * scale
+    return CrossEntropyFunction.apply(logits, targets, scale, ignore_index)
+
+
+def lm_head_and_loss(
+    hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(causal_lm_loss, logits (B, T, V)) of the LM head `weight` (V, H) on hidden_states (B, T, H), fp32."""
+    batch, length, hidden = hidden_states.shape
+    targets = next_token_targets(labels, ignore_index, shift_labels).to(hidden_states.device)
+    scale = loss_scale(targets, num_items_in_batch, ignore_index, hidden_states.dtype)
+    loss, logits = LinearCrossEntropyFunction.apply(hidden_states.reshape(-1, hidden), weight, targets, scale,
+                                                    ignore_index)
+    return loss, logits.view(batch, length, -1)

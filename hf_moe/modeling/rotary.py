@@ -1,0 +1,109 @@
+"""Rotary position embeddings (RoPE, Su et al. 2021): cos/sin tables and the rotation, with a hand-written
+backward. Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (default, yarn, llama3...).
+
+For rotary pairs (x1, x2) at angle theta (RoFormer eq. 13-14):
+
+    y1 = x1 cos - x2 sin        dx1 =  dy1 cos + dy2 sin
+    y2 = x2 cos + x1 sin        dx2 = -dy1 sin + dy2 cos
+
+Pairs are the two halves of the rotary width (Llama, Qwen, "half-split") or neighbours (x0, x1), (x2, x3)...
+(DeepSeek checkpoints, "interleaved"); the output is always written half-split, which leaves every q.k dot
+product unchanged because queries and keys are permuted alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+from .configuration import MoEConfig
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE (Su et al. 2021) for the rotary width `config.head_dim`."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[
+            self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MoEConfig, **_: object) -> tuple[torch.Tensor, float]:
+        """theta_j = base^(-2j/d) for j < d/2 (RoFormer eq. 15)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotary_pairs(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (x1, x2) members of every rotary pair: neighbours if interleaved, else the two halves."""
+    if interleaved:
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> None:
+    """out (half-split) = x rotated by the angles; cos/sin hold the half width and broadcast against x's pairs."""
+    x1, x2 = rotary_pairs(x, interleaved)
+    y1, y2 = rotary_pairs(out, False)
+    torch.mul(x1, cos, out=y1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=y2).addcmul_(x1, sin)
+
+
+def unrotate_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  interleaved: bool) -> None:
+    """The backward of `rotate_into`: out (x's layout) = grad (half-split) rotated by minus the angles."""
+    dy1, dy2 = rotary_pairs(grad, False)
+    dx1, dx2 = rotary_pairs(out, interleaved)
+    torch.mul(dy1, cos, out=dx1).addcmul_(dy2, sin)
+    torch.mul(dy2, cos, out=dx2).addcmul_(dy1, sin, value=-1)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """y = rotate(x) by the angles whose cos/sin (half width) are given; backward rotates by minus the angles."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, cos: torch.Tensor,  # noqa: D102
+                sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        out = torch.empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])), dtype=x.dtype,
+                          device=x.device)
+        rotate_into(out, x, cos, sin, interleaved)
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
+        cos, sin = ctx.saved_tensors
+        grad_x = torch.empty_like(grad_output, memory_format=torch.contiguous_format)
+        unrotate_into(grad_x, grad_output, cos, sin, ctx.interleaved)
+        return grad_x, None, None, None
+
+
+def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, T, d) = cat(freqs, freqs) -> their first halves (B, T, d/2)."""
+    half = cos.shape[-1] // 2
+    return cos[..., :half], sin[..., :half]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs)."""
+    cos, sin = half_angles(cos, sin)
+    return RotaryFunction.apply(x, cos.unsqueeze(1), sin.unsqueeze(1), interleaved)  # angles (B, 1, T, d/2)
