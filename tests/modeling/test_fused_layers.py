@@ -1,0 +1,125 @@
+"""RMSNorm, the SwiGLU MLP and the LM loss with hand-written backwards equal their references: transformers'
+own LlamaRMSNorm / LlamaMLP / ForCausalLMLoss (forward bit-identical where promised, gradients tight), and
+fall back to the module path where the fast one would be wrong (bf16 norms, LoRA-wrapped or hooked linears,
+a user-set loss function)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from hf_moe import MoEForCausalLM
+from hf_moe.modeling import cross_entropy, experts, normalization
+from hf_moe.modeling.cross_entropy import causal_lm_loss
+from hf_moe.modeling.experts import MLP
+from hf_moe.modeling.normalization import RMSNorm
+from tests.conftest import tiny_config
+from tests.modeling.test_attention_kernels import spy_calls
+
+
+def parameter_grads(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    out = module(x)
+    return [out, *torch.autograd.grad(out, (x, *module.parameters()), grad)]
+
+
+def test_rms_norm_equals_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, normalization.RMSNormFunction, "apply")
+    ours, theirs = RMSNorm(48, eps=1e-5), LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    grad = torch.randn(3, 7, 48)
+    mine, reference = parameter_grads(ours, x, grad), parameter_grads(theirs, x, grad)
+    assert calls == [1]
+    assert torch.equal(mine[0], reference[0])  # the forward is the same arithmetic
+    for a, b in zip(mine[1:], reference[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_keeps_the_reference_math_in_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, normalization.RMSNormFunction, "apply")
+    ours, theirs = RMSNorm(16).to(torch.bfloat16), LlamaRMSNorm(16).to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))
+    assert calls == []
+
+
+def llama_mlp_pair(hidden: int = 32, inter: int = 40) -> tuple[MLP, LlamaMLP]:
+    ours = MLP(tiny_config(hidden_size=hidden), inter)
+    theirs = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter, hidden_act="silu"))
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours, name).weight.normal_(0, 0.3)
+            getattr(theirs, name).weight.copy_(getattr(ours, name).weight)
+    return ours, theirs
+
+
+def test_swiglu_mlp_equals_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, experts.SwiGLUFunction, "apply")
+    ours, theirs = llama_mlp_pair()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    grad = torch.randn(2, 9, 32)
+    mine, reference = parameter_grads(ours, x, grad), parameter_grads(theirs, x, grad)
+    assert calls == [1]
+    for a, b in zip(mine, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_mlp_uses_the_modules_when_they_are_wrapped_or_hooked(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, experts.SwiGLUFunction, "apply")
+    ours, _ = llama_mlp_pair()
+    seen = []
+    handle = ours.up_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    ours(torch.randn(5, 32))
+    assert calls == [] and seen == [torch.Size([5, 40])]
+    handle.remove()
+    ours(torch.randn(5, 32))
+    assert calls == [1]
+
+
+def loss_and_grads(model: MoEForCausalLM, ids: torch.Tensor, labels: torch.Tensor,
+                   **kwargs: object) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(input_ids=ids, labels=labels, **kwargs)
+    (out.loss + 0.1 * out.logits.square().mean()).backward()  # a second use of the logits adds its gradient
+    return out.lm_loss.detach(), out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                        if p.grad is not None}
+
+
+@pytest.mark.parametrize("num_items", [None, 55])
+def test_lm_head_loss_equals_transformers(num_items: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, cross_entropy.LinearCrossEntropyFunction, "apply")
+    model = MoEForCausalLM(tiny_config(num_hidden_layers=2)).train()
+    ids = torch.randint(3, 97, (3, 21))
+    labels = ids.masked_fill(torch.rand(ids.shape) < 0.2, -100)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    ours = loss_and_grads(model, ids, labels, **kwargs)
+    assert len(calls) == 1
+    model.loss_function = ForCausalLMLoss  # a user-set loss is used as is: here transformers' own
+    theirs = loss_and_grads(model, ids, labels, **kwargs)
+    assert len(calls) == 1
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ours[1], theirs[1])
+    for name, grad in theirs[2].items():
+        torch.testing.assert_close(ours[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False])
+def test_causal_lm_loss_equals_transformers(grad_enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logits-input loss (MTP heads, logits_to_keep, GPUs): chunked like the fused one, several chunks here."""
+    monkeypatch.setattr(cross_entropy, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 4 * 50)
+    logits = torch.randn(2, 13, 50, requires_grad=grad_enabled)
+    labels = torch.randint(0, 50, (2, 13))
+    labels[0, 3:6] = -100
+    with torch.set_grad_enabled(grad_enabled):
+        ours, theirs = causal_lm_loss(logits, labels, 50), ForCausalLMLoss(logits, labels, 50)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    if grad_enabled:
+        a, = torch.autograd.grad(ours, logits)
+        b, = torch.autograd.grad(theirs, logits)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
