@@ -17,6 +17,16 @@ from .configuration import MoEConfig
 from .scratch import WORKSPACE
 
 
+def swiglu_backward_into(grad_gate_up: torch.Tensor, grad_act: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """grad_gate_up (N, 2I) = [da * u * silu'(g), da * silu(g)] for a = silu(g) * u, with gate_up = [g, u] (N, 2I)
+    and da = grad_act (N, I), which is overwritten. Returns grad_gate_up."""
+    inter = grad_act.shape[1]
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    torch.ops.aten.silu.out(gate, out=grad_gate_up[:, inter:]).mul_(grad_act)
+    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate_up[:, :inter])
+    return grad_gate_up
+
+
 class SwiGLUFunction(torch.autograd.Function):
     """y = W_d (silu(W_g x) * W_u x) with a hand-written backward (Shazeer 2020, eq. 6):
 
@@ -47,11 +57,8 @@ class SwiGLUFunction(torch.autograd.Function):
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
         grad_down = torch.mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
         grad_act = torch.mm(grad_rows, down_weight, out=WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        grad_gate_up = WORKSPACE.empty("swiglu_2i", gate_up.shape, gate_up)  # scratch: never leaves backward
+        grad_gate_up = swiglu_backward_into(WORKSPACE.empty("swiglu_2i", gate_up.shape, gate_up), grad_act, gate_up)
         grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
-        torch.mul(grad_act, torch.ops.aten.silu.out(gate, out=grad_up), out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(grad_gate, gate_weight).addmm_(grad_up, up_weight).view(*grad_output.shape[:-1], -1)
@@ -67,7 +74,8 @@ def plain_linear(module: nn.Module) -> bool:
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU). Plain SiLU layers run `SwiGLUFunction`."""
+    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU). Plain SiLU layers run `SwiGLUFunction` when autograd
+    records (without a graph the module path is the same math with less overhead)."""
 
     def __init__(self, config: MoEConfig, intermediate_size: int) -> None:
         super().__init__()
@@ -81,7 +89,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if self.fused and all(plain_linear(p) for p in projections):
+        if (self.fused and torch.is_grad_enabled() and all(plain_linear(p) for p in projections)
+                and (x.requires_grad or any(p.weight.requires_grad for p in projections))):
             return SwiGLUFunction.apply(x, *(p.weight for p in projections))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 

@@ -18,6 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .cache import MoECache
 from .configuration import MoEConfig
 from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
@@ -214,7 +215,7 @@ class MoEModel(MoEPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = MoECache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -284,6 +285,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     @loss_function.setter
     def loss_function(self, value: Callable) -> None:
         self._loss_function = value
+
+    def _prepare_cache_for_generation(self, generation_config: object, model_kwargs: dict, *args: object) -> None:
+        """generate()'s default cache, a DynamicCache, becomes our `MoECache` (in-place appends); any cache the
+        caller passes or `cache_implementation` asks for (static, offloaded, quantized...) is kept as is."""
+        given = model_kwargs.get("cache")
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args)
+        cache = model_kwargs.get("cache")
+        if cache is not given and type(cache) is DynamicCache and not cache.offloading:
+            model_kwargs["cache"] = MoECache(config=self.config.get_text_config(decoder=True))
 
     def fuses_lm_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
         """Whether the LM head and the default loss run as one `lm_head_and_loss` (same loss and logits, no

@@ -15,13 +15,18 @@ import torch
 from torch import nn
 
 
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """r = (mean(x^2) + eps)^-1/2 over the last dimension, (..., 1)."""
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+
+
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dimension of x, same dtype for x and w, with a hand-written backward."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,  # noqa: D102
                 eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        rstd = inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, rstd)
         return (x * rstd).mul_(weight)
 
@@ -49,9 +54,11 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return self.reference(hidden_states)
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
             return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
-        return self.reference(hidden_states)
+        return (hidden_states * inverse_rms(hidden_states, self.variance_epsilon)).mul_(self.weight)  # no graph
 
     def reference(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The eager math of transformers' Llama/DeepSeek RMSNorm (the parity reference)."""

@@ -82,8 +82,7 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, cos: torch.Tensor,  # noqa: D102
                 sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        out = torch.empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])), dtype=x.dtype,
-                          device=x.device)
+        out = x.new_empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])))
         rotate_into(out, x, cos, sin, interleaved)
         ctx.save_for_backward(cos, sin)
         ctx.interleaved = interleaved
@@ -106,4 +105,9 @@ def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs)."""
     cos, sin = half_angles(cos, sin)
-    return RotaryFunction.apply(x, cos.unsqueeze(1), sin.unsqueeze(1), interleaved)  # angles (B, 1, T, d/2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RotaryFunction.apply(x, cos, sin, interleaved)
+    out = x.new_empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])))  # no graph: no Function
+    rotate_into(out, x, cos, sin, interleaved)
+    return out

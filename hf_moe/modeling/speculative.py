@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .cache import MoECache
 
 
 @dataclass
@@ -94,7 +95,7 @@ def mtp_generate(
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     tokens = input_ids
-    main_cache, mtp_cache = DynamicCache(config=config), DynamicCache()
+    main_cache, mtp_cache = MoECache(config=config), MoECache()
     if config.sliding_window:
         main_cache.activate_past_recording()  # sliding layers must be croppable after rejected drafts
     result = MTPGenerationOutput(sequences=tokens, accepted_per_depth=[0] * depth_max, drafted_per_depth=[0] * depth_max)

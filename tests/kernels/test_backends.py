@@ -218,3 +218,25 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch: pytest.Monk
     ids, weights = random_routing(3, 6, 2)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         BACKENDS["hf_moe_triton"](experts, torch.randn(3, 24), ids, weights)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_decode_forward_matches_eager(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd, up to FEW_SLOTS token-slots take the slot-by-slot path (T=3, K=3 does not): the same
+    output as eager, also with a slot dropped (weight 0) and an expert chosen by two tokens."""
+    from hf_moe.kernels import fused
+
+    calls = []
+    original = fused._few_slots_forward
+    monkeypatch.setattr(fused, "_few_slots_forward", lambda *a: calls.append(1) or original(*a))
+    experts = make_experts()
+    ids = torch.tensor([[4, 1, 0], [1, 5, 2], [3, 1, 2]])[:tokens]
+    weights = torch.rand(tokens, 3)
+    weights[0, 1] = 0.0
+    x = torch.randn(tokens, 24)
+    with torch.inference_mode():
+        reference = experts(x, ids, weights)
+        experts.config._experts_implementation = "hf_moe_fused"
+        result = experts(x, ids, weights)
+    torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-6)
+    assert len(calls) == (1 if tokens * 3 <= fused.FEW_SLOTS else 0)
