@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ from hf_moe.modeling.cache import MoECache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PARTS = ("moe", "train", "prefill", "decode")
+DECODE_BURST = 8  # consecutive decode steps timed together
 
 
 def bench_config(**overrides: object) -> MoEConfig:
@@ -111,6 +113,49 @@ def train_flops(config: MoEConfig, batch: int, length: int) -> float:
     return 6.0 * params * tokens + 3.0 * config.num_hidden_layers * per_layer_attn / 2
 
 
+def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """The matmuls of one MoE layer's forward+backward and nothing else (no routing, gathers, activations or
+    autograd), with this batch's per-expert token counts and preallocated outputs: the floor any implementation
+    of the layer runs into on this machine, at these shapes."""
+    tokens = x.reshape(-1, x.shape[-1]).detach()
+    with torch.no_grad():
+        routing = block.gate(tokens)
+    counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=block.experts.num_experts).tolist()
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    inter = down.shape[-1]
+    slots = sum(counts)
+    x_slots, gu, act = tokens.new_empty(slots, tokens.shape[1]), tokens.new_empty(slots, 2 * inter), tokens.new_empty(slots, inter)
+    y_slots, grad_gate_up, grad_down = torch.empty_like(x_slots), torch.empty_like(gate_up), torch.empty_like(down)
+    shared = [w.detach() for w in (block.shared_experts.gate_proj.weight, block.shared_experts.up_proj.weight,
+                                   block.shared_experts.down_proj.weight)] if block.shared_experts is not None else []
+    router = block.gate.weight.detach()
+    shared_act = tokens.new_empty(tokens.shape[0], shared[2].shape[1]) if shared else None
+
+    def linear_forward_backward(inputs: torch.Tensor, weight: torch.Tensor) -> None:
+        out = torch.mm(inputs, weight.t())  # forward, then d_input = d_out W and d_W = d_out^T input
+        torch.mm(out, weight)
+        torch.mm(out.t(), inputs)
+
+    def run() -> None:
+        linear_forward_backward(tokens, router)
+        for weight in shared:
+            linear_forward_backward(tokens if weight is not shared[2] else shared_act, weight)
+        start = 0
+        for expert, count in enumerate(counts):
+            rows = slice(start, start + count)
+            start += count
+            if count == 0:
+                continue
+            torch.mm(x_slots[rows], gate_up[expert].t(), out=gu[rows])  # forward
+            torch.mm(act[rows], down[expert].t(), out=y_slots[rows])
+            torch.mm(y_slots[rows], down[expert], out=act[rows])  # backward
+            torch.mm(y_slots[rows].t(), act[rows], out=grad_down[expert])
+            torch.mm(gu[rows], gate_up[expert], out=x_slots[rows])
+            torch.mm(gu[rows].t(), x_slots[rows], out=grad_gate_up[expert])
+
+    return run
+
+
 # ---------------------------------------------------------------------------------------------- parts
 def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, batch: int,
                     length: int, rounds: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -139,7 +184,8 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
 
     set_experts(ours, "hf_moe_auto")
     timings = interleaved({"ours": ours_step, "transformers_grouped_mm": theirs_step, "transformers_eager": theirs_step,
-                           "matmul_2048": matmul}, rounds, device, setup=setup)
+                           "matmuls_only": moe_matmuls_only(our_block, x), "matmul_2048": matmul}, rounds, device,
+                          setup=setup)
     flops = moe_flops(config, batch * length)
     mm_rate = mm_flops / timings.median("matmul_2048")
     result = {
@@ -148,9 +194,10 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
         "speedup_vs_transformers_eager": timings.speedup("ours", "transformers_eager"),
         "matmul_flops_per_s": mm_rate,
     }
-    for name in ("ours", "transformers_grouped_mm", "transformers_eager"):
+    for name in ("ours", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
         result[f"flops_per_s_{name}"] = flops / timings.median(name)
         result[f"fraction_of_matmul_{name}"] = flops / timings.median(name) / mm_rate
+    result["ours_over_matmuls_only"] = timings.speedup("matmuls_only", "ours")
     return result
 
 
@@ -261,8 +308,9 @@ def decode_bytes_per_step(config: MoEConfig, context: int, dtype: torch.dtype) -
 
 def bench_decode(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, context: int, rounds: int,
                  device: torch.device, dtype: torch.dtype, bandwidth: float) -> dict:
-    """Seconds per decode step (batch 1) with `context` tokens already cached; the cache is cropped back after
-    every timed step so every step sees the same context."""
+    """Seconds per decode step (batch 1) with `context` tokens already cached. As in generation, a contender runs
+    `DECODE_BURST` consecutive steps per turn (interleaving single steps of two models would time each one with
+    the other's working set in the caches); the cache is cropped back between turns."""
     ours.eval()
     theirs.eval()
     layers = config.num_hidden_layers
@@ -286,6 +334,10 @@ def bench_decode(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: Mo
         model = theirs if name.startswith("transformers") else ours
         return model(input_ids=token, position_ids=position, cache=caches[name], use_cache=True).logits
 
+    def burst(name: str) -> None:
+        for _ in range(DECODE_BURST):
+            step(name)
+
     def setup(name: str) -> None:
         extra = caches[name].get_seq_length() - context
         if extra > 0:
@@ -299,7 +351,8 @@ def bench_decode(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: Mo
         for name in caches:
             setup(name)
             logits[name] = step(name).float()
-        timings = interleaved({name: (lambda n=name: step(n)) for name in caches}, rounds, device, setup=setup)
+        timings = interleaved({name: (lambda n=name: burst(n)) for name in caches}, rounds, device, setup=setup)
+        timings.seconds = {name: [t / DECODE_BURST for t in values] for name, values in timings.seconds.items()}
         peaks = {}
         for name in ("ours", "transformers_grouped_mm"):
             setup(name)
@@ -388,7 +441,9 @@ def markdown(results: dict) -> str:
         r = results["moe_layer"]
         lines += [f"## MoE layer forward+backward ({r['tokens']} tokens, {r['flops_per_call'] / 1e9:.2f} GFLOP)", "",
                   "| implementation | median ms | GFLOP/s | fraction of matmul |", "|---|---|---|---|"]
-        for name in ("ours", "transformers_grouped_mm", "transformers_eager"):
+        for name in ("ours", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
+            if name not in r["timings"]:
+                continue
             lines.append(f"| {name} | {r['timings'][name]['median_s'] * 1e3:.1f} | "
                          f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} |")
         lines += [f"| plain 2048^3 matmul | {r['timings']['matmul_2048']['median_s'] * 1e3:.1f} | "

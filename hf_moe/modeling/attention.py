@@ -159,14 +159,14 @@ class MultiHeadLatentAttention(nn.Module):
         (B, 1, T, >=S). Returns (B, T, heads, dv) and the probabilities (B, heads, T, S).
         """
         batch, heads, length, _ = q_nope.shape
-        kv_length = latent.shape[2]
-        w_kv = self.kv_b_proj.weight.view(heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w_kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (h, dn, r), (h, dv, r)
-        q_latent = torch.matmul(q_nope * self.scaling, w_uk).reshape(batch, heads * length, -1)  # (B, h*T, r)
-        q_rope = (q_pe * self.scaling).reshape(batch, heads * length, -1)  # (B, h*T, dr)
+        kv_length, rank, nope = latent.shape[2], self.kv_lora_rank, self.qk_nope_head_dim
+        w_kv = self.kv_b_proj.weight.view(heads, nope + self.v_head_dim, rank)  # W_UK rows, then W_UV rows
+        q_latent = torch.bmm(q_nope.transpose(0, 1).reshape(heads, batch * length, nope), w_kv[:, :nope])
+        q_latent = q_latent.view(heads, batch, length, rank).transpose(0, 1).reshape(batch, heads * length, rank)
         latent = latent.squeeze(1)  # (B, S, r)
-        scores = torch.baddbmm(torch.bmm(q_rope, k_pe.squeeze(1).transpose(1, 2)), q_latent, latent.transpose(1, 2))
-        scores = scores.view(batch, heads, length, kv_length)  # (B, h, T, S)
+        scores = torch.bmm(q_pe.reshape(batch, heads * length, -1), k_pe.squeeze(1).transpose(1, 2))  # (B, h*T, S)
+        scores = torch.baddbmm(scores, q_latent, latent.transpose(1, 2), beta=self.scaling, alpha=self.scaling)
+        scores = scores.view(batch, heads, length, kv_length)
         if attention_mask is None and length > 1:  # causal within the new tokens, aligned to the cache's end
             rows = torch.arange(length, device=scores.device)[:, None] + (kv_length - length)
             attention_mask = (torch.arange(kv_length, device=scores.device) <= rows)[None, None]
@@ -176,10 +176,14 @@ class MultiHeadLatentAttention(nn.Module):
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + mask
-        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        if scores.dtype == torch.float32:
+            probs = scores.softmax(dim=-1)
+        else:
+            probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
         out_latent = torch.bmm(probs.view(batch, heads * length, kv_length), latent)  # (B, h*T, r)
-        output = torch.matmul(out_latent.view(batch, heads, length, -1), w_uv.transpose(1, 2))  # (B, h, T, dv)
-        return output.transpose(1, 2), probs
+        out_latent = out_latent.view(batch, heads, length, rank).transpose(0, 1).reshape(heads, batch * length, rank)
+        output = torch.bmm(out_latent, w_kv[:, nope:].transpose(1, 2))  # (h, B*T, dv)
+        return output.view(heads, batch, length, -1).permute(1, 2, 0, 3), probs
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 SPARE_TOKENS = 256  # a buffer holds at least this many tokens more than it was made for...
-GROWTH = 1.5  # ...and at least this factor more: amortised O(1) appends, at most 1.5x the cached bytes
+GROWTH = 1.5  # ...and, once appends outgrow one, this factor more: amortised O(1) appends
 
 
 class GrowableLayer(DynamicLayer):
@@ -58,8 +58,10 @@ class GrowableLayer(DynamicLayer):
         return True
 
     def rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, total: int) -> None:
-        """New buffers of capacity max(GROWTH * total, total + SPARE_TOKENS) holding the cached prefix."""
-        capacity = max(int(GROWTH * total), total + SPARE_TOKENS)
+        """New buffers holding the cached prefix: `SPARE_TOKENS` spare for the first one (a prompt rarely grows by
+        half), max(GROWTH * total, total + SPARE_TOKENS) once appends outgrow it."""
+        growing = self.key_buffer is not None
+        capacity = max(int(GROWTH * total), total + SPARE_TOKENS) if growing else total + SPARE_TOKENS
         buffers = []
         for new, cached in ((key_states, self.keys), (value_states, self.values)):
             buffer = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
