@@ -9,7 +9,9 @@ splits, rotates and concatenates them into head-major (B, h, T, dn + dr) queries
 transposes the output back and, in backward, undoes each step with more copies, zero-filled slice gradients
 and sums. Here every matmul reads the token-major tensors in place through strided (heads, tokens, width)
 views, the rotary part of the score is a second product against the one shared k_r, the output and the
-gradients of q and kv are written once, in the layout the projections produce and consume. Causal queries run
+gradients of q and kv are written once, in the layout the projections produce and consume. (Products are
+written to fresh blocks and then copied into those strided layouts: torch's CPU bmm multiplies one matrix at
+a time when its output is not contiguous.) Causal queries run
 in the row blocks of `softmax_attention.attention_blocks`.
 """
 
@@ -50,7 +52,7 @@ class MLAAttentionFunction(torch.autograd.Function):
                                        k_nope_b[:, :kv_end].transpose(1, 2), alpha=scale)  # (h, rows, keys)
                 scores.baddbmm_(q_rope_b[:, start:end], k_rope_t[:, :kv_end].expand(heads, -1, -1), alpha=scale)
                 probs.append(torch.softmax(scores, dim=-1))
-                torch.bmm(probs[-1], value_b[:, :kv_end], out=out_b[:, start:end])
+                out_b[:, start:end] = torch.bmm(probs[-1], value_b[:, :kv_end])
         ctx.save_for_backward(q, kv, k_rope, q_rope, cos, sin, *probs)
         ctx.nope_dim, ctx.scale, ctx.interleaved, ctx.causal = nope_dim, scale, interleaved, bias is None
         return output
@@ -79,13 +81,13 @@ class MLAAttentionFunction(torch.autograd.Function):
                 grad_block = grad_out_b[:, start:end]  # (h, rows, dv)
                 grad_probs = torch.bmm(grad_block, value_b[:, :kv_end].transpose(1, 2))  # (h, rows, keys)
                 grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, p, -1, p.dtype)
-                torch.bmm(grad_scores, k_nope_b[:, :kv_end], out=grad_q_nope_b[:, start:end])
-                torch.bmm(grad_scores, k_rope[b, :kv_end].expand(heads, -1, -1), out=grad_q_rope_b[:, start:end])
+                grad_q_nope_b[:, start:end] = torch.bmm(grad_scores, k_nope_b[:, :kv_end])
+                grad_q_rope_b[:, start:end] = torch.bmm(grad_scores, k_rope[b, :kv_end].expand(heads, -1, -1))
                 rows_first = grad_scores.reshape(-1, kv_end).t()  # (keys, h * rows): heads share k_rope
                 q_rope_rows = q_rope_b[:, start:end].reshape(-1, q_rope.shape[-1])  # (h * rows, dr)
                 if index == 0:
-                    torch.bmm(p.transpose(1, 2), grad_block, out=grad_value_b[:, :kv_end])
-                    torch.bmm(grad_scores.transpose(1, 2), q_nope_b[:, start:end], out=grad_k_nope_b[:, :kv_end])
+                    grad_value_b[:, :kv_end] = torch.bmm(p.transpose(1, 2), grad_block)
+                    grad_k_nope_b[:, :kv_end] = torch.bmm(grad_scores.transpose(1, 2), q_nope_b[:, start:end])
                     torch.mm(rows_first, q_rope_rows, out=grad_k_rope[b, :kv_end])
                 else:
                     grad_value_b[:, :kv_end] += torch.bmm(p.transpose(1, 2), grad_block)

@@ -61,7 +61,7 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
             block_bias = full[start:end, :kv_end].expand(query.shape[0], -1, -1) if bias is None else bias
             scores = torch.baddbmm(block_bias, query[:, start:end], key[:, :kv_end].transpose(1, 2), alpha=scale)
             probs.append(torch.softmax(scores, dim=-1))  # (N, rows, keys)
-            torch.bmm(probs[-1], value[:, :kv_end], out=output[:, start:end])
+            output[:, start:end] = torch.bmm(probs[-1], value[:, :kv_end])  # (bmm's out= must be contiguous)
         ctx.save_for_backward(query, key, value, *probs)
         ctx.scale, ctx.causal = scale, bias is None
         return output
@@ -77,7 +77,7 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
             block_grad_value = torch.bmm(block_probs.transpose(1, 2), grad_block)  # (N, keys, dv)
             grad_probs = torch.bmm(grad_block, value[:, :kv_end].transpose(1, 2))  # (N, rows, keys)
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, block_probs, -1, block_probs.dtype)
-            torch.bmm(grad_scores, key[:, :kv_end], out=grad_query[:, start:end])
+            grad_query[:, start:end] = torch.bmm(grad_scores, key[:, :kv_end])
             block_grad_key = torch.bmm(grad_scores.transpose(1, 2), query[:, start:end])  # (N, keys, d)
             if grad_key is None:
                 grad_key, grad_value = block_grad_key, block_grad_value
