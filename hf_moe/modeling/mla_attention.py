@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .rotary import half_angles, rotate_into, unrotate_into
-from .softmax_attention import attention_blocks, causal_bias
+from .softmax_attention import additive_mask, attention_blocks, causal_bias
 
 
 class MLAAttentionFunction(torch.autograd.Function):
@@ -110,11 +110,7 @@ def mla_attention(
     length, kv_length = q.shape[1], kv.shape[1]
     bias = None
     if attention_mask is not None:
-        attention_mask = attention_mask[..., :kv_length]
-        if attention_mask.dtype == torch.bool:  # like eager attention: the most negative finite value, no NaN rows
-            attention_mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~attention_mask, torch.finfo(q.dtype).min)
-        bias = attention_mask.to(q.dtype).expand(q.shape[0], -1, length, kv_length)
+        bias = additive_mask(attention_mask, kv_length, q.dtype).expand(q.shape[0], -1, length, kv_length)
     elif length == 1:
         bias = q.new_zeros(1, 1, 1, 1).expand(q.shape[0], 1, 1, kv_length)
     elif kv_length > length:

@@ -3,13 +3,15 @@
     S = scale * Q K^T + bias        P = softmax(S)        O = P V              (Vaswani et al. 2017, eq. 1)
     dV = P^T dO    dP = dO V^T    dS = P * (dP - rowsum(dP * P))    dQ = scale * dS K    dK = scale * dS^T Q
 
-Why: on CPU, torch's fused flash kernel needs the value width to equal the query/key width, which MLA breaks
-(qk_head_dim = nope + rope != v_head_dim), so `scaled_dot_product_attention` falls back to its math path: a
-separate scale, a mask pass, a "safe" softmax with three extra passes for fully-masked rows, autograd saving
-the scores as well as the probabilities, and every masked-out block of a causal product computed anyway. This
-kernel folds scale and mask into one `baddbmm`, skips the key blocks a causal query block cannot see, keeps only
-P for backward and runs the backward as four bmm plus one softmax backward: 1.3-1.5x faster than torch's math
-path at 4 x 8 heads x 256 tokens (MLA widths 96/64), 2.4x at 1024 tokens, forward and backward.
+Why: on CPU, torch's fused flash kernel needs the value width to equal the query/key width (MLA's is not:
+qk_head_dim = nope + rope != v_head_dim), else `scaled_dot_product_attention` takes its math path: a separate
+scale, a mask pass, a "safe" softmax with three extra passes for fully-masked rows, autograd saving the scores
+as well as the probabilities, and every masked-out block of a causal product computed anyway. This kernel folds
+scale and mask into one `baddbmm`, skips the key blocks a causal query block cannot see, keeps only P for
+backward and runs the backward as four bmm plus one softmax backward. Causal forward+backward, 4 x 8 heads,
+head width 96, measured on the 2-core CPU of benchmarks/: against the math path (value width 64) 1.8x at 256
+tokens and 3.1x at 1024; against flash (value width 96) 1.4x at 256, even at 1024, 0.5x at 2048, hence the
+size limit below for same-width attention. (MLA itself runs `mla_attention`, which builds on these blocks.)
 
 `sdpa_attention_forward` is what hf_moe models run for `attn_implementation="sdpa"`: it takes this kernel
 where it wins (CPU, fp32/fp64, no dropout, and either an MLA-style value width that keeps torch on its math
@@ -95,6 +97,16 @@ def attention_blocks(length: int, kv_length: int, causal: bool) -> list[tuple[in
             for start in range(0, length, CAUSAL_BLOCK)]
 
 
+def additive_mask(attention_mask: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-D mask cut to the keys present, as an additive bias: bool masks (True = attend) become 0 / the most
+    negative finite value (as eager attention: rows without a visible key stay finite, no NaN)."""
+    attention_mask = attention_mask[..., :kv_length]
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill_(
+            ~attention_mask, torch.finfo(dtype).min)
+    return attention_mask.to(dtype)
+
+
 def explicit_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
     scale: float, is_causal: bool,
@@ -105,11 +117,8 @@ def explicit_attention(
     kv_length = key.shape[2]
     bias = None
     if attention_mask is not None:
-        attention_mask = attention_mask[..., :kv_length]
-        if attention_mask.dtype == torch.bool:  # like eager attention: the most negative finite value, no NaN rows
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~attention_mask, torch.finfo(query.dtype).min)
-        bias = attention_mask.to(query.dtype).expand(batch, heads, length, kv_length).reshape(-1, length, kv_length)
+        bias = additive_mask(attention_mask, kv_length, query.dtype)
+        bias = bias.expand(batch, heads, length, kv_length).reshape(-1, length, kv_length)
     elif not is_causal:
         bias = query.new_zeros(1, 1, 1).expand(batch * heads, length, kv_length)
     output = SoftmaxAttentionFunction.apply(
