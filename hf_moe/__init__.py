@@ -15,6 +15,7 @@ from . import (
 from .conversion.convert import convert
 from .conversion.upcycle import upcycle
 from .hub import push_to_hub, save_for_hub
+from .modeling.cache import MoECache
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEForCausalLM, MoEForSequenceClassification, MoEModel, MoEPreTrainedModel
 
@@ -29,6 +30,7 @@ __all__ = [
     "MoEModel",
     "MoEForCausalLM",
     "MoEForSequenceClassification",
+    "MoECache",
     "upcycle",
     "convert",
     "save_for_hub",

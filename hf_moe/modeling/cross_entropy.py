@@ -50,7 +50,12 @@ def summed_loss(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
 
 def logit_gradient_into(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
                         row_scale: torch.Tensor) -> torch.Tensor:
-    """out (rows, V) = row_scale * (softmax(logits) - onehot(targets)) for one chunk of rows."""
+    """out (rows, V) = row_scale * (softmax(logits) - onehot(targets)) for one chunk of rows. A non-negative
+    scale s goes into the exponent, exp(z - lse + log s) = s softmax(z) (s = 0 gives exp(-inf) = 0): one pass
+    over the logits fewer."""
+    if bool((row_scale >= 0).all()):
+        torch.sub(logits, lse[:, None] - row_scale.log(), out=out).exp_()
+        return out.scatter_add_(1, targets[:, None], -row_scale)
     torch.sub(logits, lse[:, None], out=out).exp_()
     out.scatter_add_(1, targets[:, None], torch.full_like(row_scale, -1.0))
     return out.mul_(row_scale)

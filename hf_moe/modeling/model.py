@@ -301,7 +301,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return (
             torch.is_grad_enabled()
             and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32
+            and hidden_states.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32
             and isinstance(logits_to_keep, int) and logits_to_keep == 0
             and self.loss_function is causal_lm_loss
             and plain_linear(self.lm_head)

@@ -123,3 +123,19 @@ def test_causal_lm_loss_equals_transformers(grad_enabled: bool, monkeypatch: pyt
         a, = torch.autograd.grad(ours, logits)
         b, = torch.autograd.grad(theirs, logits)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("factor", [2.0, -3.0, 0.0])
+def test_lm_head_and_loss_gradient_for_any_upstream_scale(factor: float) -> None:
+    """The upstream gradient is folded into the exponent when it is >= 0; negative ones take the plain path."""
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[1, :3] = -100
+    loss, logits = cross_entropy.lm_head_and_loss(hidden, weight, labels)
+    ours = torch.autograd.grad(loss * factor, (hidden, weight))
+    reference_loss = ForCausalLMLoss(hidden @ weight.t(), labels, 40)
+    theirs = torch.autograd.grad(reference_loss * factor, (hidden, weight))
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
