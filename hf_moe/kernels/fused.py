@@ -29,11 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..modeling.experts import swiglu_backward_into
+from ..modeling.fast_paths import autocast_active
 from ..modeling.scratch import WORKSPACE
 
 MATMUL_MODES = ("loop", "grouped_mm")
+FEW_SLOTS = 8  # token-slots (T * K) up to which a CPU forward without autograd runs slot by slot
 
 
 @dataclass
@@ -75,8 +78,6 @@ class SlotPlan:
                     self._segments.append((expert, start, count))
                     start += count
         return self._segments
-
-
 
 
 def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool,
@@ -196,6 +197,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights = ctx.saved_tensors
         plan, top_k = ctx.plan, ctx.top_k
@@ -246,12 +248,10 @@ def fused_experts(
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)
-    if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS:
+    if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS and not autocast_active(hidden_states):
         return _few_slots_forward(*inputs, top_k_index)
     return _experts_forward(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)[0]
 
-
-FEW_SLOTS = 8  # token-slots (T * K) up to which a CPU forward without autograd runs slot by slot
 
 
 def _few_slots_forward(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import MoEConfig
+from .fast_paths import plain_linear
 from .mla_attention import mla_attention
 from .normalization import RMSNorm
 from .rotary import apply_rope
@@ -141,7 +142,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.absorb
             and past_length > 0
             and length <= self.absorb_max_query_len
-            and type(self.kv_b_proj) is nn.Linear
+            and plain_linear(self.kv_b_proj)
             and not (self.training and self.attention_dropout > 0)
             and (attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4))
         )

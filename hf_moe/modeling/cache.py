@@ -6,8 +6,9 @@ step copies (and, on CPU, page-faults in) the entire cache of every layer: at 8k
 of an absorbed MLA decode step. `GrowableLayer` keeps keys and values as views into buffers with spare
 capacity (growing by half when full), so an append copies only the new tokens. Everything else is DynamicLayer's:
 crop keeps a view, beam reordering / batch selection replace the tensors and the next append re-buffers them.
-Appends that autograd records (a training forward with use_cache) fall back to concatenation, since writing
-into a buffer that earlier outputs were computed from would invalidate their backward.
+Appends while autograd records (a training forward with use_cache, a forward outside no_grad) fall back to
+concatenation, since writing into a buffer that earlier outputs were computed from would invalidate their
+backward; generate() runs without grad.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class GrowableLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
                **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+        if torch.is_grad_enabled():  # outputs computed from these cached tensors may be saved for backward
             return super().update(key_states, value_states, *args, **kwargs)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -75,11 +76,28 @@ class GrowableLayer(DynamicLayer):
         self.key_buffer = self.value_buffer = None
 
 
+def growable(layer: object) -> object:
+    """A plain DynamicLayer as a GrowableLayer holding the same tokens; any other layer as it is."""
+    if type(layer) is not DynamicLayer:
+        return layer
+    grown = GrowableLayer()
+    if layer.get_seq_length():
+        with torch.no_grad():
+            grown.update(layer.keys, layer.values)
+    return grown
+
+
+def use_growable_layers(cache: DynamicCache) -> DynamicCache:
+    """Make a DynamicCache's full-attention layers (present and lazily added ones) append in place."""
+    cache.layers = [growable(layer) for layer in cache.layers]
+    if cache.layer_class_to_replicate is DynamicLayer:
+        cache.layer_class_to_replicate = GrowableLayer
+    return cache
+
+
 class MoECache(DynamicCache):
     """DynamicCache with `GrowableLayer` for every full-attention layer (sliding-window layers stay as they are)."""
 
     def __init__(self, config: PreTrainedConfig | None = None, **kwargs: object) -> None:
         super().__init__(config=config, **kwargs)
-        self.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in self.layers]
-        if self.layer_class_to_replicate is DynamicLayer:  # layers added lazily
-            self.layer_class_to_replicate = GrowableLayer
+        use_growable_layers(self)

@@ -8,16 +8,18 @@ else 1 / (number of valid targets); targets equal to `ignore_index` contribute n
 Why: autograd's cross-entropy allocates the log-probabilities, a zero-filled gradient for the gather and the
 log-softmax gradient, each as large as the logits (tokens x vocabulary); on CPU every fresh multi-megabyte
 tensor is page-faulted in, which for a 4096-token vocabulary cost as much as the LM head's matmuls. Here the
-logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through one reused scratch block (`scratch.WORKSPACE`). `LinearCrossEntropy-
-Function` goes further when the model computes the loss itself: it owns the LM-head matmul, so the logits'
-gradient is formed chunk by chunk in scratch and multiplied into the hidden-state and weight gradients at once,
-never as a whole. The logits are still returned (and may feed other losses: their gradient is added).
+logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through one reused scratch block
+(`scratch.WORKSPACE`). `LinearCrossEntropyFunction` goes further when the model computes the loss itself: it
+owns the LM-head matmul, so the logits' gradient is formed chunk by chunk in scratch and multiplied into the
+hidden-state and weight gradients at once, never as a whole. The logits are still returned (and may feed
+other losses: their gradient is added).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .scratch import WORKSPACE
 
@@ -61,6 +63,12 @@ def logit_gradient_into(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tens
     return out.mul_(row_scale)
 
 
+def rows_scale(valid: torch.Tensor, scale: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 1) factor of each row's gradient: scale * upstream gradient for valid rows, exactly 0 for ignored ones
+    (also when no row is valid and scale = 1/0: the loss is NaN then, as transformers', its gradient is 0)."""
+    return torch.where(valid, scale * grad_loss, 0.0).to(dtype)[:, None]
+
+
 def prepare_targets(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets with ignored ones replaced by 0, bool mask of the valid ones)."""
     valid = targets != ignore_index
@@ -79,9 +87,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         return summed_loss(logits, lse, targets, valid, scale)
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # noqa: D102
         logits, lse, targets, valid, scale = ctx.saved_tensors
-        row_scale = (valid * (scale * grad_loss)).to(logits.dtype)[:, None]  # (N, 1)
+        row_scale = rows_scale(valid, scale, grad_loss, logits.dtype)
         grad = torch.empty_like(logits)
         for rows in chunks(*logits.shape):
             logit_gradient_into(grad[rows], logits[rows], lse[rows], targets[rows], row_scale[rows])
@@ -105,13 +114,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return summed_loss(logits, lse, targets, valid, scale), logits
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor | None,  # noqa: D102
                  grad_logits: torch.Tensor | None) -> tuple:
         hidden, weight, logits, lse, targets, valid, scale = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
-        row_scale = None if grad_loss is None else (valid * (scale * grad_loss)).to(logits.dtype)[:, None]
+        row_scale = None if grad_loss is None else rows_scale(valid, scale, grad_loss, logits.dtype)
         for rows in chunks(*logits.shape):
             block = WORKSPACE.empty("ce_rows", logits[rows].shape, logits)  # dz for these rows, scratch
             if row_scale is None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
 from .configuration import MoEConfig
+from .fast_paths import autocast_active, plain_linear
 from .scratch import WORKSPACE
 
 
@@ -51,6 +53,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return torch.mm(act, down_weight.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         rows, gate_weight, up_weight, down_weight, gate_up, act = ctx.saved_tensors
         inter = gate_weight.shape[0]
@@ -65,12 +68,6 @@ class SwiGLUFunction(torch.autograd.Function):
         grad_gate_w = torch.mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
         grad_up_w = torch.mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
         return grad_x, grad_gate_w, grad_up_w, grad_down
-
-
-def plain_linear(module: nn.Module) -> bool:
-    """A bias-free nn.Linear with no hooks (not LoRA-wrapped, quantized or sharded through module hooks)."""
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
-            and not module._forward_pre_hooks)
 
 
 class MLP(nn.Module):
@@ -90,7 +87,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if (self.fused and torch.is_grad_enabled() and all(plain_linear(p) for p in projections)
-                and (x.requires_grad or any(p.weight.requires_grad for p in projections))):
+                and (x.requires_grad or any(p.weight.requires_grad for p in projections)) and not autocast_active(x)):
             return SwiGLUFunction.apply(x, *(p.weight for p in projections))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 

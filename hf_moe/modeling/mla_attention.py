@@ -18,9 +18,10 @@ in the row blocks of `softmax_attention.attention_blocks`.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .rotary import half_angles, rotate_into, unrotate_into
-from .softmax_attention import additive_mask, attention_blocks, causal_bias
+from .softmax_attention import additive_mask, attention_blocks, block_scores, mask_causal_block_
 
 
 class MLAAttentionFunction(torch.autograd.Function):
@@ -39,7 +40,6 @@ class MLAAttentionFunction(torch.autograd.Function):
         q_rope = q.new_empty(*q.shape[:-1], q.shape[-1] - nope_dim)  # (B, T, h, dr), rotated
         rotate_into(q_rope, q[..., nope_dim:], cos, sin, interleaved)
         output = q.new_empty(batch, length, heads, value_dim)
-        full = causal_bias(length, q.dtype, q.device) if bias is None else None
         probs = []
         for b in range(batch):
             q_nope_b, q_rope_b = q[b, :, :, :nope_dim].transpose(0, 1), q_rope[b].transpose(0, 1)  # (h, T, ·)
@@ -47,10 +47,12 @@ class MLAAttentionFunction(torch.autograd.Function):
             k_rope_t = k_rope[b].t()  # (dr, S)
             out_b = output[b].transpose(0, 1)  # (h, T, dv)
             for start, end, kv_end in attention_blocks(length, kv_length, bias is None):
-                block_bias = full[start:end, :kv_end] if bias is None else bias[b, :, start:end]
-                scores = torch.baddbmm(block_bias.expand(heads, end - start, kv_end), q_nope_b[:, start:end],
-                                       k_nope_b[:, :kv_end].transpose(1, 2), alpha=scale)  # (h, rows, keys)
+                block_bias = None if bias is None else bias[b, :, start:end].expand(heads, -1, -1)
+                scores = block_scores(q_nope_b[:, start:end], k_nope_b[:, :kv_end].transpose(1, 2), block_bias,
+                                      scale)  # (h, rows, keys)
                 scores.baddbmm_(q_rope_b[:, start:end], k_rope_t[:, :kv_end].expand(heads, -1, -1), alpha=scale)
+                if bias is None:
+                    mask_causal_block_(scores, start)
                 probs.append(torch.softmax(scores, dim=-1))
                 out_b[:, start:end] = torch.bmm(probs[-1], value_b[:, :kv_end])
         ctx.save_for_backward(q, kv, k_rope, q_rope, cos, sin, *probs)
@@ -58,6 +60,7 @@ class MLAAttentionFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         q, kv, k_rope, q_rope, cos, sin, *probs = ctx.saved_tensors
         nope_dim, scale = ctx.nope_dim, ctx.scale

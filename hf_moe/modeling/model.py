@@ -18,11 +18,12 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .cache import MoECache
+from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
 from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
-from .experts import RoutedExperts, plain_linear
+from .experts import RoutedExperts
+from .fast_paths import autocast_active, plain_linear
 from .losses import moe_auxiliary_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
@@ -287,13 +288,14 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self._loss_function = value
 
     def _prepare_cache_for_generation(self, generation_config: object, model_kwargs: dict, *args: object) -> None:
-        """generate()'s default cache, a DynamicCache, becomes our `MoECache` (in-place appends); any cache the
-        caller passes or `cache_implementation` asks for (static, offloaded, quantized...) is kept as is."""
+        """The full-attention layers of generate()'s default DynamicCache append in place (`MoECache`'s layers);
+        the cache object itself, and any cache the caller passes or `cache_implementation` asks for (static,
+        offloaded, quantized...), stay as transformers made them."""
         given = model_kwargs.get("cache")
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args)
         cache = model_kwargs.get("cache")
         if cache is not given and type(cache) is DynamicCache and not cache.offloading:
-            model_kwargs["cache"] = MoECache(config=self.config.get_text_config(decoder=True))
+            use_growable_layers(cache)
 
     def fuses_lm_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
         """Whether the LM head and the default loss run as one `lm_head_and_loss` (same loss and logits, no
@@ -305,6 +307,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             and isinstance(logits_to_keep, int) and logits_to_keep == 0
             and self.loss_function is causal_lm_loss
             and plain_linear(self.lm_head)
+            and not autocast_active(hidden_states)
         )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")

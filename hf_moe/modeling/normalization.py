@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .scratch import WORKSPACE
 
@@ -34,6 +35,7 @@ class RMSNormFunction(torch.autograd.Function):
         return (x * rstd).mul_(weight)
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         x, weight, rstd = ctx.saved_tensors
         width = x.shape[-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .configuration import MoEConfig
@@ -76,24 +77,32 @@ def unrotate_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor, sin:
     torch.mul(dy2, cos, out=dx2).addcmul_(dy1, sin, value=-1)
 
 
+def rotated_like(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """The output tensor of rotating x: x's shape broadcast against the angles, and the dtype x * cos has (as in
+    the reference x * cos + rotate_half(x) * sin, e.g. fp32 for bf16 queries under autocast)."""
+    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
+    return torch.empty(shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+
+
 class RotaryFunction(torch.autograd.Function):
     """y = rotate(x) by the angles whose cos/sin (half width) are given; backward rotates by minus the angles."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, cos: torch.Tensor,  # noqa: D102
                 sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        out = x.new_empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])))
+        out = rotated_like(x, cos)
         rotate_into(out, x, cos, sin, interleaved)
         ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
+        ctx.interleaved, ctx.input_dtype = interleaved, x.dtype
         return out
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         cos, sin = ctx.saved_tensors
         grad_x = torch.empty_like(grad_output, memory_format=torch.contiguous_format)
         unrotate_into(grad_x, grad_output, cos, sin, ctx.interleaved)
-        return grad_x, None, None, None
+        return grad_x.to(ctx.input_dtype), None, None, None
 
 
 def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +117,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2)
     if torch.is_grad_enabled() and x.requires_grad:
         return RotaryFunction.apply(x, cos, sin, interleaved)
-    out = x.new_empty(torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1])))  # no graph: no Function
+    out = rotated_like(x, cos)  # no graph: no Function
     rotate_into(out, x, cos, sin, interleaved)
     return out

@@ -16,30 +16,48 @@ size limit below for same-width attention. (MLA itself runs `mla_attention`, whi
 `sdpa_attention_forward` is what hf_moe models run for `attn_implementation="sdpa"`: it takes this kernel
 where it wins (CPU, fp32/fp64, no dropout, and either an MLA-style value width that keeps torch on its math
 path or a probability tensor small enough that storing it beats re-computing it) and hands every other call
-to transformers' own `sdpa` function unchanged.
+to the `sdpa` function registered in transformers' attention interface, unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.integrations.sdpa_attention import sdpa_attention_forward as transformers_sdpa
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .fast_paths import autocast_active
 
 EXPLICIT_MAX_PROBS = 16 * 2**20  # elements of P (batch * heads * T * S) above which same-width attention uses flash
 CAUSAL_BLOCK = 128  # query rows per block of causal attention: block i reads keys [0, end of block i) only
-_causal_biases: dict[tuple, torch.Tensor] = {}
+_triangles: dict[tuple, torch.Tensor] = {}
 
 
-def causal_bias(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(T, T) additive mask, 0 where key s <= query t (top-left aligned, as sdpa's is_causal) and -inf above.
-    Cached per shape: it is read, never written."""
-    key = (length, dtype, device)
-    bias = _causal_biases.get(key)
+def causal_triangle(rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(rows, rows) additive mask, -inf above the diagonal: a causal block's square of keys [start, end). One
+    small table per dtype and device (at most CAUSAL_BLOCK square), read, never written."""
+    key = (dtype, device)
+    table = _triangles.get(key)
+    if table is None or table.shape[0] < rows:
+        table = _triangles[key] = torch.full((rows, rows), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return table[:rows, :rows]
+
+
+def block_scores(query: torch.Tensor, key_t: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """scale * query @ key_t (+ bias), (N, rows, keys); without a bias there is nothing to copy in (beta=0)."""
     if bias is None:
-        bias = torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
-        _causal_biases[key] = bias
-    return bias
+        bias, beta = query.new_empty(1, 1, 1).expand(query.shape[0], query.shape[1], key_t.shape[2]), 0.0
+    else:
+        beta = 1.0
+    return torch.baddbmm(bias, query, key_t, beta=beta, alpha=scale)
+
+
+def mask_causal_block_(scores: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal block [start, end) of queries reads keys [0, end): only its last `rows` keys need the triangle."""
+    rows = scores.shape[-2]
+    scores[..., start : start + rows] += causal_triangle(rows, scores.dtype, scores.device)
+    return scores
 
 
 class SoftmaxAttentionFunction(torch.autograd.Function):
@@ -57,11 +75,11 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
         # query (N, T, d), key (N, S, d), value (N, S, dv), bias (N, T, S) or None (causal, T == S)
         length = query.shape[1]
         output = query.new_empty(query.shape[0], length, value.shape[-1])  # (N, T, dv)
-        full = causal_bias(length, query.dtype, query.device) if bias is None else None
         probs = []
         for start, end, kv_end in attention_blocks(length, key.shape[1], bias is None):
-            block_bias = full[start:end, :kv_end].expand(query.shape[0], -1, -1) if bias is None else bias
-            scores = torch.baddbmm(block_bias, query[:, start:end], key[:, :kv_end].transpose(1, 2), alpha=scale)
+            scores = block_scores(query[:, start:end], key[:, :kv_end].transpose(1, 2), bias, scale)
+            if bias is None:
+                mask_causal_block_(scores, start)
             probs.append(torch.softmax(scores, dim=-1))  # (N, rows, keys)
             output[:, start:end] = torch.bmm(probs[-1], value[:, :kv_end])  # (bmm's out= must be contiguous)
         ctx.save_for_backward(query, key, value, *probs)
@@ -69,6 +87,7 @@ class SoftmaxAttentionFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         query, key, value, *probs = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.empty_like(query), None, None
@@ -132,6 +151,7 @@ def explicit_wins(query: torch.Tensor, value_dim: int, probs: int, dropout: floa
     or extras, and either a value width that keeps torch on its math path or at most `EXPLICIT_MAX_PROBS`
     probabilities (batch * heads * T * S) to store."""
     if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64) or dropout > 0
+            or autocast_active(query)
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
             or kwargs.get("output_attentions")):
         return False
@@ -146,7 +166,7 @@ def sdpa_attention_forward(
     """transformers' `sdpa` attention signature and semantics; returns (B, T, heads, dv) and no weights."""
     probs = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
     if not explicit_wins(query, value.shape[-1], probs, dropout, **kwargs):
-        return transformers_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                  is_causal=is_causal, **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)

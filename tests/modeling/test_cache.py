@@ -19,6 +19,7 @@ def assert_same_contents(ours: MoECache, theirs: DynamicCache) -> None:
         assert torch.equal(mine.keys, reference.keys) and torch.equal(mine.values, reference.values)
 
 
+@torch.no_grad()  # as in generate(): appends that autograd records concatenate (tested below)
 def test_appends_crops_and_batch_edits_equal_dynamic_cache() -> None:
     config = tiny_config()
     ours, theirs = MoECache(config=config), DynamicCache(config=config)
@@ -59,10 +60,16 @@ def test_buffers_made_under_inference_mode_are_replaced_outside_it() -> None:
     assert keys.shape[-2] == 5 and not keys.is_inference()
 
 
-def test_appends_that_autograd_records_concatenate() -> None:
+@pytest.mark.parametrize("trainable", ["all", "queries only"])
+def test_appends_that_autograd_records_concatenate(trainable: str) -> None:
     """use_cache in training forwards: writing the second chunk into a buffer the first chunk's outputs were
-    computed from would make their backward fail ("modified by an inplace operation")."""
+    computed from would make their backward fail ("modified by an inplace operation"), also when the cached
+    keys themselves need no gradient."""
     model = MoEForCausalLM(tiny_config()).train()
+    if trainable == "queries only":
+        model.requires_grad_(False)
+        for layer in model.model.layers:
+            layer.self_attn.q_b_proj.weight.requires_grad_(True)
     ids = torch.randint(3, 97, (2, 9))
     cache = MoECache(config=model.config)
     first = model(input_ids=ids[:, :5], cache=cache, use_cache=True).logits
@@ -81,13 +88,30 @@ def test_generate_uses_moe_cache_and_matches_dynamic_cache(make_config: object) 
                   return_dict_in_generate=True, output_logits=True)
     default = model.generate(ids, **kwargs)
     explicit = model.generate(ids, cache=DynamicCache(config=model.config), **kwargs)
-    assert type(default.past_key_values) is MoECache
-    assert type(explicit.past_key_values) is DynamicCache
+    assert all(type(layer) is GrowableLayer for layer in default.past_key_values.layers)
+    assert all(type(layer) is DynamicLayer for layer in explicit.past_key_values.layers)
     assert torch.equal(default.sequences, explicit.sequences)
     torch.testing.assert_close(torch.stack(default.logits), torch.stack(explicit.logits), rtol=0, atol=1e-5)
     static = model.generate(ids, cache_implementation="static", **kwargs)
     assert isinstance(static.past_key_values, StaticCache)
     assert torch.equal(static.sequences, default.sequences)
+
+
+def test_cache_data_is_kept() -> None:
+    keys, values = torch.randn(2, 1, 5, 16), torch.randn(2, 1, 5, 8)
+    cache = MoECache(ddp_cache_data=[(keys, values)])
+    assert type(cache.layers[0]) is GrowableLayer and cache.get_seq_length() == 5
+    assert torch.equal(cache.layers[0].keys, keys) and torch.equal(cache.layers[0].values, values)
+
+
+def test_assisted_generation_with_a_sliding_window_assistant() -> None:
+    """The assistant's default cache must stay croppable (transformers records past states for it)."""
+    main = MoEForCausalLM(tiny_gqa_config(sliding_window=6)).eval()
+    assistant = MoEForCausalLM(tiny_gqa_config(sliding_window=6, num_hidden_layers=1)).eval()
+    ids = torch.randint(3, 97, (1, 9))
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assisted = main.generate(ids, assistant_model=assistant, **kwargs)
+    assert torch.equal(assisted, main.generate(ids, **kwargs))
 
 
 def test_sliding_window_layers_stay_dynamic_sliding() -> None:

@@ -12,11 +12,12 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from hf_moe import MoEForCausalLM
-from hf_moe.modeling import cross_entropy, experts, normalization
+from hf_moe.modeling import cross_entropy, experts, normalization, softmax_attention
+from hf_moe.modeling import mla_attention as mla_module
 from hf_moe.modeling.cross_entropy import causal_lm_loss
 from hf_moe.modeling.experts import MLP
 from hf_moe.modeling.normalization import RMSNorm
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_gqa_config
 from tests.modeling.test_attention_kernels import spy_calls
 
 
@@ -139,3 +140,51 @@ def test_lm_head_and_loss_gradient_for_any_upstream_scale(factor: float) -> None
     torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_gqa_config], ids=["mla", "gqa"])
+def test_bf16_autocast_trains_and_generates_on_the_module_paths(make_config: object,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-written Functions do not follow autocast's per-op dtypes: under autocast the module paths run
+    (the loss stays close to fp32's, gradients flow) and generation works."""
+    calls: list[int] = []
+    for owner in (experts.SwiGLUFunction, cross_entropy.LinearCrossEntropyFunction, mla_module.MLAAttentionFunction,
+                  softmax_attention.SoftmaxAttentionFunction):
+        spy_calls(monkeypatch, owner, "apply", calls)
+    model = MoEForCausalLM(make_config()).train()
+    ids = torch.randint(3, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert calls == []
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.model.embed_tokens.parameters())
+    torch.testing.assert_close(loss.float(), model(input_ids=ids, labels=ids).loss, rtol=0.05, atol=0.05)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+def test_accelerate_offload_hooks_keep_the_module_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate replaces `forward` of offloaded modules (no torch hook to see): such linears are not plain."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    fused_loss = spy_calls(monkeypatch, cross_entropy.LinearCrossEntropyFunction, "apply")
+    swiglu = spy_calls(monkeypatch, experts.SwiGLUFunction, "apply")
+    model = MoEForCausalLM(tiny_config(num_hidden_layers=2)).train()  # a dense MLP, then a shared-expert MLP
+    add_hook_to_module(model.lm_head, ModelHook())
+    add_hook_to_module(model.model.layers[0].mlp.down_proj, ModelHook())
+    ids = torch.randint(3, 97, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert fused_loss == [] and swiglu == [1]  # only the shared experts' MLP, which nothing hooks
+
+
+def test_a_batch_without_targets_gives_transformers_nan_loss_and_no_nan_gradients() -> None:
+    """No label counts (e.g. a one-token batch): the mean is 0/0 = NaN as in transformers, but no gradient is."""
+    model = MoEForCausalLM(tiny_config(num_hidden_layers=2)).train()
+    ids = torch.randint(3, 97, (2, 6))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100))
+    reference = ForCausalLMLoss(out.logits.detach(), torch.full_like(ids, -100), 97)
+    assert torch.isnan(out.lm_loss) and torch.isnan(reference)
+    out.lm_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.lm_head.weight.grad.abs().sum() == 0

@@ -1,0 +1,23 @@
+"""When a hand-written kernel may stand in for module code: the conditions shared by every fast path.
+
+A kernel that reads a Linear's weight directly skips whatever wraps or hooks the module (peft's LoRA layers,
+quantized linears, forward hooks, accelerate's offload hooks, which replace `forward`), so it runs only on a
+plain bias-free nn.Linear. Under autocast the modules' matmuls change dtype per op, which a Function with its
+own backward would not follow: there the module path runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """A bias-free nn.Linear that nothing wraps or hooks."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and not hasattr(module, "_hf_hook"))
+
+
+def autocast_active(tensor: torch.Tensor) -> bool:
+    """Autocast is on for this tensor's device type."""
+    return torch.is_autocast_enabled(tensor.device.type)
