@@ -32,7 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..modeling.experts import swiglu_backward_into
-from ..modeling.fast_paths import autocast_active
+from ..modeling.fast_paths import autocast_active, records_grad
 from ..modeling.scratch import WORKSPACE
 
 MATMUL_MODES = ("loop", "grouped_mm")
@@ -246,12 +246,11 @@ def fused_experts(
     if mode not in MATMUL_MODES:
         raise ValueError(f"mode={mode!r} is not one of {MATMUL_MODES}")
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+    if records_grad(*inputs):
         return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)
     if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS and not autocast_active(hidden_states):
         return _few_slots_forward(*inputs, top_k_index)
     return _experts_forward(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)[0]
-
 
 
 def _few_slots_forward(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .fast_paths import records_grad
 from .scratch import WORKSPACE
 
 CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk (32 MB in fp32): the scratch block's size
@@ -165,7 +166,7 @@ def causal_lm_loss(
     logits = logits.float().reshape(-1, vocab_size)
     targets = next_token_targets(labels, ignore_index, shift_labels).to(logits.device)
     scale = loss_scale(targets, num_items_in_batch, ignore_index, logits.dtype)
-    if not (torch.is_grad_enabled() and logits.requires_grad):
+    if not records_grad(logits):
         return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") * scale
     return CrossEntropyFunction.apply(logits, targets, scale, ignore_index)
 

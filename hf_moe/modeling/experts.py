@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
 from .configuration import MoEConfig
-from .fast_paths import autocast_active, plain_linear
+from .fast_paths import autocast_active, plain_linear, records_grad
 from .scratch import WORKSPACE
 
 
@@ -86,8 +86,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if (self.fused and torch.is_grad_enabled() and all(plain_linear(p) for p in projections)
-                and (x.requires_grad or any(p.weight.requires_grad for p in projections)) and not autocast_active(x)):
+        if (self.fused and records_grad(x, *(p.weight for p in projections))
+                and all(plain_linear(p) for p in projections) and not autocast_active(x)):
             return SwiGLUFunction.apply(x, *(p.weight for p in projections))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 

@@ -18,6 +18,11 @@ def plain_linear(module: nn.Module) -> bool:
             and not module._forward_pre_hooks and not hasattr(module, "_hf_hook"))
 
 
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Autograd records an op on these tensors: grad mode is on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def autocast_active(tensor: torch.Tensor) -> bool:
     """Autocast is on for this tensor's device type."""
     return torch.is_autocast_enabled(tensor.device.type)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .fast_paths import records_grad
 from .scratch import WORKSPACE
 
 
@@ -61,7 +62,7 @@ class RMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return self.reference(hidden_states)
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or self.weight.requires_grad):
+        if records_grad(hidden_states, self.weight):
             return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
         return (hidden_states * inverse_rms(hidden_states, self.variance_epsilon)).mul_(self.weight)  # no graph
 

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .configuration import MoEConfig
+from .fast_paths import records_grad
 
 
 class RotaryEmbedding(nn.Module):
@@ -115,7 +116,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs)."""
     cos, sin = half_angles(cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if records_grad(x):
         return RotaryFunction.apply(x, cos, sin, interleaved)
     out = rotated_like(x, cos)  # no graph: no Function
     rotate_into(out, x, cos, sin, interleaved)
