@@ -193,11 +193,25 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[Callable[[], object], float]:
-    """A plain square matmul and its FLOP count: the machine's practical GEMM ceiling."""
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[dict[str, Callable[[], object]], float]:
+    """Plain square matmuls and their FLOP count: torch.mm and, on CPU fp32 where torch has it, the same product
+    through oneDNN (on some CPUs, AMD's among them, far faster than torch.mm's MKL path). The faster of the two
+    is the machine's practical GEMM ceiling."""
+    from hf_moe.modeling import gemm
+
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    return (lambda: torch.mm(a, b)), 2.0 * size**3
+    contenders: dict[str, Callable[[], object]] = {"matmul_2048": lambda: torch.mm(a, b)}
+    if device.type == "cpu" and dtype == torch.float32 and gemm.onednn_available():
+        contenders["matmul_2048_onednn"] = lambda: gemm.onednn_mm(a, b)
+    return contenders, 2.0 * size**3
+
+
+def matmul_ceiling(timings: Timings, flops: float) -> tuple[float, str]:
+    """(FLOP/s, name) of the fastest plain matmul timed in `timings`."""
+    names = [name for name in ("matmul_2048", "matmul_2048_onednn") if name in timings.seconds]
+    best = min(names, key=timings.median)
+    return flops / timings.median(best), best
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, rounds: int = 5) -> float:

@@ -33,6 +33,7 @@ from harness import (  # noqa: E402
     copy_bandwidth,
     interleaved,
     machine,
+    matmul_ceiling,
     matmul_flops,
     wait_for_quiet,
 )
@@ -40,6 +41,7 @@ from harness import (  # noqa: E402
 import hf_moe  # noqa: E402
 from hf_moe import MoEConfig, MoEForCausalLM  # noqa: E402
 from hf_moe.conversion.families import config_from_moe, state_dict_from_moe  # noqa: E402
+from hf_moe.modeling import gemm  # noqa: E402
 from hf_moe.modeling.cache import MoECache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -115,8 +117,9 @@ def train_flops(config: MoEConfig, batch: int, length: int) -> float:
 
 def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """The matmuls of one MoE layer's forward+backward and nothing else (no routing, gathers, activations or
-    autograd), with this batch's per-expert token counts and preallocated outputs: the floor any implementation
-    of the layer runs into on this machine, at these shapes."""
+    autograd), with this batch's per-expert token counts, through the GEMM our layer uses (torch.mm into
+    preallocated outputs, or oneDNN where `hf_moe.modeling.gemm` chose it): the floor any implementation of the
+    layer runs into on this machine, at these shapes."""
     tokens = x.reshape(-1, x.shape[-1]).detach()
     with torch.no_grad():
         routing = block.gate(tokens)
@@ -131,10 +134,17 @@ def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
     router = block.gate.weight.detach()
     shared_act = tokens.new_empty(tokens.shape[0], shared[2].shape[1]) if shared else None
 
+    onednn = gemm.onednn_active(tokens)
+
+    def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if onednn:  # no out= there; products too small for oneDNN run torch.mm, as in the layer
+            return gemm.mm(a, b)
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
     def linear_forward_backward(inputs: torch.Tensor, weight: torch.Tensor) -> None:
-        out = torch.mm(inputs, weight.t())  # forward, then d_input = d_out W and d_W = d_out^T input
-        torch.mm(out, weight)
-        torch.mm(out.t(), inputs)
+        out = product(inputs, weight.t())  # forward, then d_input = d_out W and d_W = d_out^T input
+        product(out, weight)
+        product(out.t(), inputs)
 
     def run() -> None:
         linear_forward_backward(tokens, router)
@@ -146,14 +156,33 @@ def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
             start += count
             if count == 0:
                 continue
-            torch.mm(x_slots[rows], gate_up[expert].t(), out=gu[rows])  # forward
-            torch.mm(act[rows], down[expert].t(), out=y_slots[rows])
-            torch.mm(y_slots[rows], down[expert], out=act[rows])  # backward
-            torch.mm(y_slots[rows].t(), act[rows], out=grad_down[expert])
-            torch.mm(gu[rows], gate_up[expert], out=x_slots[rows])
-            torch.mm(gu[rows].t(), x_slots[rows], out=grad_gate_up[expert])
+            product(x_slots[rows], gate_up[expert].t(), gu[rows])  # forward
+            product(act[rows], down[expert].t(), y_slots[rows])
+            product(y_slots[rows], down[expert], act[rows])  # backward
+            product(y_slots[rows].t(), act[rows], grad_down[expert])
+            product(gu[rows], gate_up[expert], x_slots[rows])
+            product(gu[rows].t(), x_slots[rows], grad_gate_up[expert])
 
     return run
+
+
+def gemm_in_use(like: torch.Tensor) -> str:
+    """The fp32 GEMM our fast paths run for tensors like this one: "onednn" or "torch.mm"."""
+    return "onednn" if gemm.onednn_active(like) else "torch.mm"
+
+
+def with_torch_gemm(fn: Callable[[], None], like: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """{"ours_torch_gemm": fn} where our fast paths run oneDNN (that contender runs them on torch.mm instead, to
+    show what the GEMM choice alone is worth), else nothing."""
+    return {"ours_torch_gemm": fn} if gemm.onednn_active(like) else {}
+
+
+def select_gemm(contender: str) -> None:
+    """torch.mm for the "ours_torch_gemm" contender, this process's choice (made once, in `main`) for every other."""
+    gemm.set_cpu_gemm("aten" if contender == "ours_torch_gemm" else PROCESS_GEMM[0])
+
+
+PROCESS_GEMM: list[str] = []
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -165,7 +194,7 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
     their_block.train()
     x = torch.randn(batch, length, config.hidden_size, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    matmul, mm_flops = matmul_flops(device, dtype)
+    matmuls, mm_flops = matmul_flops(device, dtype)
 
     def ours_step() -> None:
         our_block(x)[0].backward(grad)
@@ -173,31 +202,39 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
     def theirs_step() -> None:
         their_block(x).backward(grad)
 
-    implementation = {"ours": "hf_moe_auto", "transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+    implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+    contenders = {"ours": ours_step, **with_torch_gemm(ours_step, x), "transformers_grouped_mm": theirs_step,
+                  "transformers_eager": theirs_step}
 
     def setup(name: str) -> None:
         x.grad = None
         our_block.zero_grad(set_to_none=True)
         their_block.zero_grad(set_to_none=True)
-        if name.startswith("transformers"):
+        select_gemm(name)
+        if name in implementation:
             set_experts(theirs, implementation[name])
 
     set_experts(ours, "hf_moe_auto")
-    timings = interleaved({"ours": ours_step, "transformers_grouped_mm": theirs_step, "transformers_eager": theirs_step,
-                           "matmuls_only": moe_matmuls_only(our_block, x), "matmul_2048": matmul}, rounds, device,
+    timings = interleaved({**contenders, "matmuls_only": moe_matmuls_only(our_block, x), **matmuls}, rounds, device,
                           setup=setup)
+    select_gemm("ours")
     flops = moe_flops(config, batch * length)
-    mm_rate = mm_flops / timings.median("matmul_2048")
+    mm_rate, ceiling = matmul_ceiling(timings, mm_flops)
     result = {
         "tokens": batch * length, "flops_per_call": flops, "timings": timings.summary(),
         "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
         "speedup_vs_transformers_eager": timings.speedup("ours", "transformers_eager"),
-        "matmul_flops_per_s": mm_rate,
+        "matmul_flops_per_s": mm_rate, "matmul_ceiling": ceiling,
+        "torch_mm_flops_per_s": mm_flops / timings.median("matmul_2048"), "cpu_gemm": gemm_in_use(x),
     }
-    for name in ("ours", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
+    for name in (*contenders, "matmuls_only"):
         result[f"flops_per_s_{name}"] = flops / timings.median(name)
         result[f"fraction_of_matmul_{name}"] = flops / timings.median(name) / mm_rate
+        result[f"fraction_of_torch_mm_{name}"] = flops / timings.median(name) / result["torch_mm_flops_per_s"]
     result["ours_over_matmuls_only"] = timings.speedup("matmuls_only", "ours")
+    if "ours_torch_gemm" in contenders:
+        result["speedup_vs_transformers_grouped_mm_with_torch_gemm"] = timings.speedup("ours_torch_gemm",
+                                                                                      "transformers_grouped_mm")
     return result
 
 
@@ -207,6 +244,7 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
     theirs.train()
     ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
     implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
+    like = torch.empty(0, device=device, dtype=next(ours.parameters()).dtype)
 
     def step(model: torch.nn.Module) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -214,15 +252,17 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
     def setup(name: str) -> None:
         ours.zero_grad(set_to_none=True)
         theirs.zero_grad(set_to_none=True)
+        select_gemm(name)
         if name in implementation:
             set_experts(theirs, implementation[name])
 
     set_experts(ours, "hf_moe_auto")
-    contenders = {"ours": lambda: step(ours), "transformers_grouped_mm": lambda: step(theirs),
-                  "transformers_eager": lambda: step(theirs)}
-    matmul, mm_flops = matmul_flops(device, next(ours.parameters()).dtype)
-    timings = interleaved({**contenders, "matmul_2048": matmul}, rounds, device, setup=setup)
-    mm_rate = mm_flops / timings.median("matmul_2048")
+    contenders = {"ours": lambda: step(ours), **with_torch_gemm(lambda: step(ours), like),
+                  "transformers_grouped_mm": lambda: step(theirs), "transformers_eager": lambda: step(theirs)}
+    matmuls, mm_flops = matmul_flops(device, next(ours.parameters()).dtype)
+    timings = interleaved({**contenders, **matmuls}, rounds, device, setup=setup)
+    select_gemm("ours")
+    mm_rate, ceiling = matmul_ceiling(timings, mm_flops)
     fastest = min(implementation, key=timings.median)
     tokens = batch * length
     flops = train_flops(config, batch, length)
@@ -232,10 +272,15 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
         with PeakMemory(device) as peak:
             fn()
         peaks[name] = peak.peak_bytes
+    select_gemm("ours")
     ours.zero_grad(set_to_none=True)
     theirs.zero_grad(set_to_none=True)
+    extra = {}
+    if "ours_torch_gemm" in contenders:
+        extra["speedup_vs_fastest_transformers_with_torch_gemm"] = timings.speedup("ours_torch_gemm", fastest)
     return {
-        "batch": batch, "length": length, "timings": timings.summary(),
+        "batch": batch, "length": length, "timings": timings.summary(), "cpu_gemm": gemm_in_use(like),
+        "matmul_ceiling": ceiling, **extra,
         "tokens_per_s": {name: tokens / timings.median(name) for name in contenders},
         "model_flops_per_step": flops,
         "model_flops_per_s": {name: flops / timings.median(name) for name in contenders},
@@ -440,14 +485,22 @@ def markdown(results: dict) -> str:
     if "moe_layer" in results:
         r = results["moe_layer"]
         lines += [f"## MoE layer forward+backward ({r['tokens']} tokens, {r['flops_per_call'] / 1e9:.2f} GFLOP)", "",
-                  "| implementation | median ms | GFLOP/s | fraction of matmul |", "|---|---|---|---|"]
-        for name in ("ours", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
+                  "| implementation | median ms | GFLOP/s | fraction of matmul | fraction of torch.mm |",
+                  "|---|---|---|---|---|"]
+        for name in ("ours", "ours_torch_gemm", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
             if name not in r["timings"]:
                 continue
             lines.append(f"| {name} | {r['timings'][name]['median_s'] * 1e3:.1f} | "
-                         f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} |")
-        lines += [f"| plain 2048^3 matmul | {r['timings']['matmul_2048']['median_s'] * 1e3:.1f} | "
-                  f"{r['matmul_flops_per_s'] / 1e9:.1f} | 1.00 |", ""]
+                         f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} | "
+                         f"{r.get(f'fraction_of_torch_mm_{name}', float('nan')):.2f} |")
+        for name, label in (("matmul_2048", "plain 2048^3 torch.mm"), ("matmul_2048_onednn", "plain 2048^3 oneDNN")):
+            if name in r["timings"]:
+                rate = 2.0 * 2048**3 / r["timings"][name]["median_s"]
+                lines.append(f"| {label} | {r['timings'][name]['median_s'] * 1e3:.1f} | {rate / 1e9:.1f} | "
+                             f"{rate / r['matmul_flops_per_s']:.2f} | {rate / r['torch_mm_flops_per_s']:.2f} |")
+        lines += ["", f"Our fast paths ran their fp32 products on {r.get('cpu_gemm', 'torch.mm')}; \"fraction of "
+                  "matmul\" is against the faster plain matmul (the machine's GEMM ceiling), \"ours_torch_gemm\" is our "
+                  "layer with its products on torch.mm.", ""]
     for key, title in (("train_step", "Training step (forward+backward)"), ("prefill", "Prefill")):
         if key in results:
             r = results[key]
@@ -510,6 +563,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
 
+    PROCESS_GEMM.append(gemm.cpu_gemm())  # decided after the thread count is set: the probe times both GEMMs
     config = bench_config()
     ours, theirs = build_models(config, device, dtype)
     started = time.time()
@@ -517,7 +571,8 @@ def main() -> None:
         "machine": machine(device),
         "load_average_at_start": os.getloadavg(),
         "settings": {"device": str(device), "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds,
-                     "decode_rounds": args.decode_rounds, "hf_moe": hf_moe.__version__},
+                     "decode_rounds": args.decode_rounds, "hf_moe": hf_moe.__version__,
+                     "cpu_gemm_choice": PROCESS_GEMM[0]},
         "config": {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_")},
         "parity": parity(ours, theirs, config, device),
     }

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_moe import MoEConfig
+from hf_moe.modeling import gemm
 
 # tokenizers' thread pool and forked workers (DDP tests) do not mix: keep it single-threaded in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,3 +41,16 @@ def tiny_gqa_config(**overrides: object) -> MoEConfig:
 def _deterministic() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+@pytest.fixture(params=["aten", "onednn"])
+def cpu_gemm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once per fp32 CPU GEMM of `hf_moe.modeling.gemm`, whatever this machine's own choice: torch.mm,
+    and oneDNN with its size thresholds at zero so that tiny test shapes take it too."""
+    if request.param == "onednn":
+        if not gemm.onednn_available():
+            pytest.skip("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+        monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+        monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    with gemm.cpu_gemm_override(request.param) as choice:
+        yield choice

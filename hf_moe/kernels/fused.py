@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ..modeling import gemm
 from ..modeling.experts import swiglu_backward_into
 from ..modeling.fast_paths import autocast_active, records_grad
 from ..modeling.scratch import WORKSPACE
@@ -91,7 +92,7 @@ def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, tra
         out = inputs.new_empty(inputs.shape[0], out_dim)
     weight = weight.transpose(1, 2) if transpose else weight
     for expert, start, count in plan.segments:
-        torch.mm(inputs[start : start + count], weight[expert], out=out[start : start + count])
+        gemm.mm_into(inputs[start : start + count], weight[expert], out[start : start + count])
     return out
 
 
@@ -99,7 +100,7 @@ def _mm_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPla
     """sum over each expert's slots of grad_out_s inputs_s^T: (S, out), (S, in) -> (E, out, in)."""
     grad = grad_out.new_empty(num_experts, grad_out.shape[1], inputs.shape[1])
     for expert, start, count in plan.segments:
-        torch.mm(grad_out[start : start + count].t(), inputs[start : start + count], out=grad[expert])
+        gemm.mm_into(grad_out[start : start + count].t(), inputs[start : start + count], grad[expert])
     if len(plan.segments) < num_experts:  # experts without slots get zero gradients
         grad[plan.per_expert == 0] = 0
     return grad
@@ -144,6 +145,22 @@ def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_
     return slots.view(num_tokens, top_k, -1).sum(dim=1)
 
 
+def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool, mode: str,
+                     num_tokens: int, top_k: int, scratch: str) -> torch.Tensor:
+    """Per-token sums over the K slots of the per-expert products (`_mm_segments` then `_unsort_sum`), (S, in) ->
+    (T, out). On CPU each expert's product is added into its tokens' rows as it is made (no slot-sized buffer)."""
+    if mode == "grouped_mm" or inputs.device.type != "cpu":
+        mm = _grouped if mode == "grouped_mm" else _mm_segments
+        out_dim = weight.shape[1] if transpose else weight.shape[2]
+        rows = mm(inputs, weight, plan, transpose, out=WORKSPACE.get(scratch, (inputs.shape[0], out_dim), inputs))
+        return _unsort_sum(rows, plan, num_tokens, top_k)
+    weight = weight.transpose(1, 2) if transpose else weight
+    out = inputs.new_zeros(num_tokens, weight.shape[2])
+    for expert, start, count in plan.segments:
+        out.index_add_(0, plan.tokens[start : start + count], gemm.mm(inputs[start : start + count], weight[expert]))
+    return out
+
+
 def _scaled_rows(rows: torch.Tensor, scale: torch.Tensor, scratch: str) -> torch.Tensor:
     """rows (S, D) * scale (S,) per row, into a scratch buffer on CPU."""
     out = WORKSPACE.get(scratch, rows.shape, rows)
@@ -172,8 +189,8 @@ def _experts_forward(
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate).mul_(up)  # (S, I)
     weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
-    y_slots = mm(weighted, down_proj, plan, transpose=True, out=WORKSPACE.get("slots_h", x_slots.shape, x_slots))
-    return _unsort_sum(y_slots, plan, num_tokens, top_k), gate_up, act, slot_weights
+    output = _summed_products(weighted, down_proj, plan, True, mode, num_tokens, top_k, "slots_h")  # (T, H)
+    return output, gate_up, act, slot_weights
 
 
 class FusedExpertsFunction(torch.autograd.Function):
@@ -222,11 +239,13 @@ class FusedExpertsFunction(torch.autograd.Function):
         grad_x = grad_gate_up = None
         if need_x or need_gu:
             d_act = d_weighted.mul_(slot_weights[:, None])  # (S, I)
-            d_gate_up = swiglu_backward_into(WORKSPACE.empty("slots_2i", gate_up.shape, gate_up), d_act, gate_up)
+            d_gate_up = WORKSPACE.empty("slots_2i", gate_up.shape, gate_up)
+            inter = act.shape[1]
+            swiglu_backward_into(d_gate_up[:, :inter], d_gate_up[:, inter:], d_act, gate_up[:, :inter],
+                                 gate_up[:, inter:])
             if need_x:
-                dx_slots = mm(d_gate_up, gate_up_proj, plan, transpose=False,
-                              out=WORKSPACE.get("slots_h", dy_slots.shape, dy_slots))
-                grad_x = _unsort_sum(dx_slots, plan, num_tokens, top_k)
+                grad_x = _summed_products(d_gate_up, gate_up_proj, plan, False, ctx.mode, num_tokens, top_k,
+                                          "slots_h")
             if need_gu:
                 x_slots = _gather_rows(hidden_states, plan, "slots_h")  # recomputed, not stored
                 grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)

@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import MoEConfig
 from .fast_paths import plain_linear
+from .gemm import project
 from .mla_attention import mla_attention
 from .normalization import RMSNorm
 from .rotary import apply_rope
@@ -114,22 +115,22 @@ class MultiHeadLatentAttention(nn.Module):
         """(B, T, H) -> (B, heads, T, qk_head_dim)."""
         batch, length = hidden_states.shape[:2]
         if self.q_lora_rank is None:
-            q = self.q_proj(hidden_states)
+            q = project(self.q_proj, hidden_states)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, hidden_states)))
         return q.view(batch, length, self.num_heads, self.qk_head_dim).transpose(1, 2)
 
     def compress_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, H) -> latent c_kv (B, 1, T, kv_lora_rank) and un-rotated k_pe (B, 1, T, rope_dim)."""
         batch, length = hidden_states.shape[:2]
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        latent, k_pe = project(self.kv_a_proj_with_mqa, hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         latent = self.kv_a_layernorm(latent)
         return latent.view(batch, 1, length, self.kv_lora_rank), k_pe.view(batch, 1, length, self.qk_rope_head_dim)
 
     def expand_kv(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latent (B, 1, S, r) and rotated k_pe (B, 1, S, dr) -> keys (B, heads, S, dn+dr), values (B, heads, S, dv)."""
         batch, _, length, _ = latent.shape
-        kv = self.kv_b_proj(latent).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        kv = project(self.kv_b_proj, latent).view(batch, length, self.num_heads, -1).transpose(1, 2)
         k_nope, values = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         keys = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return keys, values
@@ -212,7 +213,7 @@ class MultiHeadLatentAttention(nn.Module):
         elif self.config._attn_implementation == "sdpa" and explicit_wins(
                 queries, self.v_head_dim, batch * self.num_heads * length * latent.shape[2], dropout, **kwargs):
             # token-major kernel: no split/concat/transpose copies of queries, keys, values or output
-            kv = self.kv_b_proj(latent.squeeze(1)).view(batch, -1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+            kv = project(self.kv_b_proj, latent.squeeze(1)).view(batch, -1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
             output = mla_attention(queries.transpose(1, 2), kv, k_pe.squeeze(1), cos, sin, attention_mask,
                                    self.qk_nope_head_dim, self.scaling, interleaved)
             weights = None
@@ -222,7 +223,7 @@ class MultiHeadLatentAttention(nn.Module):
             queries = torch.cat((q_nope, apply_rope(q_pe, cos, sin, interleaved)), dim=-1)
             output, weights = attention_function(self.config)(
                 self, queries, keys, values, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-        return self.o_proj(output.reshape(batch, length, -1)), weights
+        return project(self.o_proj, output.reshape(batch, length, -1)), weights
 
 
 class GroupedQueryAttention(nn.Module):
@@ -262,7 +263,7 @@ class GroupedQueryAttention(nn.Module):
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = (project(proj, hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.config.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.config.clip_qkv is not None:
@@ -283,7 +284,7 @@ class GroupedQueryAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
             sliding_window=self.sliding_window, **kwargs,
         )
-        return self.o_proj(output.reshape(batch, length, -1)), weights
+        return project(self.o_proj, output.reshape(batch, length, -1)), weights
 
 
 def build_attention(config: MoEConfig, layer_idx: int) -> nn.Module:

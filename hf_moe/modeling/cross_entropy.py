@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import gemm
 from .fast_paths import records_grad
 from .scratch import WORKSPACE
 
@@ -107,7 +108,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         scale: torch.Tensor, ignore_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.mm(hidden, weight.t())  # (N, V)
+        logits = gemm.mm(hidden, weight.t())  # (N, V)
         targets, valid = prepare_targets(targets, ignore_index)
         lse = row_logsumexp(logits)
         ctx.save_for_backward(hidden, weight, logits, lse, targets, valid, scale)
@@ -132,12 +133,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if grad_logits is not None:
                 block += grad_logits[rows]
             if need_hidden:
-                torch.mm(block, weight, out=grad_hidden[rows])
+                gemm.mm_into(block, weight, grad_hidden[rows])
             if need_weight:
                 if grad_weight is None:
-                    grad_weight = torch.mm(block.t(), hidden[rows])
+                    grad_weight = gemm.mm(block.t(), hidden[rows])
                 else:
-                    grad_weight.addmm_(block.t(), hidden[rows])
+                    gemm.addmm_into(grad_weight, block.t(), hidden[rows])
         return grad_hidden, grad_weight, None, None, None
 
 

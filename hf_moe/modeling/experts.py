@@ -14,19 +14,18 @@ from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
+from . import gemm
 from .configuration import MoEConfig
 from .fast_paths import autocast_active, plain_linear, records_grad
 from .scratch import WORKSPACE
 
 
-def swiglu_backward_into(grad_gate_up: torch.Tensor, grad_act: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """grad_gate_up (N, 2I) = [da * u * silu'(g), da * silu(g)] for a = silu(g) * u, with gate_up = [g, u] (N, 2I)
-    and da = grad_act (N, I), which is overwritten. Returns grad_gate_up."""
-    inter = grad_act.shape[1]
-    gate, up = gate_up[:, :inter], gate_up[:, inter:]
-    torch.ops.aten.silu.out(gate, out=grad_gate_up[:, inter:]).mul_(grad_act)
-    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate_up[:, :inter])
-    return grad_gate_up
+def swiglu_backward_into(grad_gate: torch.Tensor, grad_up: torch.Tensor, grad_act: torch.Tensor, gate: torch.Tensor,
+                         up: torch.Tensor) -> None:
+    """grad_gate = da * u * silu'(g) and grad_up = da * silu(g) (each (N, I)) for a = silu(g) * u, with
+    da = grad_act (N, I), which is overwritten."""
+    torch.ops.aten.silu.out(gate, out=grad_up).mul_(grad_act)
+    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -35,38 +34,36 @@ class SwiGLUFunction(torch.autograd.Function):
         a = silu(g) * u            dW_d = dy^T a           da = dy W_d
         dg = da * u * silu'(g)     du = da * silu(g)       dx = dg W_g + du W_u    dW_g = dg^T x    dW_u = du^T x
 
-    g and u land side by side in one (tokens, 2I) buffer; backward writes dg, du into one buffer of that shape
-    and accumulates dx in place, instead of autograd's separate silu/mul backward passes and gradient sum.
+    Backward writes dg, du into one scratch buffer and accumulates dx in place, instead of autograd's separate
+    silu/mul backward passes and gradient sum. Products run through `gemm` (oneDNN where it is faster).
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, gate_weight: torch.Tensor,  # noqa: D102
                 up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-        inter = gate_weight.shape[0]
         rows = x.reshape(-1, x.shape[-1])  # (N, H)
-        gate_up = rows.new_empty(rows.shape[0], 2 * inter)  # (N, 2I)
-        gate, up = gate_up[:, :inter], gate_up[:, inter:]
-        torch.mm(rows, gate_weight.t(), out=gate)
-        torch.mm(rows, up_weight.t(), out=up)
+        gate, up = gemm.mm(rows, gate_weight.t()), gemm.mm(rows, up_weight.t())  # (N, I) each
         act = F.silu(gate).mul_(up)  # (N, I)
-        ctx.save_for_backward(rows, gate_weight, up_weight, down_weight, gate_up, act)
-        return torch.mm(act, down_weight.t()).view(*x.shape[:-1], -1)
+        ctx.save_for_backward(rows, gate_weight, up_weight, down_weight, gate, up, act)
+        return gemm.mm(act, down_weight.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
-        rows, gate_weight, up_weight, down_weight, gate_up, act = ctx.saved_tensors
+        rows, gate_weight, up_weight, down_weight, gate, up, act = ctx.saved_tensors
         inter = gate_weight.shape[0]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
-        grad_down = torch.mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
-        grad_act = torch.mm(grad_rows, down_weight, out=WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
-        grad_gate_up = swiglu_backward_into(WORKSPACE.empty("swiglu_2i", gate_up.shape, gate_up), grad_act, gate_up)
+        grad_down = gemm.mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
+        grad_act = gemm.mm_into(grad_rows, down_weight, WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
+        grad_gate_up = WORKSPACE.empty("swiglu_2i", (rows.shape[0], 2 * inter), act)
         grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
+        swiglu_backward_into(grad_gate, grad_up, grad_act, gate, up)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(grad_gate, gate_weight).addmm_(grad_up, up_weight).view(*grad_output.shape[:-1], -1)
-        grad_gate_w = torch.mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
-        grad_up_w = torch.mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
+            grad_x = gemm.addmm_into(gemm.mm(grad_gate, gate_weight), grad_up, up_weight)
+            grad_x = grad_x.view(*grad_output.shape[:-1], -1)
+        grad_gate_w = gemm.mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
+        grad_up_w = gemm.mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
         return grad_x, grad_gate_w, grad_up_w, grad_down
 
 

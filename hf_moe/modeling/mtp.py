@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
+from .gemm import project
 from .normalization import RMSNorm
 
 
@@ -39,7 +40,7 @@ class MTPModule(nn.Module):
     ) -> tuple[torch.Tensor, object]:
         """previous_hidden h^{k-1} (B, T, H), future_embeds Emb(t_{i+k}) (B, T, H) -> h^k (B, T, H), routing.
         `cache` (decoding only) holds the block's keys/values under its layer index."""
-        merged = self.eh_proj(torch.cat((self.enorm(future_embeds), self.hnorm(previous_hidden)), dim=-1))
+        merged = project(self.eh_proj, torch.cat((self.enorm(future_embeds), self.hnorm(previous_hidden)), dim=-1))
         hidden, routing, _ = self.block(merged, attention_mask=attention_mask, position_embeddings=position_embeddings,
                                         cache=cache, token_mask=token_mask)
         return hidden, routing

@@ -144,6 +144,7 @@ def per_expert(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.T
     return out
 
 
+@pytest.mark.usefixtures("cpu_gemm")  # our products on torch.mm and on oneDNN
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_oracle_logits_and_round_trip(case: str, tmp_path) -> None:
     family = CASES[case][0].model_type

@@ -1,5 +1,6 @@
 """Every hf_moe experts backend equals the eager reference (forward and backward) on random inputs and edge cases,
-is reachable by name through transformers' experts interface, and `hf_moe_auto` logs its choice."""
+with its products on torch.mm and on oneDNN (the `cpu_gemm` fixture), is reachable by name through transformers'
+experts interface, and `hf_moe_auto` logs its choice."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def assert_matches_eager(experts: RoutedExperts, implementation: str, x: torch.T
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, n=name: f"{implementation} {n}: {m}")
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_random_inputs_match_eager(implementation: str) -> None:
     experts = make_experts()
@@ -63,6 +65,7 @@ def test_random_inputs_match_eager(implementation: str) -> None:
     assert_matches_eager(experts, implementation, x, ids, weights, grad=torch.randn(37, 24))
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_empty_experts_get_zero_gradients(implementation: str) -> None:
     experts = make_experts()
@@ -73,6 +76,7 @@ def test_empty_experts_get_zero_gradients(implementation: str) -> None:
     assert grads[2][[1, 3, 4]].abs().sum() == 0 and grads[3][[1, 3, 4]].abs().sum() == 0
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_single_token(implementation: str) -> None:
     experts = make_experts()
@@ -80,6 +84,7 @@ def test_single_token(implementation: str) -> None:
     assert_matches_eager(experts, implementation, torch.randn(1, 24), ids, weights, grad=torch.randn(1, 24))
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_all_tokens_on_one_expert(implementation: str) -> None:
     experts = make_experts()
@@ -88,6 +93,7 @@ def test_all_tokens_on_one_expert(implementation: str) -> None:
                          grad=torch.randn(16, 24))
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_non_contiguous_output_gradients(implementation: str) -> None:
     experts = make_experts()
@@ -111,6 +117,7 @@ def test_bf16_close_to_eager(implementation: str) -> None:
         torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2 * want.float().abs().max().item())
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", CPU_BACKENDS)
 def test_only_requested_gradients(implementation: str) -> None:
     """Frozen experts (recipes freeze them) and an inference forward under no_grad both work."""
@@ -130,6 +137,7 @@ def test_only_requested_gradients(implementation: str) -> None:
     assert out.grad_fn is None
 
 
+@pytest.mark.usefixtures("cpu_gemm")
 @pytest.mark.parametrize("implementation", ["hf_moe_fused", "hf_moe_auto"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_model_training_step_matches_eager(implementation: str, capacity_factor: float | None) -> None:

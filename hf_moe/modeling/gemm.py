@@ -1,0 +1,212 @@
+"""fp32 matrix products on CPU: torch's default GEMM (MKL's sgemm) or oneDNN's, whichever this CPU runs faster.
+
+torch multiplies fp32 matrices on CPU with MKL, which on AMD processors runs a narrower code path: on a 2-core
+AMD EPYC (Zen 5) we measured 200 GFLOP/s for a 2048^3 `torch.mm` against 460 GFLOP/s for the same product
+through oneDNN (`torch.ops.mkldnn._linear_pointwise`, which ships with every x86 CPU build of torch and reads
+ordinary strided tensors). On Intel CPUs both reach about the same speed. The choice is made once per process:
+
+- `HF_MOE_CPU_GEMM=auto` (default): time both on one 512^3 product, keep oneDNN only if it is >= 1.2x faster
+  and agrees with torch's result; the choice is logged.
+- `HF_MOE_CPU_GEMM=onednn` / `aten`: force one (onednn raises where torch has no oneDNN).
+
+Only the CPU fast paths (hand-written autograd Functions) call these helpers; everything else, every other
+device and dtype, and products too small to pay oneDNN's ~15 us call overhead (fewer than 4 rows or 2^21
+multiply-adds) run `torch.mm` as before. oneDNN has no `out=`: `mm_into` copies its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .fast_paths import autocast_active, records_grad
+from .scratch import WORKSPACE
+
+logger = logging.getLogger(__name__)
+
+CPU_GEMMS = ("auto", "onednn", "aten")
+ENV_VAR = "HF_MOE_CPU_GEMM"
+MIN_ROWS = 4  # below this a product is a matrix-vector one, where MKL's call is cheaper
+MIN_MACS = 1 << 21  # multiply-adds below which oneDNN's per-call overhead outweighs its speed
+
+
+def _onednn_linear_op() -> object | None:
+    """torch's oneDNN linear (x @ w^T on dense strided tensors), or None where this build has none."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN = _onednn_linear_op()
+_choice: str | None = None  # "onednn" or "aten" once decided
+
+
+def onednn_available() -> bool:
+    """This torch build can run oneDNN's linear on CPU."""
+    return _ONEDNN is not None
+
+
+def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b through oneDNN, which takes the right operand with any strides but copies a non-contiguous left
+    one: that copy goes to a reused scratch buffer (a fresh one page-faults, see scratch.py)."""
+    if not a.is_contiguous():
+        a = WORKSPACE.empty("gemm_left", a.shape, a).copy_(a)
+    return _ONEDNN(a, b.t(), None, "none", [], "")
+
+
+def _probe() -> str:
+    """Time torch.mm and oneDNN on one 512^3 product (best of 5 after a warm-up) and check they agree."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(512, 512, generator=generator)
+    b = torch.randn(512, 512, generator=generator)
+
+    def best(fn: object) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        agree = torch.allclose(onednn_mm(a, b), torch.mm(a, b), rtol=1e-4, atol=1e-3)
+        aten, onednn = best(lambda: torch.mm(a, b)), best(lambda: onednn_mm(a, b))
+    except RuntimeError as error:  # a oneDNN build that cannot run here
+        logger.info("hf_moe CPU GEMM: torch.mm (oneDNN failed: %s)", error)
+        return "aten"
+    choice = "onednn" if agree and aten > 1.2 * onednn else "aten"
+    logger.info("hf_moe CPU GEMM: %s (512^3 fp32: torch.mm %.2f ms, oneDNN %.2f ms%s)", choice, aten * 1e3,
+                onednn * 1e3, "" if agree else ", results disagree")
+    return choice
+
+
+def cpu_gemm() -> str:
+    """The fp32 CPU GEMM in use, "onednn" or "aten", decided on first call (see the module docstring)."""
+    global _choice
+    if _choice is None:
+        requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        _choice = _resolve(requested, source=f"{ENV_VAR}={requested!r}")
+    return _choice
+
+
+def _resolve(requested: str, source: str) -> str:
+    if requested not in CPU_GEMMS:
+        raise ValueError(f"{source} is not one of {CPU_GEMMS}")
+    if requested == "aten":
+        return "aten"
+    if _ONEDNN is None:
+        if requested == "onednn":
+            raise RuntimeError(f"{source}: this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+        return "aten"
+    return "onednn" if requested == "onednn" else _probe()
+
+
+def set_cpu_gemm(name: str) -> str:
+    """Choose the fp32 CPU GEMM for this process ("auto" probes again); returns the one now in use."""
+    global _choice
+    _choice = _resolve(name, source=f"set_cpu_gemm({name!r})")
+    return _choice
+
+
+@contextmanager
+def cpu_gemm_override(name: str) -> Iterator[str]:
+    """`set_cpu_gemm(name)` for the duration of a block (tests, benchmarks), then the previous choice."""
+    previous = cpu_gemm()
+    try:
+        yield set_cpu_gemm(name)
+    finally:
+        global _choice
+        _choice = previous
+
+
+def onednn_active(tensor: torch.Tensor) -> bool:
+    """Products of this tensor's kind (CPU fp32) may run through oneDNN: callers that would write into
+    preallocated outputs (`out=`) can produce fresh results instead, since oneDNN's would be copied."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpu_gemm() == "onednn"
+
+
+def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    rows, inner = a.shape
+    return (rows >= MIN_ROWS and rows * inner * b.shape[1] >= MIN_MACS and b.dtype == torch.float32
+            and onednn_active(a))
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) @ b (K, N) -> (M, N) contiguous; any strides. Not differentiable: for use inside Functions. In the
+    operands' dtype on either GEMM, also under autocast (as torch.mm's `out=` form, which autocast leaves alone)."""
+    if _use_onednn(a, b):
+        return onednn_mm(a, b)
+    if autocast_active(a):
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.mm(a, b)
+    return torch.mm(a, b)
+
+
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (M, N) = a @ b; returns out."""
+    if _use_onednn(a, b):
+        return out.copy_(onednn_mm(a, b))
+    return torch.mm(a, b, out=out)
+
+
+def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out (M, N) += a @ b; returns out."""
+    if _use_onednn(a, b):
+        return out.add_(onednn_mm(a, b))
+    return out.addmm_(a, b)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ weight (N, K)^T -> (..., N), like F.linear without a bias. Not differentiable."""
+    return mm(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x W^T (+ b) through `mm`: dx = dy W, dW = dy^T x, db = sum of dy over rows."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,  # noqa: D102
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = linear(x, weight)
+        return out if bias is None else out.add_(bias)
+
+    @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
+        grad_x = mm(grad_rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_weight = mm(grad_rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def _plain(module: nn.Module) -> bool:
+    """An nn.Linear (bias or not) that nothing wraps or hooks (see fast_paths.plain_linear)."""
+    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+            and not hasattr(module, "_hf_hook"))
+
+
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a Linear layer, through oneDNN where that GEMM is in use for x (CPU fp32, no autocast, a
+    plain nn.Linear); the module call everywhere else, so LoRA layers, hooks and quantized linears behave."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not _plain(module) or autocast_active(x)
+            or module.weight.dtype != torch.float32 or cpu_gemm() != "onednn"):
+        return module(x)
+    if records_grad(x, module.weight, *(() if module.bias is None else (module.bias,))):
+        return LinearFunction.apply(x, module.weight, module.bias)
+    out = linear(x, module.weight)
+    return out if module.bias is None else out.add_(module.bias)
