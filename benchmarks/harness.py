@@ -47,8 +47,10 @@ class Timings:
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-                warmup: int = 1, setup: Callable[[str], None] | None = None) -> Timings:
-    """Time each contender `rounds` times, alternating between them; `setup(name)` runs untimed before a call."""
+                warmup: int = 1, setup: Callable[[str], None] | None = None, lead_in: int = 0) -> Timings:
+    """Time each contender `rounds` times, alternating between them; `setup(name)` runs untimed before a call.
+    With `lead_in`, each timed call follows that many untimed calls of the same contender, so it runs in the
+    cache and allocator state its own previous call left (as consecutive training steps do), not another's."""
     for _ in range(warmup):
         for name, fn in contenders.items():
             if setup is not None:
@@ -57,6 +59,10 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device
     timings = Timings({name: [] for name in contenders})
     for _ in range(rounds):
         for name, fn in contenders.items():
+            for _ in range(lead_in):
+                if setup is not None:
+                    setup(name)
+                fn()
             if setup is not None:
                 setup(name)
             synchronize(device)

@@ -52,5 +52,6 @@ def cpu_gemm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
             pytest.skip("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
         monkeypatch.setattr(gemm, "MIN_ROWS", 1)
         monkeypatch.setattr(gemm, "MIN_MACS", 0)
+        monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
     with gemm.cpu_gemm_override(request.param) as choice:
         yield choice

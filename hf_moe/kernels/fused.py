@@ -40,27 +40,67 @@ MATMUL_MODES = ("loop", "grouped_mm")
 FEW_SLOTS = 8  # token-slots (T * K) up to which a CPU forward without autograd runs slot by slot
 
 
+def padded_count(count: int) -> int:
+    """count rounded up to a multiple of max(8, ~count/16): at most ~6% more rows (<8 rows for small experts),
+    and few distinct sizes, so that oneDNN's cache of per-shape kernels (1024 entries by default) holds the
+    products of every expert size training produces instead of compiling one for each new token count."""
+    step = max(8, 1 << max(count.bit_length() - 5, 0))
+    return -(-count // step) * step
+
+
 @dataclass
 class SlotPlan:
-    """Token-slots sorted by expert: which token each sorted slot reads, and the per-expert segments."""
+    """Token-slots sorted by expert: which token each sorted slot reads, and the per-expert segments.
+
+    Products run over rows: the sorted slots themselves, or (`build(..., pad=True)`) the sorted slots with each
+    expert's segment padded by zero rows to `padded_count` (the CPU oneDNN path). Pad rows read token 0 and are
+    zeroed after every gather, carry routing weight 0 and so add nothing anywhere; results are exact."""
 
     order: torch.Tensor  # (S,) slot index (t * K + k) of each sorted position
     tokens: torch.Tensor  # (S,) token index t(s) of each sorted position
     per_expert: torch.Tensor  # (E,) slots per expert
-    offsets: torch.Tensor  # (E,) int32 cumulative counts (grouped_mm's `offs`)
+    offsets: torch.Tensor  # (E,) int32 cumulative counts (grouped_mm's `offs`), unpadded
+    row_tokens: torch.Tensor  # (R,) token each row reads (pad rows: 0); `tokens` when unpadded
+    rows: torch.Tensor | None = None  # (S,) row of each sorted slot; None when unpadded (row = sorted position)
+    pad_rows: torch.Tensor | None = None  # (R - S,) the pad rows; None when unpadded
+    bucketed: bool = False  # segment lengths are `padded_count`s (whether or not any needed padding)
     _counts: list[int] | None = None
+    _segments: list[tuple[int, int, int]] | None = None
 
     @classmethod
-    def build(cls, top_k_index: torch.Tensor, num_experts: int) -> SlotPlan:
+    def build(cls, top_k_index: torch.Tensor, num_experts: int, pad: bool = False) -> SlotPlan:
         """top_k_index (T, K) -> plan. Stable sort keeps slots of one expert in token order."""
         top_k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)  # (S,)
         order = torch.argsort(flat, stable=True)
         per_expert = torch.bincount(flat, minlength=num_experts)  # (E,)
         offsets = per_expert.cumsum(0).to(torch.int32)
-        return cls(order=order, tokens=order // top_k, per_expert=per_expert, offsets=offsets)
+        tokens = order // top_k
+        plan = cls(order=order, tokens=tokens, per_expert=per_expert, offsets=offsets, row_tokens=tokens)
+        if pad:
+            plan._pad()
+        return plan
 
-    _segments: list[tuple[int, int, int]] | None = None
+    def _pad(self) -> None:
+        self.bucketed = True
+        counts = self.counts
+        padded = [padded_count(count) for count in counts]
+        if padded == counts:
+            return
+        device = self.order.device
+        shift = torch.tensor([p_start - start for p_start, start in zip(_starts(padded), _starts(counts))],
+                             device=device)  # (E,) how far each expert's segment moves
+        rows = torch.arange(self.order.shape[0], device=device) + shift.repeat_interleave(self.per_expert)  # (S,)
+        num_rows = sum(padded)
+        is_pad = torch.ones(num_rows, dtype=torch.bool, device=device).index_fill_(0, rows, False)
+        self.rows, self.pad_rows = rows, is_pad.nonzero().squeeze(1)
+        self.row_tokens = self.tokens.new_zeros(num_rows).index_copy_(0, rows, self.tokens)
+        self._segments = [(expert, start, length) for expert, (start, length) in
+                          enumerate(zip(_starts(padded), padded)) if length]
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_tokens.shape[0]
 
     @property
     def counts(self) -> list[int]:
@@ -71,14 +111,30 @@ class SlotPlan:
 
     @property
     def segments(self) -> list[tuple[int, int, int]]:
-        """(expert, first sorted slot, count) of every expert with slots: decode touches only these."""
+        """(expert, first row, rows) of every expert with slots: decode touches only these."""
         if self._segments is None:
-            self._segments, start = [], 0
-            for expert, count in enumerate(self.counts):
-                if count:
-                    self._segments.append((expert, start, count))
-                    start += count
+            self._segments = [(expert, start, count) for expert, (start, count) in
+                              enumerate(zip(_starts(self.counts), self.counts)) if count]
         return self._segments
+
+    def to_rows(self, sorted_values: torch.Tensor) -> torch.Tensor:
+        """(S, ...) values in sorted-slot order -> (R, ...) in row order, zero on pad rows."""
+        if self.rows is None:
+            return sorted_values
+        out = sorted_values.new_zeros(self.num_rows, *sorted_values.shape[1:])
+        return out.index_copy_(0, self.rows, sorted_values)
+
+    def from_rows(self, row_values: torch.Tensor) -> torch.Tensor:
+        """(R, ...) values in row order -> (S, ...) in sorted-slot order."""
+        return row_values if self.rows is None else row_values.index_select(0, self.rows)
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    starts, total = [], 0
+    for length in lengths:
+        starts.append(total)
+        total += length
+    return starts
 
 
 def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool,
@@ -92,7 +148,7 @@ def _mm_segments(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, tra
         out = inputs.new_empty(inputs.shape[0], out_dim)
     weight = weight.transpose(1, 2) if transpose else weight
     for expert, start, count in plan.segments:
-        gemm.mm_into(inputs[start : start + count], weight[expert], out[start : start + count])
+        gemm.mm_into(inputs[start : start + count], weight[expert], out[start : start + count], plan.bucketed)
     return out
 
 
@@ -100,7 +156,8 @@ def _mm_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: SlotPla
     """sum over each expert's slots of grad_out_s inputs_s^T: (S, out), (S, in) -> (E, out, in)."""
     grad = grad_out.new_empty(num_experts, grad_out.shape[1], inputs.shape[1])
     for expert, start, count in plan.segments:
-        gemm.mm_into(grad_out[start : start + count].t(), inputs[start : start + count], grad[expert])
+        gemm.mm_into(grad_out[start : start + count].t(), inputs[start : start + count], grad[expert],
+                     plan.bucketed)
     if len(plan.segments) < num_experts:  # experts without slots get zero gradients
         grad[plan.per_expert == 0] = 0
     return grad
@@ -134,13 +191,14 @@ def _grouped_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: Sl
 
 
 def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_k: int) -> torch.Tensor:
-    """Rows in sorted-slot order (S, D) -> per-token sums over the K slots (T, D), deterministic.
+    """Rows in row order (R, D) -> per-token sums over the K slots (T, D), deterministic.
 
-    CPU: `index_add_` (sequential, so deterministic, and ~3x cheaper than un-permuting); elsewhere un-permute
-    then sum over K, since `index_add_` uses atomics on GPUs."""
+    CPU: `index_add_` (sequential, so deterministic, and ~3x cheaper than un-permuting; pad rows add zeros);
+    elsewhere un-permute then sum over K, since `index_add_` uses atomics on GPUs."""
     if sorted_rows.device.type == "cpu":
         out = sorted_rows.new_zeros(num_tokens, sorted_rows.shape[1])
-        return out.index_add_(0, plan.tokens, sorted_rows)
+        return out.index_add_(0, plan.row_tokens, sorted_rows)
+    sorted_rows = plan.from_rows(sorted_rows)
     slots = torch.empty_like(sorted_rows).index_copy_(0, plan.order, sorted_rows)  # (S, D) in slot order
     return slots.view(num_tokens, top_k, -1).sum(dim=1)
 
@@ -157,7 +215,8 @@ def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan,
     weight = weight.transpose(1, 2) if transpose else weight
     out = inputs.new_zeros(num_tokens, weight.shape[2])
     for expert, start, count in plan.segments:
-        out.index_add_(0, plan.tokens[start : start + count], gemm.mm(inputs[start : start + count], weight[expert]))
+        product = gemm.mm(inputs[start : start + count], weight[expert], plan.bucketed)
+        out.index_add_(0, plan.row_tokens[start : start + count], product)
     return out
 
 
@@ -168,23 +227,25 @@ def _scaled_rows(rows: torch.Tensor, scale: torch.Tensor, scratch: str) -> torch
 
 
 def _gather_rows(source: torch.Tensor, plan: SlotPlan, scratch: str) -> torch.Tensor:
-    """source (T, D) -> rows source[t(s)] in sorted-slot order (S, D), into a scratch buffer on CPU."""
-    out = WORKSPACE.get(scratch, (plan.tokens.shape[0], source.shape[1]), source)
+    """source (T, D) -> rows source[t(s)] in row order (R, D), pad rows zero, into a scratch buffer on CPU."""
+    out = WORKSPACE.get(scratch, (plan.num_rows, source.shape[1]), source)
     if out is None:
-        return source.index_select(0, plan.tokens)
-    return torch.index_select(source, 0, plan.tokens, out=out)
+        out = source.index_select(0, plan.row_tokens)
+    else:
+        torch.index_select(source, 0, plan.row_tokens, out=out)
+    return out if plan.pad_rows is None else out.index_fill_(0, plan.pad_rows, 0)
 
 
 def _experts_forward(
     hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, top_k_weights: torch.Tensor,
     plan: SlotPlan, mode: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward math: returns the output (T, H) and what backward needs: gate/up (S, 2I), the activation
-    (S, I) and the sorted slot weights (S,)."""
+    """The forward math: returns the output (T, H) and what backward needs: gate/up (R, 2I), the activation
+    (R, I) and the slot weights (R,), in row order."""
     num_tokens, top_k = top_k_weights.shape
     mm = _grouped if mode == "grouped_mm" else _mm_segments
-    slot_weights = top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype)  # (S,)
-    x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (S, H) scratch
+    slot_weights = plan.to_rows(top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype))  # (R,)
+    x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (R, H) scratch
     gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I)
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate).mul_(up)  # (S, I)
@@ -233,7 +294,7 @@ class FusedExpertsFunction(torch.autograd.Function):
         if need_w:
             product = WORKSPACE.get("slots_i2", act.shape, act)
             product = d_weighted * act if product is None else torch.mul(d_weighted, act, out=product)
-            d_slot_weights = product.sum(dim=-1)  # (S,)
+            d_slot_weights = plan.from_rows(product.sum(dim=-1))  # (S,)
             grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
         grad_x = grad_gate_up = None
@@ -265,11 +326,12 @@ def fused_experts(
     if mode not in MATMUL_MODES:
         raise ValueError(f"mode={mode!r} is not one of {MATMUL_MODES}")
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
+    pad = mode == "loop" and gemm.onednn_active(hidden_states)  # bucketed segment sizes for oneDNN's kernel cache
     if records_grad(*inputs):
-        return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)
+        return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0], pad), mode)
     if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS and not autocast_active(hidden_states):
         return _few_slots_forward(*inputs, top_k_index)
-    return _experts_forward(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0]), mode)[0]
+    return _experts_forward(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0], pad), mode)[0]
 
 
 def _few_slots_forward(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

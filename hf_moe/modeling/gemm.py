@@ -12,6 +12,12 @@ ordinary strided tensors). On Intel CPUs both reach about the same speed. The ch
 Only the CPU fast paths (hand-written autograd Functions) call these helpers; everything else, every other
 device and dtype, and products too small to pay oneDNN's ~15 us call overhead (fewer than 4 rows or 2^21
 multiply-adds) run `torch.mm` as before. oneDNN has no `out=`: `mm_into` copies its result.
+
+oneDNN compiles a kernel per product shape (~0.2-0.4 ms here) and caches 1024 of them. Products whose shapes
+vary from call to call (token counts of variable-length batches) take oneDNN only from 2^26 multiply-adds on,
+where it wins even when it compiles on every call; callers that keep their shapes to a small recurring set
+(the fused experts round each expert's row count, see `kernels.fused.padded_count`) pass `bucketed=True` and
+take it from 2^21 on.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ logger = logging.getLogger(__name__)
 CPU_GEMMS = ("auto", "onednn", "aten")
 ENV_VAR = "HF_MOE_CPU_GEMM"
 MIN_ROWS = 4  # below this a product is a matrix-vector one, where MKL's call is cheaper
-MIN_MACS = 1 << 21  # multiply-adds below which oneDNN's per-call overhead outweighs its speed
+MIN_MACS_BUCKETED = 1 << 21  # multiply-adds below which oneDNN's per-call overhead outweighs its speed
+MIN_MACS = 1 << 26  # ... and below which compiling a kernel for a new shape costs more than oneDNN saves
 
 
 def _onednn_linear_op() -> object | None:
@@ -136,16 +143,17 @@ def onednn_active(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpu_gemm() == "onednn"
 
 
-def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _use_onednn(a: torch.Tensor, b: torch.Tensor, bucketed: bool) -> bool:
     rows, inner = a.shape
-    return (rows >= MIN_ROWS and rows * inner * b.shape[1] >= MIN_MACS and b.dtype == torch.float32
-            and onednn_active(a))
+    return (rows >= MIN_ROWS and rows * inner * b.shape[1] >= (MIN_MACS_BUCKETED if bucketed else MIN_MACS)
+            and b.dtype == torch.float32 and onednn_active(a))
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm(a: torch.Tensor, b: torch.Tensor, bucketed: bool = False) -> torch.Tensor:
     """a (M, K) @ b (K, N) -> (M, N) contiguous; any strides. Not differentiable: for use inside Functions. In the
-    operands' dtype on either GEMM, also under autocast (as torch.mm's `out=` form, which autocast leaves alone)."""
-    if _use_onednn(a, b):
+    operands' dtype on either GEMM, also under autocast (as torch.mm's `out=` form, which autocast leaves alone).
+    `bucketed`: the caller multiplies few distinct shapes (see the module docstring)."""
+    if _use_onednn(a, b, bucketed):
         return onednn_mm(a, b)
     if autocast_active(a):
         with torch.autocast(a.device.type, enabled=False):
@@ -153,16 +161,16 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b)
 
 
-def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bucketed: bool = False) -> torch.Tensor:
     """out (M, N) = a @ b; returns out."""
-    if _use_onednn(a, b):
+    if _use_onednn(a, b, bucketed):
         return out.copy_(onednn_mm(a, b))
     return torch.mm(a, b, out=out)
 
 
 def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out (M, N) += a @ b; returns out."""
-    if _use_onednn(a, b):
+    if _use_onednn(a, b, False):
         return out.add_(onednn_mm(a, b))
     return out.addmm_(a, b)
 

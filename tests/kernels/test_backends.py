@@ -12,6 +12,7 @@ import torch
 import hf_moe.kernels  # noqa: F401  registers the backends
 from hf_moe import MoEForCausalLM
 from hf_moe.kernels.backends import BACKENDS, choose_backend
+from hf_moe.kernels.fused import SlotPlan, padded_count
 from hf_moe.modeling.experts import RoutedExperts
 from tests.conftest import tiny_config
 
@@ -248,3 +249,42 @@ def test_decode_forward_matches_eager(tokens: int, monkeypatch: pytest.MonkeyPat
         result = experts(x, ids, weights)
     torch.testing.assert_close(result, reference, rtol=1e-5, atol=1e-6)
     assert len(calls) == (1 if tokens * 3 <= fused.FEW_SLOTS else 0)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 100, 128, 129, 300, 1000, 4097])
+def test_padded_counts_are_few_and_close(count: int) -> None:
+    padded = padded_count(count)
+    assert padded >= count and padded - count <= max(7, count // 16)
+    assert padded % 8 == 0
+
+
+def test_padded_plan_rows() -> None:
+    """Each expert's segment starts where the padded ones before it end; pad rows read token 0; sorted slots map
+    to their rows and back."""
+    ids = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 5], [5, 0]])  # counts 4, 0, 4, 0, 0, 2
+    plan = SlotPlan.build(ids, 6, pad=True)
+    assert plan.bucketed and plan.segments == [(0, 0, 8), (2, 8, 8), (5, 16, 8)]
+    assert plan.num_rows == 24 and plan.rows.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17]
+    assert sorted(plan.pad_rows.tolist()) == sorted(set(range(24)) - set(plan.rows.tolist()))
+    assert torch.equal(plan.row_tokens[plan.rows], plan.tokens) and plan.row_tokens[plan.pad_rows].eq(0).all()
+    values = torch.arange(10.0)
+    assert torch.equal(plan.from_rows(plan.to_rows(values)), values)
+    assert plan.to_rows(values)[plan.pad_rows].eq(0).all()
+    unpadded = SlotPlan.build(ids, 6)
+    assert not unpadded.bucketed and unpadded.segments == [(0, 0, 4), (2, 4, 4), (5, 8, 2)]
+
+
+@pytest.mark.usefixtures("cpu_gemm")
+def test_pad_rows_keep_other_tokens_gradients_finite() -> None:
+    """Pad rows read token 0's rows and are zeroed: an infinite gradient on token 0 reaches only the experts
+    token 0 uses, as in eager (a pad row left unzeroed would spread 0 * inf = NaN into every expert's weights)."""
+    experts = make_experts()
+    ids = torch.tensor([[1, 2]] + [[3, 4]] * 5 + [[4, 5]] * 3)
+    grad = torch.randn(9, 24)
+    grad[0] = float("inf")
+    grads = {}
+    for implementation in ("eager", "hf_moe_fused"):
+        grads[implementation] = run(experts, implementation, torch.randn(9, 24), ids, torch.rand(9, 2), grad)
+    for implementation, (_, _, grad_gate_up, grad_down, _) in grads.items():
+        assert torch.isfinite(grad_gate_up[[0, 3, 4, 5]]).all() and torch.isfinite(grad_down[[0, 3, 4, 5]]).all()
+        assert not torch.isfinite(grad_down[1]).all(), implementation

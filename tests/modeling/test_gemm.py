@@ -35,6 +35,7 @@ def onednn_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(gemm, "MIN_ROWS", 1)
     monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
     with gemm.cpu_gemm_override("onednn"):
         yield
 
@@ -77,18 +78,23 @@ def test_linear_equals_f_linear_on_batched_inputs(onednn_everywhere: None) -> No
 
 @needs_onednn
 def test_small_products_stay_on_torch_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matrix-vector products and products too small for oneDNN's call overhead stay on torch.mm; products of
+    shapes that may change every call need 2^26 multiply-adds (a kernel compiled per new shape still pays off),
+    bucketed ones 2^21."""
     calls = count_onednn_calls(monkeypatch)
     with gemm.cpu_gemm_override("onednn"):
-        gemm.mm(torch.randn(1, 512), torch.randn(512, 4096))  # a decode step's row: matrix-vector
-        gemm.mm(torch.randn(8, 16), torch.randn(16, 16))  # too few multiply-adds to pay the call
+        gemm.mm(torch.randn(1, 512), torch.randn(512, 4096), bucketed=True)  # a decode step's row
+        gemm.mm(torch.randn(8, 16), torch.randn(16, 16), bucketed=True)  # too few multiply-adds
+        gemm.mm(torch.randn(64, 256), torch.randn(256, 256))  # 4M: only if bucketed
         assert calls == []
-        gemm.mm(torch.randn(64, 256), torch.randn(256, 256))
-        assert calls == [((64, 256), (256, 256))]
-        gemm.mm(torch.randn(64, 256, dtype=torch.float64), torch.randn(256, 256, dtype=torch.float64))
-        assert len(calls) == 1  # fp64 is torch's
+        gemm.mm(torch.randn(64, 256), torch.randn(256, 256), bucketed=True)
+        gemm.mm(torch.randn(256, 512), torch.randn(512, 512))  # 64M
+        assert calls == [((64, 256), (256, 256)), ((256, 512), (512, 512))]
+        gemm.mm(torch.randn(256, 512, dtype=torch.float64), torch.randn(512, 512, dtype=torch.float64))
+        assert len(calls) == 2  # fp64 is torch's
     with gemm.cpu_gemm_override("aten"):
-        gemm.mm(torch.randn(64, 256), torch.randn(256, 256))
-        assert len(calls) == 1
+        gemm.mm(torch.randn(256, 512), torch.randn(512, 512))
+        assert len(calls) == 2
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -199,6 +205,7 @@ def test_model_training_on_onednn_equals_torch_mm(make_config: str, monkeypatch:
         pytest.skip("this torch build has no oneDNN linear")
     monkeypatch.setattr(gemm, "MIN_ROWS", 1)
     monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
     make = tiny_config if make_config == "mla" else tiny_gqa_config
     model = MoEForCausalLM(make(num_nextn_predict_layers=1, mtp_loss_weight=0.3, attn_implementation="sdpa"))
     model.set_experts_implementation("hf_moe_fused")
