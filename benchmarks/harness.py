@@ -47,10 +47,12 @@ class Timings:
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-                warmup: int = 1, setup: Callable[[str], None] | None = None, lead_in: int = 0) -> Timings:
+                warmup: int = 1, setup: Callable[[str], None] | None = None, lead_in: int = 0,
+                new_round: Callable[[], None] | None = None) -> Timings:
     """Time each contender `rounds` times, alternating between them; `setup(name)` runs untimed before a call.
     With `lead_in`, each timed call follows that many untimed calls of the same contender, so it runs in the
-    cache and allocator state its own previous call left (as consecutive training steps do), not another's."""
+    cache and allocator state its own previous call left (as consecutive training steps do), not another's.
+    `new_round()` runs before each round (e.g. to draw that round's batch, the same for every contender)."""
     for _ in range(warmup):
         for name, fn in contenders.items():
             if setup is not None:
@@ -58,6 +60,8 @@ def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, device
             fn()
     timings = Timings({name: [] for name in contenders})
     for _ in range(rounds):
+        if new_round is not None:
+            new_round()
         for name, fn in contenders.items():
             for _ in range(lead_in):
                 if setup is not None:
