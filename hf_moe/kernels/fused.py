@@ -246,9 +246,9 @@ def _experts_forward(
     mm = _grouped if mode == "grouped_mm" else _mm_segments
     slot_weights = plan.to_rows(top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype))  # (R,)
     x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (R, H) scratch
-    gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (S, 2I)
+    gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (R, 2I)
     gate, up = gate_up.chunk(2, dim=-1)
-    act = F.silu(gate).mul_(up)  # (S, I)
+    act = F.silu(gate).mul_(up)  # (R, I)
     weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
     output = _summed_products(weighted, down_proj, plan, True, mode, num_tokens, top_k, "slots_h")  # (T, H)
     return output, gate_up, act, slot_weights
@@ -299,7 +299,7 @@ class FusedExpertsFunction(torch.autograd.Function):
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
         grad_x = grad_gate_up = None
         if need_x or need_gu:
-            d_act = d_weighted.mul_(slot_weights[:, None])  # (S, I)
+            d_act = d_weighted.mul_(slot_weights[:, None])  # (R, I)
             d_gate_up = WORKSPACE.empty("slots_2i", gate_up.shape, gate_up)
             inter = act.shape[1]
             swiglu_backward_into(d_gate_up[:, :inter], d_gate_up[:, inter:], d_act, gate_up[:, :inter],

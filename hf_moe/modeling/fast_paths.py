@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 
-def plain_linear(module: nn.Module) -> bool:
-    """A bias-free nn.Linear that nothing wraps or hooks."""
-    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+def plain_linear(module: nn.Module, allow_bias: bool = False) -> bool:
+    """An nn.Linear (bias-free unless `allow_bias`) that nothing wraps or hooks."""
+    return (type(module) is nn.Linear and (allow_bias or module.bias is None) and not module._forward_hooks
             and not module._forward_pre_hooks and not hasattr(module, "_hf_hook"))
 
 

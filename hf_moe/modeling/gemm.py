@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .fast_paths import autocast_active, records_grad
+from .fast_paths import autocast_active, plain_linear, records_grad
 from .scratch import WORKSPACE
 
 logger = logging.getLogger(__name__)
@@ -202,17 +202,13 @@ class LinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def _plain(module: nn.Module) -> bool:
-    """An nn.Linear (bias or not) that nothing wraps or hooks (see fast_paths.plain_linear)."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and not hasattr(module, "_hf_hook"))
-
-
 def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for a Linear layer, through oneDNN where that GEMM is in use for x (CPU fp32, no autocast, a
-    plain nn.Linear); the module call everywhere else, so LoRA layers, hooks and quantized linears behave."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not _plain(module) or autocast_active(x)
-            or module.weight.dtype != torch.float32 or cpu_gemm() != "onednn"):
+    """module(x) for a Linear layer, through `mm` where oneDNN is in use for x (CPU fp32, no autocast, a plain
+    nn.Linear, a product large enough for oneDNN); the module call everywhere else, so LoRA layers, hooks and
+    quantized linears behave as they always do."""
+    if (not onednn_active(x) or not plain_linear(module, allow_bias=True) or autocast_active(x)
+            or module.weight.dtype != torch.float32
+            or x.numel() // x.shape[-1] * module.in_features * module.out_features < MIN_MACS):
         return module(x)
     if records_grad(x, module.weight, *(() if module.bias is None else (module.bias,))):
         return LinearFunction.apply(x, module.weight, module.bias)
