@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/training/ddp_worker.py OUT    # HF Trainer (DDP), then a loop with FSDP2
     python tests/training/ddp_worker.py OUT                         # the same two runs in one process
+    ... OUT --gemm onednn                                           # every product of the fast paths on oneDNN
 
 Every run trains the same tiny model with the ESFT recipe (some expert slices frozen, bias balancing on)
 and AdamW (weight decay 0.1) on the same global batches, then saves on every rank `OUT/{mode}-rank{r}.pt`:
@@ -92,12 +93,25 @@ def run_loop(out: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     return snapshot(model)
 
 
+def use_gemm(name: str) -> None:
+    """Every fp32 product of the fast paths on `name` ("onednn": size thresholds at zero, so that this tiny
+    model's products take it too)."""
+    from hf_moe.modeling import gemm
+
+    if name == "onednn":
+        gemm.MIN_MACS = gemm.MIN_MACS_BUCKETED = 0
+    gemm.set_cpu_gemm(name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    out = parser.parse_args().out
+    parser.add_argument("--gemm", default="aten", choices=("aten", "onednn"))
+    args = parser.parse_args()
+    out = args.out
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     torch.set_num_threads(1)
+    use_gemm(args.gemm)
     initial = snapshot(build_model())
     runs = {"trainer": run_trainer(out, rank, world)}
     if world > 1 and not dist.is_initialized():

@@ -12,25 +12,30 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_moe.modeling import gemm
 from tests.training.ddp_worker import SELECTION
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ROOT = WORKER.parents[2]
 
 
-def run(command: list[str], out: Path) -> None:
+def run(command: list[str], out: Path, gemm_name: str) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([*command, str(WORKER), str(out)], cwd=out, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run([*command, str(WORKER), str(out), "--gemm", gemm_name], cwd=out, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ddp")
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out)
-    run([sys.executable], out)
+@pytest.fixture(scope="module", params=["aten", "onednn"])
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The worker's runs with the fast paths' products on torch.mm, and on oneDNN (LinearFunction, the padded
+    fused experts) under DDP and FSDP2."""
+    if request.param == "onednn" and not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    out = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], out, request.param)
+    run([sys.executable], out, request.param)
     return out
 
 
