@@ -41,6 +41,7 @@ from harness import (  # noqa: E402
 import hf_moe  # noqa: E402
 from hf_moe import MoEConfig, MoEForCausalLM  # noqa: E402
 from hf_moe.conversion.families import config_from_moe, state_dict_from_moe  # noqa: E402
+from hf_moe.kernels.fused import padded_count  # noqa: E402
 from hf_moe.modeling import gemm  # noqa: E402
 from hf_moe.modeling.cache import MoECache  # noqa: E402
 
@@ -116,43 +117,58 @@ def train_flops(config: MoEConfig, batch: int, length: int) -> float:
     return 6.0 * params * tokens + 3.0 * config.num_hidden_layers * per_layer_attn / 2
 
 
-def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+class MoEMatmulsOnly:
     """The matmuls of one MoE layer's forward+backward and nothing else (no routing, gathers, activations or
-    autograd), with this batch's per-expert token counts, through the GEMM our layer uses (torch.mm into
-    preallocated outputs, or oneDNN where `hf_moe.modeling.gemm` chose it): the floor any implementation of the
-    layer runs into on this machine, at these shapes."""
-    tokens = x.reshape(-1, x.shape[-1]).detach()
-    with torch.no_grad():
-        routing = block.gate(tokens)
-    counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=block.experts.num_experts).tolist()
-    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-    inter = down.shape[-1]
-    slots = sum(counts)
-    x_slots, gu, act = tokens.new_empty(slots, tokens.shape[1]), tokens.new_empty(slots, 2 * inter), tokens.new_empty(slots, inter)
-    y_slots, grad_gate_up, grad_down = torch.empty_like(x_slots), torch.empty_like(gate_up), torch.empty_like(down)
-    shared = [w.detach() for w in (block.shared_experts.gate_proj.weight, block.shared_experts.up_proj.weight,
-                                   block.shared_experts.down_proj.weight)] if block.shared_experts is not None else []
-    router = block.gate.weight.detach()
-    shared_act = tokens.new_empty(tokens.shape[0], shared[2].shape[1]) if shared else None
+    autograd), with the current batch's per-expert token counts (`refresh` after new inputs), each multiplied as
+    our layer multiplies it: on torch.mm into preallocated outputs, or on oneDNN where `hf_moe.modeling.gemm`
+    chose it (expert segments at the padded sizes our layer uses there; the router on torch.mm, as ours). The
+    floor any implementation of the layer runs into on this machine, at these shapes."""
 
-    onednn = gemm.onednn_active(tokens)
+    def __init__(self, block: torch.nn.Module, x: torch.Tensor) -> None:
+        self.block, self.x = block, x
+        self.tokens = x.reshape(-1, x.shape[-1])
+        self.onednn = gemm.onednn_active(self.tokens)
+        self.gate_up, self.down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+        self.grad_gate_up, self.grad_down = torch.zeros_like(self.gate_up), torch.zeros_like(self.down)
+        self.shared = [w.detach() for w in (block.shared_experts.gate_proj.weight, block.shared_experts.up_proj.weight,
+                                            block.shared_experts.down_proj.weight)] if block.shared_experts is not None else []
+        self.router = block.gate.weight.detach()
+        self.shared_act = (self.tokens.detach().new_empty(self.tokens.shape[0], self.shared[2].shape[1]).normal_()
+                           if self.shared else None)
+        self.refresh()
 
-    def product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if onednn:  # no out= there; products too small for oneDNN run torch.mm, as in the layer
-            return gemm.mm(a, b, bucketed=True)  # the same counts every call: each shape's kernel is reused
+    def refresh(self) -> None:
+        """Token counts of the current inputs (padded as our layer pads them), and slot buffers to match."""
+        with torch.no_grad():
+            routing = self.block.gate(self.tokens.detach())
+        counts = torch.bincount(routing.topk_ids.reshape(-1), minlength=self.block.experts.num_experts).tolist()
+        self.counts = [padded_count(c) for c in counts] if self.onednn else counts
+        slots, inter = sum(self.counts), self.down.shape[-1]
+        hidden = self.tokens.shape[1]  # random contents: uninitialised memory may hold slow denormals
+        self.x_slots = self.tokens.detach().new_empty(slots, hidden).normal_()
+        self.y_slots = self.tokens.detach().new_empty(slots, hidden).normal_()
+        self.gu = self.tokens.detach().new_empty(slots, 2 * inter).normal_()
+        self.act = self.tokens.detach().new_empty(slots, inter).normal_()
+
+    def product(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn:  # no out= there; products too small for oneDNN run torch.mm, as in the layer
+            return gemm.mm(a, b, bucketed=True)
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
 
-    def linear_forward_backward(inputs: torch.Tensor, weight: torch.Tensor) -> None:
+    def linear_forward_backward(self, inputs: torch.Tensor, weight: torch.Tensor, on_torch_mm: bool = False) -> None:
+        product = (lambda a, b: torch.mm(a, b)) if on_torch_mm else self.product
         out = product(inputs, weight.t())  # forward, then d_input = d_out W and d_W = d_out^T input
         product(out, weight)
         product(out.t(), inputs)
 
-    def run() -> None:
-        linear_forward_backward(tokens, router)
-        for weight in shared:
-            linear_forward_backward(tokens if weight is not shared[2] else shared_act, weight)
-        start = 0
-        for expert, count in enumerate(counts):
+    def __call__(self) -> None:
+        tokens = self.tokens.detach()
+        self.linear_forward_backward(tokens, self.router, on_torch_mm=True)
+        for weight in self.shared:
+            self.linear_forward_backward(tokens if weight is not self.shared[2] else self.shared_act, weight)
+        start, product = 0, self.product
+        gate_up, down, x_slots, y_slots, gu, act = self.gate_up, self.down, self.x_slots, self.y_slots, self.gu, self.act
+        for expert, count in enumerate(self.counts):
             rows = slice(start, start + count)
             start += count
             if count == 0:
@@ -160,11 +176,9 @@ def moe_matmuls_only(block: torch.nn.Module, x: torch.Tensor) -> Callable[[], No
             product(x_slots[rows], gate_up[expert].t(), gu[rows])  # forward
             product(act[rows], down[expert].t(), y_slots[rows])
             product(y_slots[rows], down[expert], act[rows])  # backward
-            product(y_slots[rows].t(), act[rows], grad_down[expert])
+            product(y_slots[rows].t(), act[rows], self.grad_down[expert])
             product(gu[rows], gate_up[expert], x_slots[rows])
-            product(gu[rows].t(), x_slots[rows], grad_gate_up[expert])
-
-    return run
+            product(gu[rows].t(), x_slots[rows], self.grad_gate_up[expert])
 
 
 def gemm_in_use(like: torch.Tensor) -> str:
@@ -200,6 +214,7 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
         with torch.no_grad():
             x.normal_()
             grad.normal_()
+        matmuls_only.refresh()
     matmuls, mm_flops = matmul_flops(device, dtype)
 
     def ours_step() -> None:
@@ -221,7 +236,8 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
             set_experts(theirs, implementation[name])
 
     set_experts(ours, "hf_moe_auto")
-    timings = interleaved({**contenders, "matmuls_only": moe_matmuls_only(our_block, x), **matmuls}, rounds, device,
+    matmuls_only = MoEMatmulsOnly(our_block, x)
+    timings = interleaved({**contenders, "matmuls_only": matmuls_only, **matmuls}, rounds, device,
                           setup=setup, lead_in=LEAD_IN, new_round=new_inputs)
     select_gemm("ours")
     flops = moe_flops(config, batch * length)
@@ -312,19 +328,28 @@ def bench_prefill(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: M
     implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
 
     def setup(name: str) -> None:
+        select_gemm(name)
         if name in implementation:
             set_experts(theirs, implementation[name])
 
+    def ours_prefill() -> object:
+        return ours(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+    like = torch.empty(0, device=device, dtype=next(ours.parameters()).dtype)
     with torch.inference_mode():
-        contenders = {"ours": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1),
+        contenders = {"ours": ours_prefill, **with_torch_gemm(ours_prefill, like),
                       "transformers_grouped_mm": lambda: theirs(input_ids=ids, use_cache=True, logits_to_keep=1),
                       "transformers_eager": lambda: theirs(input_ids=ids, use_cache=True, logits_to_keep=1)}
         timings = interleaved(contenders, rounds, device, setup=setup)
+    select_gemm("ours")
     fastest = min(implementation, key=timings.median)
+    extra = {}
+    if "ours_torch_gemm" in contenders:
+        extra["speedup_vs_fastest_transformers_with_torch_gemm"] = timings.speedup("ours_torch_gemm", fastest)
     return {
         "length": length, "timings": timings.summary(),
         "tokens_per_s": {name: length / timings.median(name) for name in contenders},
-        "fastest_transformers": fastest, "speedup_vs_fastest_transformers": timings.speedup("ours", fastest),
+        "fastest_transformers": fastest, "speedup_vs_fastest_transformers": timings.speedup("ours", fastest), **extra,
     }
 
 
@@ -493,9 +518,11 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['goal']} | {row['target']} | {measured} | {met} |")
     lines.append("")
     moe, train = results.get("moe_layer", {}), results.get("train_step", {})
+    prefill = results.get("prefill", {})
     with_torch = [f"{label} {value:.2f}x" for label, value in (
         ("MoE layer vs grouped_mm", moe.get("speedup_vs_transformers_grouped_mm_with_torch_gemm")),
         ("training step vs the fastest transformers backend", train.get("speedup_vs_fastest_transformers_with_torch_gemm")),
+        ("prefill", prefill.get("speedup_vs_fastest_transformers_with_torch_gemm")),
     ) if value is not None]
     if with_torch:
         lines += [f"With our products on torch.mm instead of oneDNN (the GEMM transformers uses): {', '.join(with_torch)}.",

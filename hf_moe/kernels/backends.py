@@ -112,8 +112,9 @@ def phase_of(experts: nn.Module, hidden_states: torch.Tensor) -> str:
 def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) -> str:
     """The backend `hf_moe_auto` runs for this device, dtype and phase.
 
-    CPU: `hf_moe_fused` for every phase (per-expert MKL matmuls: as fast as torch's CPU grouped_mm, which
-    loops over groups too, with no alignment rules; decode touches only the chosen experts).
+    CPU: `hf_moe_fused` for every phase (per-expert matmuls on the faster fp32 GEMM, see `modeling.gemm`; on
+    torch.mm as fast as torch's CPU grouped_mm, which loops over groups too, with no alignment rules; decode
+    touches only the chosen experts).
     CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
     path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise.
     The Triton backend is chosen only by name until GPU timings show it ahead. Layouts these kernels do not

@@ -54,7 +54,8 @@ class SlotPlan:
 
     Products run over rows: the sorted slots themselves, or (`build(..., pad=True)`) the sorted slots with each
     expert's segment padded by zero rows to `padded_count` (the CPU oneDNN path). Pad rows read token 0 and are
-    zeroed after every gather, carry routing weight 0 and so add nothing anywhere; results are exact."""
+    zeroed after every gather, carry routing weight 0, come last in their segment and are never added into a
+    token's output or input gradient; results are those of the unpadded plan."""
 
     order: torch.Tensor  # (S,) slot index (t * K + k) of each sorted position
     tokens: torch.Tensor  # (S,) token index t(s) of each sorted position
@@ -116,6 +117,10 @@ class SlotPlan:
             self._segments = [(expert, start, count) for expert, (start, count) in
                               enumerate(zip(_starts(self.counts), self.counts)) if count]
         return self._segments
+
+    def tokens_of(self, start: int, count: int) -> torch.Tensor:
+        """The tokens of the `count` real rows of the segment that starts at row `start`."""
+        return self.row_tokens[start : start + count]
 
     def to_rows(self, sorted_values: torch.Tensor) -> torch.Tensor:
         """(S, ...) values in sorted-slot order -> (R, ...) in row order, zero on pad rows."""
@@ -214,9 +219,11 @@ def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan,
         return _unsort_sum(rows, plan, num_tokens, top_k)
     weight = weight.transpose(1, 2) if transpose else weight
     out = inputs.new_zeros(num_tokens, weight.shape[2])
-    for expert, start, count in plan.segments:
-        product = gemm.mm(inputs[start : start + count], weight[expert], plan.bucketed)
-        out.index_add_(0, plan.row_tokens[start : start + count], product)
+    counts = plan.counts
+    for expert, start, rows in plan.segments:
+        product = gemm.mm(inputs[start : start + rows], weight[expert], plan.bucketed)  # (rows, out)
+        count = counts[expert]  # pad rows, last in a segment, are left out: 0 @ W is not 0 where W is not finite
+        out.index_add_(0, plan.tokens_of(start, count), product[:count] if count < rows else product)
     return out
 
 
@@ -326,12 +333,17 @@ def fused_experts(
     if mode not in MATMUL_MODES:
         raise ValueError(f"mode={mode!r} is not one of {MATMUL_MODES}")
     inputs = (hidden_states, gate_up_proj, down_proj, top_k_weights)
-    pad = mode == "loop" and gemm.onednn_active(hidden_states)  # bucketed segment sizes for oneDNN's kernel cache
+    num_experts, hidden, inter = down_proj.shape
+    mean_rows = top_k_index.numel() // num_experts
+    # bucketed segment sizes for oneDNN's kernel cache, where its products pay (the down projection is the
+    # smallest of the six per row: at the mean token count it decides whether oneDNN runs at all)
+    pad = (mode == "loop" and gemm.onednn_active(hidden_states)
+           and mean_rows * hidden * inter >= gemm.MIN_MACS_BUCKETED)
     if records_grad(*inputs):
-        return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0], pad), mode)
+        return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, num_experts, pad), mode)
     if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS and not autocast_active(hidden_states):
         return _few_slots_forward(*inputs, top_k_index)
-    return _experts_forward(*inputs, SlotPlan.build(top_k_index, gate_up_proj.shape[0], pad), mode)[0]
+    return _experts_forward(*inputs, SlotPlan.build(top_k_index, num_experts, pad), mode)[0]
 
 
 def _few_slots_forward(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,

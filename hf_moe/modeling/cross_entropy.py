@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from . import gemm
 from .fast_paths import records_grad
+from .gemm import addmm_into, mm, mm_into
 from .scratch import WORKSPACE
 
 CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk (32 MB in fp32): the scratch block's size
@@ -108,7 +108,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         scale: torch.Tensor, ignore_index: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = gemm.mm(hidden, weight.t())  # (N, V)
+        logits = mm(hidden, weight.t())  # (N, V)
         targets, valid = prepare_targets(targets, ignore_index)
         lse = row_logsumexp(logits)
         ctx.save_for_backward(hidden, weight, logits, lse, targets, valid, scale)
@@ -133,12 +133,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if grad_logits is not None:
                 block += grad_logits[rows]
             if need_hidden:
-                gemm.mm_into(block, weight, grad_hidden[rows])
+                mm_into(block, weight, grad_hidden[rows])
             if need_weight:
                 if grad_weight is None:
-                    grad_weight = gemm.mm(block.t(), hidden[rows])
+                    grad_weight = mm(block.t(), hidden[rows])
                 else:
-                    gemm.addmm_into(grad_weight, block.t(), hidden[rows])
+                    addmm_into(grad_weight, block.t(), hidden[rows])
         return grad_hidden, grad_weight, None, None, None
 
 

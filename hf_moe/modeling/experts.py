@@ -14,9 +14,9 @@ from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
-from . import gemm
 from .configuration import MoEConfig
 from .fast_paths import autocast_active, plain_linear, records_grad
+from .gemm import addmm_into, mm, mm_into
 from .scratch import WORKSPACE
 
 
@@ -42,10 +42,10 @@ class SwiGLUFunction(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, gate_weight: torch.Tensor,  # noqa: D102
                 up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (N, H)
-        gate, up = gemm.mm(rows, gate_weight.t()), gemm.mm(rows, up_weight.t())  # (N, I) each
+        gate, up = mm(rows, gate_weight.t()), mm(rows, up_weight.t())  # (N, I) each
         act = F.silu(gate).mul_(up)  # (N, I)
         ctx.save_for_backward(rows, gate_weight, up_weight, down_weight, gate, up, act)
-        return gemm.mm(act, down_weight.t()).view(*x.shape[:-1], -1)
+        return mm(act, down_weight.t()).view(*x.shape[:-1], -1)
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
@@ -53,17 +53,17 @@ class SwiGLUFunction(torch.autograd.Function):
         rows, gate_weight, up_weight, down_weight, gate, up, act = ctx.saved_tensors
         inter = gate_weight.shape[0]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
-        grad_down = gemm.mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
-        grad_act = gemm.mm_into(grad_rows, down_weight, WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
+        grad_down = mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
+        grad_act = mm_into(grad_rows, down_weight, WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
         grad_gate_up = WORKSPACE.empty("swiglu_2i", (rows.shape[0], 2 * inter), act)
         grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
         swiglu_backward_into(grad_gate, grad_up, grad_act, gate, up)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gemm.addmm_into(gemm.mm(grad_gate, gate_weight), grad_up, up_weight)
+            grad_x = addmm_into(mm(grad_gate, gate_weight), grad_up, up_weight)
             grad_x = grad_x.view(*grad_output.shape[:-1], -1)
-        grad_gate_w = gemm.mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
-        grad_up_w = gemm.mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
+        grad_gate_w = mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
+        grad_up_w = mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
         return grad_x, grad_gate_w, grad_up_w, grad_down
 
 

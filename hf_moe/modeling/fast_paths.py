@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _modules
 
 
 def plain_linear(module: nn.Module, allow_bias: bool = False) -> bool:
-    """An nn.Linear (bias-free unless `allow_bias`) that nothing wraps or hooks."""
+    """An nn.Linear (bias-free unless `allow_bias`) that nothing wraps or hooks: no forward or backward hooks of
+    its own or global ones, no `forward` replaced on the instance (accelerate's hooks do that)."""
     return (type(module) is nn.Linear and (allow_bias or module.bias is None) and not module._forward_hooks
-            and not module._forward_pre_hooks and not hasattr(module, "_hf_hook"))
+            and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks
+            and "forward" not in module.__dict__ and not hasattr(module, "_hf_hook") and not _global_module_hooks())
+
+
+def _global_module_hooks() -> bool:
+    """Hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook` and kin)."""
+    return bool(_modules._global_forward_hooks or _modules._global_forward_pre_hooks
+                or _modules._global_backward_hooks or _modules._global_backward_pre_hooks)
 
 
 def records_grad(*tensors: torch.Tensor) -> bool:

@@ -1,8 +1,8 @@
 """fp32 matrix products on CPU: torch's default GEMM (MKL's sgemm) or oneDNN's, whichever this CPU runs faster.
 
 torch multiplies fp32 matrices on CPU with MKL, which on AMD processors runs a narrower code path: on a 2-core
-AMD EPYC (Zen 5) we measured 200 GFLOP/s for a 2048^3 `torch.mm` against 460 GFLOP/s for the same product
-through oneDNN (`torch.ops.mkldnn._linear_pointwise`, which ships with every x86 CPU build of torch and reads
+AMD EPYC (Zen 5) we measured 195-210 GFLOP/s for a 2048^3 `torch.mm` against 400-465 GFLOP/s for the same
+product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, which ships with every x86 CPU build of torch and reads
 ordinary strided tensors). On Intel CPUs both reach about the same speed. The choice is made once per process:
 
 - `HF_MOE_CPU_GEMM=auto` (default): time both on one 512^3 product, keep oneDNN only if it is >= 1.2x faster
@@ -72,10 +72,17 @@ def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _probe() -> str:
-    """Time torch.mm and oneDNN on one 512^3 product (best of 5 after a warm-up) and check they agree."""
+    """Time torch.mm and oneDNN on one 512^3 fp32 product (best of 5 after a warm-up) and check they agree.
+    Runs with autocast off and explicit dtypes: the first fast-path call may come under autocast or another
+    default dtype, which must not decide the process's choice."""
+    with torch.autocast("cpu", enabled=False):
+        return _timed_probe()
+
+
+def _timed_probe() -> str:
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(512, 512, generator=generator)
-    b = torch.randn(512, 512, generator=generator)
+    a = torch.randn(512, 512, generator=generator, dtype=torch.float32, device="cpu")
+    b = torch.randn(512, 512, generator=generator, dtype=torch.float32, device="cpu")
 
     def best(fn: object) -> float:
         fn()
@@ -138,9 +145,10 @@ def cpu_gemm_override(name: str) -> Iterator[str]:
 
 
 def onednn_active(tensor: torch.Tensor) -> bool:
-    """Products of this tensor's kind (CPU fp32) may run through oneDNN: callers that would write into
-    preallocated outputs (`out=`) can produce fresh results instead, since oneDNN's would be copied."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpu_gemm() == "onednn"
+    """Products of this tensor's kind (CPU fp32) may run through oneDNN: it is this process's choice and
+    `torch.backends.mkldnn.enabled` is not switched off."""
+    return (tensor.device.type == "cpu" and tensor.dtype == torch.float32 and cpu_gemm() == "onednn"
+            and torch.backends.mkldnn.enabled)
 
 
 def _use_onednn(a: torch.Tensor, b: torch.Tensor, bucketed: bool) -> bool:
@@ -180,23 +188,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return mm(x.reshape(-1, x.shape[-1]), weight.t()).view(*x.shape[:-1], weight.shape[0])
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = linear(x, weight)
+    return out if bias is None else out.add_(bias)
+
+
 class LinearFunction(torch.autograd.Function):
-    """y = x W^T (+ b) through `mm`: dx = dy W, dW = dy^T x, db = sum of dy over rows."""
+    """y = x W^T (+ b) through `mm`: dx = dy W, dW = dy^T x, db = sum of dy over rows. Saves x only when W
+    trains and W only when x needs its gradient, as autograd does for F.linear."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,  # noqa: D102
                 bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        out = linear(x, weight)
-        return out if bias is None else out.add_(bias)
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_weight else None, weight if need_x else None)
+        ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+        return _linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         x, weight = ctx.saved_tensors
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
-        grad_x = mm(grad_rows, weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_x = mm(grad_rows, weight).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
         grad_weight = mm(grad_rows.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
         grad_bias = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias
@@ -212,5 +226,4 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
     if records_grad(x, module.weight, *(() if module.bias is None else (module.bias,))):
         return LinearFunction.apply(x, module.weight, module.bias)
-    out = linear(x, module.weight)
-    return out if module.bias is None else out.add_(module.bias)
+    return _linear(x, module.weight, module.bias)

@@ -288,3 +288,41 @@ def test_pad_rows_keep_other_tokens_gradients_finite() -> None:
     for implementation, (_, _, grad_gate_up, grad_down, _) in grads.items():
         assert torch.isfinite(grad_gate_up[[0, 3, 4, 5]]).all() and torch.isfinite(grad_down[[0, 3, 4, 5]]).all()
         assert not torch.isfinite(grad_down[1]).all(), implementation
+
+
+@pytest.mark.usefixtures("cpu_gemm")
+def test_pad_rows_are_never_added_into_a_token() -> None:
+    """0 @ W is NaN where an expert's weights are not finite: the pad rows of that expert's segment must not be
+    added into token 0 (which pad rows read), whose output and input gradient stay as eager's."""
+    experts = make_experts()
+    with torch.no_grad():
+        experts.down_proj[5, 0, 0] = float("inf")
+        experts.gate_up_proj[4, 0, 0] = float("nan")
+    ids = torch.tensor([[1, 2]] + [[3, 5]] * 4 + [[4, 3]] * 2)  # token 0 uses neither expert 4 nor 5
+    x = torch.randn(7, 24)
+    for implementation in ("eager", "hf_moe_fused"):
+        out, grad_x, *_ = run(experts, implementation, x, ids, torch.rand(7, 2), torch.randn(7, 24))
+        assert torch.isfinite(out[0]).all() and torch.isfinite(grad_x[0]).all(), implementation
+
+
+def test_small_experts_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padding is for oneDNN's kernel cache: where no expert product is large enough for oneDNN, none is made."""
+    from hf_moe.modeling import gemm
+
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    pads: list[bool] = []
+    real_build = SlotPlan.build.__func__
+
+    def spy(cls: type, top_k_index: torch.Tensor, num_experts: int, pad: bool = False) -> SlotPlan:
+        pads.append(pad)
+        return real_build(cls, top_k_index, num_experts, pad)
+
+    monkeypatch.setattr(SlotPlan, "build", classmethod(spy))
+    experts = make_experts()
+    ids, weights = random_routing(37, 6, 3)
+    with gemm.cpu_gemm_override("onednn"):
+        run(experts, "hf_moe_fused", torch.randn(37, 24), ids, weights, None)  # 18 rows x 24 x 12 per expert
+        monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 18 * 24 * 12)
+        run(experts, "hf_moe_fused", torch.randn(37, 24), ids, weights, None)
+    assert pads == [False, True]

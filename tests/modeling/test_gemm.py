@@ -145,6 +145,22 @@ def test_project_keeps_the_module_path_where_it_must(onednn_everywhere: None, mo
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gemm.project(nn.Linear(16, 8), x).dtype == torch.bfloat16
     gemm.project(nn.Linear(16, 8).double(), x.double())
+
+    backward_hooked = nn.Linear(16, 8)
+    backward_hooked.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append("backward"))
+    gemm.project(backward_hooked, x).sum().backward()
+    assert seen[-1] == "backward"
+    replaced = nn.Linear(16, 8)
+    replaced.forward = lambda inputs: seen.append("replaced") or nn.functional.linear(inputs, replaced.weight)
+    gemm.project(replaced, x)
+    assert seen[-1] == "replaced"
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append("global"))
+    gemm.project(nn.Linear(16, 8), x)
+    handle.remove()
+    assert seen[-1] == "global"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.backends.mkldnn, "enabled", False)
+        gemm.project(nn.Linear(16, 8), x)
     assert calls == []
     gemm.project(nn.Linear(16, 8), x)
     assert len(calls) == 1
@@ -169,6 +185,39 @@ def test_onednn_where_torch_has_none_raises_and_auto_falls_back(monkeypatch: pyt
     with pytest.raises(RuntimeError, match="no oneDNN linear"):
         gemm.set_cpu_gemm("onednn")
     assert gemm.set_cpu_gemm("auto") == "aten"
+
+
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_linear_function_saves_only_what_backward_needs(weight_trains: bool, onednn_everywhere: None) -> None:
+    """A frozen weight needs only itself for dx, as autograd's F.linear: the input is not kept alive."""
+    layer = nn.Linear(32, 48, bias=False).requires_grad_(weight_trains)
+    x = torch.randn(6, 32, requires_grad=True) * 2  # a non-leaf input, as activations are
+    saved: dict[str, list[int]] = {}
+    for name, fn in (("ours", lambda: gemm.project(layer, x)), ("autograd", lambda: F.linear(x, layer.weight))):
+        sizes: list[int] = []  # autograd keeps W^T, we keep W: compare sizes
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t,
+                                                      lambda t: t):
+            fn()
+        saved[name] = sorted(sizes)
+    assert saved["ours"] == saved["autograd"] == sorted([48 * 32] + [6 * 32] * weight_trains)
+
+
+@needs_onednn
+def test_probe_is_not_misled_by_autocast_or_the_default_dtype(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The first fast-path call, which runs the probe, may come under autocast or another default dtype."""
+    with caplog.at_level(logging.INFO, logger="hf_moe.modeling.gemm"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            monkeypatch.setattr(gemm, "_choice", None)
+            gemm.set_cpu_gemm("auto")
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            gemm.set_cpu_gemm("auto")
+        finally:
+            torch.set_default_dtype(default)
+    assert caplog.text.count("hf_moe CPU GEMM") == 2
+    assert "failed" not in caplog.text and "disagree" not in caplog.text
 
 
 @needs_onednn
