@@ -34,7 +34,7 @@ class SwiGLUFunction(torch.autograd.Function):
         a = silu(g) * u            dW_d = dy^T a           da = dy W_d
         dg = da * u * silu'(g)     du = da * silu(g)       dx = dg W_g + du W_u    dW_g = dg^T x    dW_u = du^T x
 
-    Backward writes dg, du into one scratch buffer and accumulates dx in place, instead of autograd's separate
+    Backward writes dg, du into scratch buffers and accumulates dx in place, instead of autograd's separate
     silu/mul backward passes and gradient sum. Products run through `gemm` (oneDNN where it is faster).
     """
 
@@ -51,12 +51,11 @@ class SwiGLUFunction(torch.autograd.Function):
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
         rows, gate_weight, up_weight, down_weight, gate, up, act = ctx.saved_tensors
-        inter = gate_weight.shape[0]
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
         grad_down = mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
         grad_act = mm_into(grad_rows, down_weight, WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
-        grad_gate_up = WORKSPACE.empty("swiglu_2i", (rows.shape[0], 2 * inter), act)
-        grad_gate, grad_up = grad_gate_up[:, :inter], grad_gate_up[:, inter:]
+        grad_gate = WORKSPACE.empty("swiglu_gate", act.shape, act)  # (N, I) each, contiguous for the products
+        grad_up = WORKSPACE.empty("swiglu_up", act.shape, act)
         swiglu_backward_into(grad_gate, grad_up, grad_act, gate, up)
         grad_x = None
         if ctx.needs_input_grad[0]:
