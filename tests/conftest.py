@@ -43,15 +43,20 @@ def _deterministic() -> None:
     torch.set_num_threads(2)
 
 
+def onednn_for_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's size thresholds at zero, so that tiny test shapes take it too; skips where torch has no oneDNN."""
+    if not gemm.onednn_available():
+        pytest.skip("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
+
+
 @pytest.fixture(params=["aten", "onednn"])
 def cpu_gemm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test once per fp32 CPU GEMM of `hf_moe.modeling.gemm`, whatever this machine's own choice: torch.mm,
-    and oneDNN with its size thresholds at zero so that tiny test shapes take it too."""
+    and oneDNN for every product size."""
     if request.param == "onednn":
-        if not gemm.onednn_available():
-            pytest.skip("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
-        monkeypatch.setattr(gemm, "MIN_ROWS", 1)
-        monkeypatch.setattr(gemm, "MIN_MACS", 0)
-        monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
+        onednn_for_every_size(monkeypatch)
     with gemm.cpu_gemm_override(request.param) as choice:
         yield choice

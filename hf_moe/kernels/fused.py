@@ -89,7 +89,8 @@ class SlotPlan:
         if padded == counts:
             return
         device = self.order.device
-        shift = torch.tensor([p_start - start for p_start, start in zip(_starts(padded), _starts(counts))],
+        padded_starts = _starts(padded)
+        shift = torch.tensor([p_start - start for p_start, start in zip(padded_starts, _starts(counts))],
                              device=device)  # (E,) how far each expert's segment moves
         rows = torch.arange(self.order.shape[0], device=device) + shift.repeat_interleave(self.per_expert)  # (S,)
         num_rows = sum(padded)
@@ -97,7 +98,7 @@ class SlotPlan:
         self.rows, self.pad_rows = rows, is_pad.nonzero().squeeze(1)
         self.row_tokens = self.tokens.new_zeros(num_rows).index_copy_(0, rows, self.tokens)
         self._segments = [(expert, start, length) for expert, (start, length) in
-                          enumerate(zip(_starts(padded), padded)) if length]
+                          enumerate(zip(padded_starts, padded)) if length]
 
     @property
     def num_rows(self) -> int:
@@ -117,10 +118,6 @@ class SlotPlan:
             self._segments = [(expert, start, count) for expert, (start, count) in
                               enumerate(zip(_starts(self.counts), self.counts)) if count]
         return self._segments
-
-    def tokens_of(self, start: int, count: int) -> torch.Tensor:
-        """The tokens of the `count` real rows of the segment that starts at row `start`."""
-        return self.row_tokens[start : start + count]
 
     def to_rows(self, sorted_values: torch.Tensor) -> torch.Tensor:
         """(S, ...) values in sorted-slot order -> (R, ...) in row order, zero on pad rows."""
@@ -196,14 +193,15 @@ def _grouped_weight_grads(grad_out: torch.Tensor, inputs: torch.Tensor, plan: Sl
 
 
 def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_k: int) -> torch.Tensor:
-    """Rows in row order (R, D) -> per-token sums over the K slots (T, D), deterministic.
+    """Rows in sorted-slot order (S, D) -> per-token sums over the K slots (T, D), deterministic. Unpadded
+    plans only (padded ones are summed per segment in `_summed_products`).
 
-    CPU: `index_add_` (sequential, so deterministic, and ~3x cheaper than un-permuting; pad rows add zeros);
-    elsewhere un-permute then sum over K, since `index_add_` uses atomics on GPUs."""
+    CPU: `index_add_` (sequential, so deterministic, and ~3x cheaper than un-permuting); elsewhere un-permute
+    then sum over K, since `index_add_` uses atomics on GPUs."""
+    assert plan.rows is None, "a padded plan's rows are summed per segment"
     if sorted_rows.device.type == "cpu":
         out = sorted_rows.new_zeros(num_tokens, sorted_rows.shape[1])
-        return out.index_add_(0, plan.row_tokens, sorted_rows)
-    sorted_rows = plan.from_rows(sorted_rows)
+        return out.index_add_(0, plan.tokens, sorted_rows)
     slots = torch.empty_like(sorted_rows).index_copy_(0, plan.order, sorted_rows)  # (S, D) in slot order
     return slots.view(num_tokens, top_k, -1).sum(dim=1)
 
@@ -223,7 +221,7 @@ def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan,
     for expert, start, rows in plan.segments:
         product = gemm.mm(inputs[start : start + rows], weight[expert], plan.bucketed)  # (rows, out)
         count = counts[expert]  # pad rows, last in a segment, are left out: 0 @ W is not 0 where W is not finite
-        out.index_add_(0, plan.tokens_of(start, count), product[:count] if count < rows else product)
+        out.index_add_(0, plan.row_tokens[start : start + count], product[:count] if count < rows else product)
     return out
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_moe.modeling import gemm
+from tests.conftest import onednn_for_every_size
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN linear")
 
@@ -31,11 +32,7 @@ def layouts(rows: int, cols: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def onednn_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
-    monkeypatch.setattr(gemm, "MIN_MACS", 0)
-    monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
+    onednn_for_every_size(monkeypatch)
     with gemm.cpu_gemm_override("onednn"):
         yield
 
@@ -250,11 +247,7 @@ def test_model_training_on_onednn_equals_torch_mm(make_config: str, monkeypatch:
     from hf_moe import MoEForCausalLM
     from tests.conftest import tiny_config, tiny_gqa_config
 
-    if not gemm.onednn_available():
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
-    monkeypatch.setattr(gemm, "MIN_MACS", 0)
-    monkeypatch.setattr(gemm, "MIN_MACS_BUCKETED", 0)
+    onednn_for_every_size(monkeypatch)
     make = tiny_config if make_config == "mla" else tiny_gqa_config
     model = MoEForCausalLM(make(num_nextn_predict_layers=1, mtp_loss_weight=0.3, attn_implementation="sdpa"))
     model.set_experts_implementation("hf_moe_fused")
