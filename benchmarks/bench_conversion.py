@@ -65,17 +65,17 @@ def generate(folder: Path, layers: int, hidden: int, intermediate: int, vocab: i
     import torch
     from transformers import LlamaConfig
 
+    from hf_moe import MoEConfig
     from hf_moe.conversion.checkpoint_io import ShardedWriter
-    from hf_moe.conversion.dense import dense_global_shapes, dense_layer_shapes, moe_fields_from_dense
+    from hf_moe.conversion.families import get_dense_family
+    from hf_moe.conversion.tables import expected_shapes
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256, dtype="bfloat16")  # fmt: skip
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
-    fields = moe_fields_from_dense(config)
-    shapes = dict(dense_global_shapes(fields))
-    for i in range(layers):
-        shapes.update({f"model.layers.{i}.{k}": s for k, s in dense_layer_shapes(fields).items()})
+    dense = MoEConfig(**get_dense_family("llama").moe_fields(config), n_routed_experts=0)  # the same keys as ours
+    shapes = expected_shapes(dense)
     writer, generator = ShardedWriter(folder, SHARD), torch.Generator().manual_seed(0)
     for key, shape in shapes.items():
         if key.endswith("norm.weight"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 
-from .conversion.upcycle_recipe import ROUTER_INITS, SCALE_TARGETS, SCORING_FUNCS, SHARED_SELECTIONS, STRATEGIES
+from .conversion.upcycle_recipe import UpcycleRecipe
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -29,17 +31,31 @@ def _demo(args: argparse.Namespace) -> None:
 def _upcycle(args: argparse.Namespace) -> None:
     from .conversion.upcycle import upcycle
 
+    recipe = UpcycleRecipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(UpcycleRecipe)})
     report = upcycle(
-        args.src, args.out, num_experts=args.experts, top_k=args.top_k, granularity=args.granularity,
-        shared_experts=args.shared, strategy=args.strategy, scoring_func=args.scoring_func,
-        router_init=args.router_init, drop_ratio=args.drop_ratio, shared_selection=args.shared_selection,
-        shared_expert_gate=args.shared_expert_gate, scale_on=args.scale_on, n_group=args.n_group,
-        topk_group=args.topk_group, first_k_dense_replace=args.first_k_dense_replace,
-        moe_layer_freq=args.moe_layer_freq, router_bias_update_rate=args.router_bias_update_rate,
-        probe=not args.no_probe, probe_texts=args.probe_text or None, overwrite=args.overwrite, seed=args.seed,
-        max_shard_size=args.max_shard_size, base_model=args.base_model,
+        args.src, args.out, recipe, probe=not args.no_probe, probe_texts=args.probe_text or None,
+        overwrite=args.overwrite, max_shard_size=args.max_shard_size, base_model=args.base_model,
     )
     print(report)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the dataclass `cls`: `--field-name` (or the field's metadata "flag"), its type,
+    default (required when it has none), "choices" and "help" from its metadata; a bool field that defaults to
+    False is a switch."""
+    hints = typing.get_type_hints(cls)
+    for option in dataclasses.fields(cls):
+        flag = option.metadata.get("flag", "--" + option.name.replace("_", "-"))
+        kind = hints[option.name]
+        settings: dict = dict(dest=option.name, help=option.metadata.get("help"))
+        if option.default is dataclasses.MISSING:
+            settings["required"] = True
+        else:
+            settings["default"] = option.default
+        if kind is bool and option.default is False:
+            parser.add_argument(flag, action="store_true", **settings)
+            continue
+        parser.add_argument(flag, type=kind, choices=option.metadata.get("choices"), **settings)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -95,27 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upcycle", help="dense checkpoint (Llama, Mistral, Qwen2/3) -> MoE, same function")
     p.add_argument("src")
     p.add_argument("out")
-    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
-    p.add_argument("--top-k", type=int, required=True)
-    p.add_argument("--granularity", type=int, default=1, help="shards per FFN copy (fine-grained upcycling)")
-    p.add_argument("--shared", type=int, default=0, help="shards of the FFN kept as shared experts")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES, help="default: from the other options")
-    p.add_argument("--scoring-func", default="sigmoid", choices=SCORING_FUNCS)
-    p.add_argument("--router-init", default="random", choices=ROUTER_INITS)
-    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling re-initialised fraction")
-    p.add_argument("--shared-selection", default="first", choices=SHARED_SELECTIONS)
-    p.add_argument("--shared-expert-gate", action="store_true", help="Qwen2-MoE-style sigmoid-gated shared expert")
-    p.add_argument("--scale-on", default="down_proj", choices=SCALE_TARGETS)
-    p.add_argument("--n-group", type=int, default=1)
-    p.add_argument("--topk-group", type=int, default=1)
-    p.add_argument("--first-k-dense-replace", type=int, default=0, help="keep the first k layers dense")
-    p.add_argument("--moe-layer-freq", type=int, default=1)
-    p.add_argument("--router-bias-update-rate", type=float, default=1e-3)
+    add_dataclass_arguments(p, UpcycleRecipe)  # the recipe: one flag per UpcycleRecipe field
     p.add_argument("--probe-text", action="append", help="probe/router-init text (repeatable)")
     p.add_argument("--no-probe", action="store_true", help="skip the function-preservation measurement")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--base-model", default=None, help="Hub id recorded as base_model")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_upcycle)
 

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_moe.cli import main
-from tests.conversion.test_upcycle import dense_checkpoint, probe_ids
+from tests.conversion.families.oracle import probe_ids
+from tests.conversion.test_upcycle import dense_checkpoint
 
 
 def test_inspect_preset_prints_total_and_active(capsys) -> None:

@@ -1,3 +1,4 @@
-"""Checkpoint conversion: streaming safetensors IO (`checkpoint_io`), dense -> MoE upcycling (`upcycle`),
-MoE-family key tables (`families`) and config mapping (`family_configs`), family <-> hf_moe folders
-(`convert`). Import from the submodules; `hf_moe.upcycle` and `hf_moe.convert` are the public entry points."""
+"""Checkpoint conversion: the generic machinery (`tables`: key rules, named invertible ops, family records,
+streaming converter), one record per family (`families/<model_type>.py`, found by the `families` registry),
+streaming safetensors IO (`checkpoint_io`), family <-> hf_moe folders (`convert`) and dense -> MoE upcycling
+(`upcycle`, its recipe in `upcycle_recipe`). `hf_moe.convert` and `hf_moe.upcycle` are the public entry points."""

@@ -43,14 +43,13 @@ from .checkpoint_io import (
     parse_size,
     rewrite_checkpoint,
 )
-from .dense import DENSE_FAMILIES
-from .families import LAYOUTS, StateDictConverter, ignored_key
-from .family_configs import FAMILIES, config_from_moe, config_to_moe
+from .families import DENSE_FAMILIES, MOE_FAMILIES, get_family
+from .tables import LAYOUTS, StateDictConverter, expected_shapes, source_problems
 
 logger = logging.getLogger(__name__)
 
 HF_MOE = MoEConfig.model_type
-MODEL_TYPES = (HF_MOE, *FAMILIES)
+MODEL_TYPES = (HF_MOE, *MOE_FAMILIES)
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 _SHOWN = 5  # keys named per kind of problem in an error
 
@@ -129,7 +128,7 @@ def _families(source: SourceCheckpoint, to: str | None) -> tuple[str, str]:
     if model_type == HF_MOE and to in (None, HF_MOE):
         raise ValueError(
             f"{str(source.folder)!r} is already an {HF_MOE} checkpoint: pass to=FAMILY (--to FAMILY) to export it, "
-            f"one of {FAMILIES}."
+            f"one of {MOE_FAMILIES}."
         )
     return model_type, to or HF_MOE
 
@@ -141,17 +140,18 @@ def _plan(source: SourceCheckpoint, to: str | None, layout: str) -> _Plan:
         moe_config = MoEConfig.from_pretrained(source.folder)
     else:
         try:
-            moe_config = config_to_moe(AutoConfig.from_pretrained(source.folder))
+            moe_config = get_family(family_in).config_to_moe(AutoConfig.from_pretrained(source.folder))
         except ValueError as error:
             message = f"Cannot convert {str(source.folder)!r} ({family_in} -> {HF_MOE}): {error}"
             raise CheckpointError(message) from error
         moe_config = _mtp_modules_on_disk(moe_config, source.keys(), notes)
     if family_out != HF_MOE:
-        config_from_moe(moe_config, family_out)  # refuses, naming the field, what the family cannot express
+        get_family(family_out).check_export(moe_config)  # refuses, naming the field, what it cannot express
         if family_in != HF_MOE:
             notes.append(f"converted through {HF_MOE} in one pass (nothing stored in between)")
-    importer = StateDictConverter(family_in, moe_config, "to_moe") if family_in != HF_MOE else None
-    exporter = StateDictConverter(family_out, moe_config, "from_moe", layout) if family_out != HF_MOE else None
+    importer = StateDictConverter(get_family(family_in), moe_config, "to_moe") if family_in != HF_MOE else None
+    exporter = (StateDictConverter(get_family(family_out), moe_config, "from_moe", layout)
+                if family_out != HF_MOE else None)  # fmt: skip
     return _Plan(family_in, family_out, moe_config, importer, exporter, notes)
 
 
@@ -177,83 +177,20 @@ def _mtp_modules_on_disk(config: MoEConfig, keys: Iterable[str], notes: list[str
 
 
 # --------------------------------------------------------------------------------------------- checking
-def expected_shapes(config: MoEConfig) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of every tensor an hf_moe checkpoint of `config` holds (model built on the meta device;
-    a tied head is left out, as on disk)."""
-    with torch.device("meta"):
-        model = MoEForCausalLM(copy.deepcopy(config))
-    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def _part_shape(op: str, whole: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The shape of each source tensor that makes an output of shape `whole` with `op`."""
-    if op == "copy":
-        return whole
-    if op == "stack":  # E tensors (., .) -> (E, ., .)
-        return whole[1:]
-    if op == "stack_cat":  # E gate and E up tensors (I, H) -> (E, 2I, H)
-        return (whole[1] // 2, *whole[2:])
-    return None  # zeros: the router weight it reads is checked by its own row
-
-
 def check_source(source: SourceCheckpoint, converter: StateDictConverter, expected: dict[str, tuple[int, ...]]) -> None:
     """Compare the source's keys and shapes (headers only) with what `expected` (hf_moe keys -> shapes) needs
     through `converter`; raise one CheckpointError naming every kind of problem found."""
-    present = set(source.keys())
-    unexpected = converter.unmatched(present)
-    missing: list[str] = []
-    incomplete: list[str] = []
-    mismatched: list[str] = []
-    nonzero: list[str] = []
-
-    def check(key: str, want: tuple[int, ...] | None) -> None:
-        if want is not None and source.shape(key) != want:
-            mismatched.append(f"{key} has shape {source.shape(key)}, expected {want}")
-
-    if converter.direction == "from_moe":  # the source holds hf_moe keys
-        unexpected = [k for k in present if k not in expected and not ignored_key(k)]
-        missing = [k for k in expected if k not in present]
-        for key in sorted(present & expected.keys()):
-            check(key, expected[key])
-        for binding in converter.bindings:  # a family without balancing bias takes only a zero one (E floats)
-            if binding.op == "zeros" and binding.ours in present and torch.count_nonzero(source.get(binding.ours)):
-                nonzero.append(binding.ours)
-    else:
-        made: set[str] = set()
-        for binding in converter.bindings:
-            have = [k for k in binding.theirs if k in present]
-            if not have:
-                continue
-            if binding.ours not in expected:  # a row of the table this config has no tensor for (e.g. a bias)
-                unexpected += have
-                continue
-            if binding.op == "duplicate":  # copies of the embedding / head
-                for key in have:
-                    check(key, expected[binding.ours])
-                continue
-            if len(have) < len(binding.theirs):
-                absent = [k for k in binding.theirs if k not in present]
-                incomplete.append(f"{binding.ours} lacks {len(absent)} of {len(binding.theirs)}, e.g. {absent[:3]}")
-                continue
-            made.add(binding.ours)
-            for key in have:
-                check(key, _part_shape(binding.op, expected[binding.ours]))
-        missing = [k for k in expected if k not in made]
+    found = source_problems(converter, source.keys(), source.shape, expected, source.get)
     problems = [
-        _listed("unexpected keys (not in the conversion table for this config)", sorted(set(unexpected))),
-        _listed("missing keys", missing),
-        _listed("incomplete per-expert groups", incomplete),
-        _listed("shape mismatches", mismatched),
-        _listed(f"non-zero router balancing biases, which {converter.family} has no place for", nonzero),
+        _listed("unexpected keys (not in the conversion table for this config)", sorted(set(found.unexpected))),
+        _listed("missing keys", found.missing),
+        _listed("incomplete per-expert groups", found.incomplete),
+        _listed("shape mismatches", [f"{key} has shape {got}, expected {want}" for key, got, want in found.mismatched]),
+        _listed(f"non-zero router balancing biases, which {converter.family} has no place for", found.nonzero),
     ]
     problems = [p for p in problems if p]
     if problems:
-        hint = ""
-        if any(k.endswith(("_scale_inv", ".weight_scale")) for k in unexpected):
-            hint = "\nThe checkpoint is quantized (fp8 scale tensors): dequantize it first."
+        hint = "\nThe checkpoint is quantized (fp8 scale tensors): dequantize it first." if found.quantized else ""
         raise CheckpointError(
             f"Cannot convert {str(source.folder)!r} ({converter.family}, {converter.direction}): its weights do not "
             f"match its config.json:\n" + "\n".join(problems) + hint
@@ -280,7 +217,7 @@ def convert(
 ) -> ConversionReport:
     """Convert the checkpoint folder `src` (config.json + safetensors, sharded or not) into `out`.
 
-    A source of one of `FAMILIES` (deepseek_v3, deepseek_v2, mixtral, qwen2_moe, qwen3_moe, olmoe; fused or
+    A source of one of `MOE_FAMILIES` (deepseek_v3, deepseek_v2, mixtral, qwen2_moe, qwen3_moe, olmoe; fused or
     per-expert keys) becomes an hf_moe checkpoint (`to` None or "hf_moe"); an hf_moe source becomes the family
     `to`, refused with the field named where the family cannot express the config. A family source with a
     family `to` goes through hf_moe in one pass (e.g. to rewrite the same family in another layout).
@@ -334,9 +271,9 @@ def _write_config(plan: _Plan, folder: Path) -> None:
         config = copy.deepcopy(plan.moe_config)
         config.architectures = [MoEForCausalLM.__name__]
     else:
-        config = config_from_moe(plan.moe_config, plan.family_out)
+        config = get_family(plan.family_out).config_from_moe(plan.moe_config)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[plan.family_out]]
     config.save_pretrained(folder)
 
 
-__all__ = ["HF_MOE", "MODEL_TYPES", "ConversionReport", "check_source", "convert", "expected_shapes"]
+__all__ = ["HF_MOE", "MODEL_TYPES", "ConversionReport", "check_source", "convert"]

@@ -58,8 +58,9 @@ from .checkpoint_io import (
     copy_side_files,
     parse_size,
 )
-from .dense import dense_global_shapes, dense_layer_shapes, moe_fields_from_dense
+from .families import get_dense_family
 from .probe import LayerwiseRunner, ProbeBatch, compare_logits
+from .tables import StateDictConverter, TensorReader, expected_shapes, source_problems
 from .upcycle_recipe import (
     UpcycleRecipe,
     build_moe_config,
@@ -119,26 +120,31 @@ class UpcycleReport:
 
 
 # --------------------------------------------------------------------------------------------- streaming
-def _check_keys(keys: list[str], shape: Callable[[str], tuple[int, ...]], fields: dict[str, Any], family: str) -> None:
-    """Every key the dense family needs, with its shape, and nothing else (clear errors before any output)."""
-    expected = dict(dense_global_shapes(fields))
-    layer_shapes = dense_layer_shapes(fields)
-    for i in range(fields["num_hidden_layers"]):
-        expected.update({f"model.layers.{i}.{k}": s for k, s in layer_shapes.items()})
-    present = set(keys)
-    ignorable = {"lm_head.weight"} if fields["tie_word_embeddings"] else set()
-    missing = [k for k in expected if k not in present]
-    unexpected = [k for k in keys if k not in expected and k not in ignorable and not k.endswith("rotary_emb.inv_freq")]
+def _dense_source(dense_config: PreTrainedConfig, keys: list[str], shape: Callable[[str], tuple[int, ...]],
+                  get: Callable[[str], torch.Tensor]) -> tuple[dict[str, Any], TensorReader, list[str]]:
+    """The dense source read through its family record: the MoEConfig fields of the dense model, a reader of
+    its tensors under our keys and the keys of one decoder layer (relative). Every key the family needs, with its
+    shape, and nothing else, or a clear error before any output."""
+    record = get_dense_family(dense_config.model_type)
+    family = record.model_type
+    fields = record.moe_fields(dense_config)
+    dense = MoEConfig(**fields, n_routed_experts=0)  # the same dense model in our keys
+    expected = expected_shapes(dense)
+    found = source_problems(StateDictConverter(record, dense, "to_moe"), keys, shape, expected)
+    missing = found.missing + found.incomplete
     if missing:
         raise CheckpointError(f"The {family} checkpoint lacks {len(missing)} tensors its config implies, e.g. "
-                              f"{missing[:4]}.")
-    if unexpected:
-        raise CheckpointError(f"The {family} checkpoint has {len(unexpected)} tensors upcycling does not know, e.g. "
-                              f"{unexpected[:4]} (is config.json the checkpoint's own?).")
-    for key, want in expected.items():
-        if tuple(shape(key)) != tuple(want):
-            raise CheckpointError(f"Shape mismatch for {key!r}: the {family} config implies {tuple(want)}, the "
-                                  f"checkpoint has {tuple(shape(key))}.")
+                              f"{missing[:4]}.")  # fmt: skip
+    if found.unexpected:
+        raise CheckpointError(f"The {family} checkpoint has {len(found.unexpected)} tensors upcycling does not know, "
+                              f"e.g. {found.unexpected[:4]} (is config.json the checkpoint's own?).")  # fmt: skip
+    if found.mismatched:
+        key, got, want = found.mismatched[0]
+        raise CheckpointError(f"Shape mismatch for {key!r}: the {family} config implies {want}, the checkpoint has "
+                              f"{got}.")  # fmt: skip
+    first = "model.layers.0."
+    layer_keys = [key[len(first):] for key in expected if key.startswith(first)]
+    return fields, TensorReader(record, dense, keys, get), layer_keys
 
 
 def _hidden_rows(ffn_input: torch.Tensor, batch: ProbeBatch, copies: int) -> torch.Tensor:
@@ -153,21 +159,20 @@ def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[s
          ) -> tuple[MoEConfig, UpcycleReport]:
     """Upcycle layer by layer: read one dense layer, emit its MoE tensors, advance both probe forwards;
     `release()` runs after each layer (the streaming source drops its memory maps there)."""
-    fields = moe_fields_from_dense(dense_config)
+    fields, source, layer_keys = _dense_source(dense_config, keys, shape, get)
     recipe.check(fields["intermediate_size"])
     family = dense_config.model_type
-    _check_keys(keys, shape, fields, family)
     config = build_moe_config(fields, recipe, base_model, family)
     if recipe.router_init == "hidden" and (batch is None or batch.input_ids.shape[0] < recipe.copies):
         raise invalid_argument("router_init", "hidden", f"needs at least one probe text per copy ({recipe.copies} copies)")
-    dtype = get("model.norm.weight").dtype
+    dtype = source.read("model.norm.weight").dtype
     report = UpcycleReport(output=None, recipe=config.upcycled_from, base_model=base_model, base_model_type=family,
                            expected_exact=False, why_not_exact=recipe.exactness_issues(dtype))  # fmt: skip
     report.expected_exact = not report.why_not_exact
     dense = moe = None
     if batch is not None:
         dense, moe = LayerwiseRunner(dense_config, batch, "dense"), LayerwiseRunner(config, batch, "moe")
-    embed = get("model.embed_tokens.weight")
+    embed = source.read("model.embed_tokens.weight")
     emit("model.embed_tokens.weight", embed)
     if dense is not None:
         dense.embed(embed)
@@ -176,7 +181,7 @@ def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[s
     needs_activity = recipe.shared_selection == "active" and recipe.shared_experts > 0
     for i in tqdm(range(config.num_hidden_layers), desc="upcycling layers", disable=not progress):
         prefix = f"model.layers.{i}."
-        tensors = {k: get(prefix + k) for k in dense_layer_shapes(fields)}
+        tensors = {k: source.read(prefix + k) for k in layer_keys}
         ffn_input = dense.layer(i, tensors) if dense is not None else None
         if config.is_moe_layer(i):
             gate, up, down = (tensors.pop(f"mlp.{p}_proj.weight") for p in ("gate", "up", "down"))
@@ -195,9 +200,9 @@ def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[s
             moe.layer(i, tensors)
         del tensors
         release()
-    norm = get("model.norm.weight")
+    norm = source.read("model.norm.weight")
     emit("model.norm.weight", norm)
-    head = get("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    head = source.read("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
     if not config.tie_word_embeddings:
         emit("lm_head.weight", head)
     if dense is not None:
@@ -237,44 +242,26 @@ def _probe_batch(recipe: UpcycleRecipe, vocab_size: int, probe: bool, texts: lis
 def upcycle(
     src: str | os.PathLike,
     out: str | os.PathLike,
+    recipe: UpcycleRecipe | None = None,
     *,
-    num_experts: int,
-    top_k: int,
-    granularity: int = 1,
-    shared_experts: int = 0,
-    strategy: str | None = "auto",
-    scoring_func: str = "sigmoid",
-    router_init: str = "random",
-    drop_ratio: float = 0.0,
-    shared_selection: str = "first",
-    shared_expert_gate: bool = False,
-    scale_on: str = "down_proj",
-    n_group: int = 1,
-    topk_group: int = 1,
-    first_k_dense_replace: int = 0,
-    moe_layer_freq: int = 1,
-    router_bias_update_rate: float = 1e-3,
     probe: bool = True,
     probe_texts: list[str] | None = None,
     probe_input_ids: list[list[int]] | torch.Tensor | None = None,
     overwrite: bool = False,
-    seed: int = 0,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
     base_model: str | None = None,
+    **recipe_fields: Any,
 ) -> UpcycleReport:
-    """Upcycle the dense checkpoint folder `src` (Llama, Mistral, Qwen2, Qwen3; safetensors) into an hf_moe
-    checkpoint at `out`, streaming one decoder layer at a time (peak memory ~ one output shard + one layer).
+    """Upcycle the dense checkpoint folder `src` (a family of `DENSE_FAMILIES`: Llama, Mistral, Qwen2, Qwen3;
+    safetensors) into an hf_moe checkpoint at `out`, streaming one decoder layer at a time (peak memory ~ one
+    output shard + one layer).
 
-    num_experts / top_k: routed experts N and experts per token K. granularity G: the FFN is cut into G shards
-    of intermediate_size / G neurons (the expert width); shared_experts S of them become shared experts, the
-    other R = G - S are routed, N / R copies of them. Exact (He et al. 2024) iff top_k is a multiple of R
-    (whole copies are chosen); the factor R goes on the routed down_proj (`scale_on`) or on
-    routed_scaling_factor. strategy: "copy" (G = 1, Komatsuzaki et al. 2022), "virtual-group",
-    "drop-upcycling" (re-draw `drop_ratio` of each expert, Nakamura et al. 2025) or "auto" (from the other
-    arguments; None means "auto"). router_init: "random" | "zero" | "hidden" (needs >= one probe text per copy).
-    shared_selection: "first" shards or the "active" neurons (mean |activation| on the probe batch).
-    n_group/topk_group, first_k_dense_replace/moe_layer_freq, router_bias_update_rate: as in MoEConfig.
+    `recipe` (`UpcycleRecipe`) says what to build; its fields may also be given, or overridden, as keywords:
+    `upcycle(src, out, num_experts=8, top_k=2)` == `upcycle(src, out, UpcycleRecipe(num_experts=8, top_k=2))`
+    (an unknown keyword is a TypeError naming it). The layout (granularity G shards of intermediate_size / G
+    neurons, shared_experts S of them shared, the other R = G - S routed in N / R copies) and when it is exact
+    (top_k a multiple of R, He et al. 2024) are in this module's docstring.
     probe: run dense and MoE on probe_texts / probe_input_ids (default: random tokens) and report max |dlogit|.
     The output is written to a temporary folder next to `out` and renamed when complete; an existing non-empty
     `out` is refused unless `overwrite`. Returns an `UpcycleReport`; config.upcycled_from records the recipe
@@ -283,13 +270,7 @@ def upcycle(
     start = time.perf_counter()
     parse_size(max_shard_size)
     check_output_dir(out, overwrite, src)
-    recipe = UpcycleRecipe(
-        num_experts=num_experts, top_k=top_k, granularity=granularity, shared_experts=shared_experts,
-        strategy=strategy or "auto", scoring_func=scoring_func, router_init=router_init, drop_ratio=drop_ratio,
-        shared_selection=shared_selection, shared_expert_gate=shared_expert_gate, scale_on=scale_on,
-        n_group=n_group, topk_group=topk_group, first_k_dense_replace=first_k_dense_replace,
-        moe_layer_freq=moe_layer_freq, router_bias_update_rate=router_bias_update_rate, seed=seed,
-    )  # fmt: skip
+    recipe = UpcycleRecipe.build(recipe, **recipe_fields)
     with SourceCheckpoint(src) as source:
         dense_config = _dense_config(source)
         tokenizer = None
@@ -334,13 +315,14 @@ def _base_name(source: SourceCheckpoint) -> str:
     return f"{match.group(1)}/{match.group(2)}" if match else str(source.folder.resolve())
 
 
-def upcycle_model(dense_model: PreTrainedModel, *, num_experts: int, top_k: int, probe: bool = True,
+def upcycle_model(dense_model: PreTrainedModel, recipe: UpcycleRecipe | None = None, *, probe: bool = True,
                   probe_texts: list[str] | None = None, probe_input_ids: list[list[int]] | torch.Tensor | None = None,
-                  tokenizer: Any = None, **recipe_kwargs: Any) -> MoEForCausalLM:
+                  tokenizer: Any = None, **recipe_fields: Any) -> MoEForCausalLM:
     """In-memory `upcycle` (notebooks): a dense transformers causal LM -> MoEForCausalLM with the same function.
-    Takes the recipe arguments of `upcycle`; the report is attached as `model.upcycle_report`."""
+    Takes the recipe as `upcycle` does (a recipe and/or its fields as keywords); the report is attached as
+    `model.upcycle_report`."""
     start = time.perf_counter()
-    recipe = UpcycleRecipe(num_experts=num_experts, top_k=top_k, **recipe_kwargs)
+    recipe = UpcycleRecipe.build(recipe, **recipe_fields)
     state = dense_model.state_dict()
     batch = _probe_batch(recipe, dense_model.config.vocab_size, probe, probe_texts, probe_input_ids, tokenizer)
     tensors: dict[str, torch.Tensor] = {}

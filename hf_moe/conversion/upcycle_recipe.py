@@ -6,7 +6,8 @@ conditions and the router initialisations; Drop-Upcycling is Nakamura et al. 202
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import difflib
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -27,27 +28,61 @@ def invalid_argument(name: str, value: object, why: str) -> ValueError:
     return ValueError(f"upcycle {name}={value!r} is invalid: {why}.")
 
 
+def _option(text: str, default: Any = MISSING, **cli: Any) -> Any:
+    """A recipe field: its help `text` and the CLI details (`choices`, `flag` when the flag is not `--field-name`) live in
+    its metadata, from which `hf-moe upcycle`'s flags are generated."""
+    return field(default=default, metadata={"help": text, **cli})
+
+
 @dataclass(frozen=True)
 class UpcycleRecipe:
-    """What `upcycle` builds (layout: `hf_moe.conversion.upcycle`'s docstring). Validated by `check`."""
+    """What `upcycle` builds (layout: `hf_moe.conversion.upcycle`'s docstring), each field's help in its metadata.
+    The one spelling of the recipe: `upcycle(src, out, recipe)`, its keyword overrides (`build`) and the CLI's
+    flags all come from these fields. Validated by `check`."""
 
-    num_experts: int
-    top_k: int
-    granularity: int = 1
-    shared_experts: int = 0
-    strategy: str = "auto"
-    scoring_func: str = "sigmoid"
-    router_init: str = "random"
-    drop_ratio: float = 0.0
-    shared_selection: str = "first"
-    shared_expert_gate: bool = False
-    scale_on: str = "down_proj"
-    n_group: int = 1
-    topk_group: int = 1
-    first_k_dense_replace: int = 0
-    moe_layer_freq: int = 1
-    router_bias_update_rate: float = 1e-3
-    seed: int = 0
+    num_experts: int = _option("routed experts N per MoE layer", flag="--experts")
+    top_k: int = _option("routed experts per token K; exact when a multiple of granularity - shared_experts")
+    granularity: int = _option("shards G per FFN copy (fine-grained upcycling; the expert width is F / G)", 1)
+    shared_experts: int = _option("shards of the FFN kept as always-on shared experts", 0, flag="--shared")
+    strategy: str = _option("copy, virtual-group, drop-upcycling, or auto (from the other options; None = auto)",
+                            "auto", choices=STRATEGIES)
+    scoring_func: str = _option("router scores", "sigmoid", choices=SCORING_FUNCS)
+    router_init: str = _option("router rows: random, zero, or hidden (needs one probe text per copy)", "random",
+                               choices=ROUTER_INITS)
+    drop_ratio: float = _option("fraction of each expert re-drawn (Drop-Upcycling; the paper's best: 0.5)", 0.0)
+    shared_selection: str = _option("shared neurons: the first shards or the most active on the probe batch",
+                                    "first", choices=SHARED_SELECTIONS)
+    shared_expert_gate: bool = _option("Qwen2-MoE-style sigmoid-gated shared expert", False)
+    scale_on: str = _option("where the factor R of exact fine-grained upcycling goes", "down_proj",
+                            choices=SCALE_TARGETS)
+    n_group: int = _option("expert groups of group-limited routing (as in MoEConfig)", 1)
+    topk_group: int = _option("groups chosen per token (as in MoEConfig)", 1)
+    first_k_dense_replace: int = _option("keep the first k layers dense", 0)
+    moe_layer_freq: int = _option("every how many layers (after the dense ones) one is MoE", 1)
+    router_bias_update_rate: float = _option("balancing bias step gamma (0 disables bias balancing)", 1e-3)
+    seed: int = _option("seed of the random router rows and of Drop-Upcycling", 0)
+
+    def __post_init__(self) -> None:
+        if self.strategy is None:  # upcycle(strategy=None) has always meant "auto"
+            object.__setattr__(self, "strategy", "auto")
+
+    @classmethod
+    def build(cls, recipe: UpcycleRecipe | None = None, **overrides: Any) -> UpcycleRecipe:
+        """`recipe` with `overrides` (recipe field names) replaced, or a recipe made of `overrides` alone; a
+        TypeError names an unknown keyword (with the closest field) or the required fields left out."""
+        names = [f.name for f in fields(cls)]
+        for key in overrides:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"upcycle got an unexpected keyword argument {key!r}{hint}: the recipe fields are "
+                                f"{tuple(names)}.")  # fmt: skip
+        if recipe is not None:
+            return replace(recipe, **overrides)
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.name not in overrides]
+        if required:
+            raise TypeError(f"upcycle needs {' and '.join(required)} (or recipe=UpcycleRecipe(...)).")
+        return cls(**overrides)
 
     @property
     def routed_shards(self) -> int:
@@ -69,11 +104,10 @@ class UpcycleRecipe:
 
     def check(self, intermediate_size: int) -> None:
         """Raise ValueError naming the argument for a combination that cannot be built."""
-        choices = (("strategy", STRATEGIES), ("scoring_func", SCORING_FUNCS), ("router_init", ROUTER_INITS),
-                   ("shared_selection", SHARED_SELECTIONS), ("scale_on", SCALE_TARGETS))  # fmt: skip
-        for name, allowed in choices:
-            if getattr(self, name) not in allowed:
-                raise invalid_argument(name, getattr(self, name), f"allowed values are {allowed}")
+        for option in fields(self):
+            allowed = option.metadata.get("choices")
+            if allowed is not None and getattr(self, option.name) not in allowed:
+                raise invalid_argument(option.name, getattr(self, option.name), f"allowed values are {allowed}")
         for name in ("num_experts", "top_k", "granularity"):
             if getattr(self, name) < 1:
                 raise invalid_argument(name, getattr(self, name), "must be a positive integer")

@@ -3,7 +3,7 @@
 output when interrupted; clear errors for bad inputs.
 
 Sources are written by transformers' `save_pretrained` (the per-expert "original" layout in transformers 5)
-or by hand from `state_dict()` (the fused "transformers" layout); tiny configs from test_families.
+or by hand from `state_dict()` (the fused "transformers" layout); tiny configs: the families' oracle cases.
 """
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ import hf_moe
 from hf_moe.cli import main as cli_main
 from hf_moe.conversion import checkpoint_io
 from hf_moe.conversion.checkpoint_io import SAFE_WEIGHTS_INDEX_NAME, CheckpointError
+from hf_moe.conversion.tables import MoEFamily
 from hf_moe.modeling.model import MoEForCausalLM
-from tests.conversion.test_families import CASES, family_model, inputs, logits_of, mtp_case
+from tests.conversion.families.oracle import cases, family_model, inputs, logits_of
+from tests.conversion.families.test_deepseek_v3 import mtp_case
 
 TOL = 1e-5
+CASES = cases(MoEFamily)
 LOAD = dict(attn_implementation="eager", experts_implementation="eager", dtype=torch.float32)
 
 
@@ -51,7 +54,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-# case of test_families.CASES, source layout, max_shard_size of the source and of the converted folders
+# oracle case (tests/conversion/families), source layout, max_shard_size of the source and of the converted folders
 ROUND_TRIPS = [
     ("deepseek_v3_qlora_yarn", "original", None),
     ("deepseek_v2_group_limited", "transformers", None),
@@ -64,7 +67,7 @@ ROUND_TRIPS = [
 
 @pytest.mark.parametrize(("case", "layout", "shard"), ROUND_TRIPS, ids=[c for c, _, _ in ROUND_TRIPS])
 def test_family_to_hf_moe_and_back(case: str, layout: str, shard: str | None, tmp_path: Path) -> None:
-    theirs, config = family_model(case)
+    theirs, config = family_model(CASES[case])
     family = config.model_type
     src, moe, back = tmp_path / "src", tmp_path / "moe", tmp_path / "back"
     save_source(theirs, src, layout, shard)
@@ -139,7 +142,7 @@ def test_deepseek_v3_mtp_layers_on_disk(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def mixtral_src(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
     """A sharded Mixtral folder (per-expert keys) with a tokenizer file beside it."""
-    theirs, _ = family_model("mixtral")
+    theirs, _ = family_model(CASES["mixtral"])
     src = tmp_path_factory.mktemp("mixtral") / "src"
     theirs.save_pretrained(src, max_shard_size="150KB")
     (src / "tokenizer_config.json").write_text("{}")

@@ -1,9 +1,9 @@
-"""Upcycling dense Llama/Mistral/Qwen2/Qwen3 checkpoints: the MoE must compute the dense model's function.
+"""Upcycling dense checkpoints: the recipes, their layout and exactness, the probe, the recipe as keywords.
 
-Oracle: a tiny checkpoint written by transformers' own class (every weight randomised, norms not ones), upcycled
-with `hf_moe.upcycle`, loaded back with AutoModelForCausalLM; fp32 logits agree to ~1e-5 for copy, fine-grained
-and fine-grained + shared recipes under softmax and sigmoid routers, and the report measures the same thing.
-Recipes that cannot be exact must say so and really differ (so the comparison can fail).
+The oracle of every dense family (copy, fine-grained and fine-grained + shared recipes under softmax and
+sigmoid routers: same fp32 logits as transformers' own class) is in tests/conversion/families/test_oracles.py;
+here: tiny checkpoints of those families' oracle cases. Recipes that cannot be exact must say so and really
+differ (so the comparison can fail).
 """
 
 from __future__ import annotations
@@ -14,94 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    PreTrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 import hf_moe
 from hf_moe.conversion.checkpoint_io import CheckpointError
+from hf_moe.conversion.tables import DenseFamily
 from hf_moe.conversion.upcycle import upcycle_model
 from hf_moe.conversion.upcycle_recipe import TIE_BREAK, UpcycleRecipe, neuron_partition, router_rows
 from hf_moe.modeling.routing import Router
+from tests.conversion.families import oracle
+from tests.conversion.families.oracle import TOL, max_logit_diff, probe_ids
+from tests.conversion.families.oracle import randomise_dense as randomise
 
-TOL = 1e-5
-TINY = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)  # fmt: skip
-LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=16)  # fmt: skip
-FAMILIES: dict[str, tuple[type[PreTrainedConfig], dict]] = {
-    "llama": (LlamaConfig, dict(TINY, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, attention_bias=True)),
-    "mistral": (MistralConfig, dict(TINY, sliding_window=5, head_dim=16)),
-    "qwen2": (Qwen2Config, dict(TINY)),
-    "qwen3": (Qwen3Config, dict(TINY, head_dim=16)),
-}
-# recipe name -> upcycle arguments (N experts, top-k, granularity G, shared S): all exact
-RECIPES = {
-    "copy": dict(num_experts=4, top_k=2),
-    "fine_grained": dict(num_experts=8, top_k=4, granularity=4),  # 2 copies of 4 shards, top-k = 1 copy
-    "fine_grained_shared": dict(num_experts=6, top_k=4, granularity=3, shared_experts=1),  # R=2, 3 copies, m=2
-}
-
-
-def randomise(model: PreTrainedModel, seed: int = 0) -> PreTrainedModel:
-    """Every weight random and O(0.15), norms 1 + noise, so the FFN and every bias/norm matter for the logits."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise)
-    return model.eval()
+FAMILIES = oracle.cases(DenseFamily)  # llama, mistral, qwen2, qwen3: each dense record's oracle case
 
 
 def dense_checkpoint(folder: Path, family: str, **overrides: object) -> PreTrainedModel:
-    config_class, fields = FAMILIES[family]
-    model = randomise(AutoModelForCausalLM.from_config(config_class(**{**fields, **overrides})))
-    model.save_pretrained(folder)
-    return model
-
-
-def probe_ids(vocab: int = 80, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
-
-
-def max_logit_diff(dense: PreTrainedModel, out: Path) -> tuple[float, float]:
-    moe = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(moe).__name__ == "MoEForCausalLM"
-    ids = probe_ids(dense.config.vocab_size)
-    with torch.no_grad():
-        expected, got = dense(ids).logits, moe(ids).logits
-    return (expected - got).abs().max().item(), expected.abs().max().item()
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def dense(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[PreTrainedModel, Path]:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp(request.param)
-    return dense_checkpoint(folder, request.param), folder
-
-
-@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_upcycled_logits_equal_dense(dense: tuple[PreTrainedModel, Path], recipe: str, scoring: str, tmp_path: Path
-                                     ) -> None:  # fmt: skip
-    model, src = dense
-    report = hf_moe.upcycle(src, tmp_path / "moe", scoring_func=scoring, progress=False, **RECIPES[recipe])
-    diff, scale = max_logit_diff(model, tmp_path / "moe")
-    assert scale > 1.0  # logits are not trivially small
-    assert diff < TOL, diff
-    assert report.expected_exact and report.exact and report.why_not_exact == []
-    assert report.max_abs_logit_diff < TOL and report.probe_tokens > 0
-    recorded = json.loads((tmp_path / "moe" / "config.json").read_text())["upcycled_from"]
-    assert recorded["function_preservation"]["exact"] is True
-    assert recorded["base_model_type"] == model.config.model_type and recorded["num_experts"] == RECIPES[recipe][
-        "num_experts"]
+    return oracle.dense_checkpoint(folder, FAMILIES[family], **overrides)
 
 
 def test_inexact_recipe_is_reported_and_differs(tmp_path: Path) -> None:
@@ -295,8 +224,7 @@ def test_base_model_from_hub_cache_folder_and_override(tmp_path: Path) -> None:
 
 
 def test_in_memory_upcycle_model() -> None:
-    config_class, fields = FAMILIES["qwen3"]
-    dense = randomise(AutoModelForCausalLM.from_config(config_class(**fields)))
+    dense = randomise(AutoModelForCausalLM.from_config(FAMILIES["qwen3"].config()))
     moe = upcycle_model(dense, num_experts=6, top_k=4, granularity=3, shared_experts=1, scoring_func="softmax")
     ids = probe_ids()
     with torch.no_grad():
@@ -365,14 +293,6 @@ def test_unsupported_sources_raise_clear_errors(tmp_path: Path) -> None:
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
 
 
-def test_qwen2_sliding_window_on_every_layer_is_exact(tmp_path: Path) -> None:
-    model = dense_checkpoint(tmp_path / "dense", "qwen2", use_sliding_window=True, sliding_window=4,
-                             max_window_layers=0)  # fmt: skip
-    report = hf_moe.upcycle(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, progress=False)
-    assert hf_moe.MoEConfig.from_pretrained(tmp_path / "moe").sliding_window == 4
-    assert report.exact and max_logit_diff(model, tmp_path / "moe")[0] < TOL
-
-
 def test_shape_mismatch_and_missing_tensors(tmp_path: Path) -> None:
     dense_checkpoint(tmp_path / "dense", "llama")
     config = json.loads((tmp_path / "dense" / "config.json").read_text())
@@ -386,8 +306,7 @@ def test_shape_mismatch_and_missing_tensors(tmp_path: Path) -> None:
 
 
 def test_llama_model_object_is_accepted_in_memory_with_tied_head() -> None:
-    config_class, fields = FAMILIES["llama"]
-    dense = randomise(LlamaForCausalLM(config_class(**fields)))
+    dense = randomise(LlamaForCausalLM(FAMILIES["llama"].config()))
     moe = upcycle_model(dense, num_experts=4, top_k=2, probe=False)
     assert moe.upcycle_report.max_abs_logit_diff is None
     assert moe.lm_head.weight is moe.model.embed_tokens.weight
