@@ -9,6 +9,7 @@ import sys
 import typing
 from collections.abc import Sequence
 
+from .conversion.tables import LAYOUTS
 from .conversion.upcycle_recipe import UpcycleRecipe
 
 
@@ -61,7 +62,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from .conversion.convert import convert
 
-    print(convert(args.src, args.out, to=args.to, overwrite=args.overwrite))
+    print(convert(args.src, args.out, to=args.to, layout=args.layout, max_shard_size=args.max_shard_size,
+                  overwrite=args.overwrite))
 
 
 def _select_experts(args: argparse.Namespace) -> None:
@@ -123,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("out")
     p.add_argument("--to", default=None, help="target family (deepseek_v3, mixtral, ...); default hf_moe")
+    p.add_argument("--layout", default="original", choices=LAYOUTS,
+                   help="exports: the released checkpoints' per-expert keys, or transformers' fused tensors")
+    p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 

@@ -313,3 +313,27 @@ def test_llama_model_object_is_accepted_in_memory_with_tied_head() -> None:
     ids = probe_ids()
     with torch.no_grad():
         assert (dense(ids).logits - moe(ids).logits).abs().max().item() < TOL
+
+
+# ------------------------------------------------------------------------------------- the recipe argument
+def test_recipe_object_and_keywords_are_one_spelling(llama_dir: Path, tmp_path: Path) -> None:
+    recipe = UpcycleRecipe(num_experts=8, top_k=4, granularity=4, router_init="zero")
+    by_object = hf_moe.upcycle(llama_dir, tmp_path / "a", recipe, probe=False, progress=False)
+    by_keywords = hf_moe.upcycle(llama_dir, tmp_path / "b", num_experts=8, top_k=4, granularity=4, router_init="zero",
+                                 probe=False, progress=False)  # fmt: skip
+    overridden = hf_moe.upcycle(llama_dir, tmp_path / "c", UpcycleRecipe(num_experts=2, top_k=1), num_experts=8,
+                                top_k=4, granularity=4, router_init="zero", probe=False, progress=False)  # fmt: skip
+    assert by_object.recipe == by_keywords.recipe == overridden.recipe
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_unknown_or_missing_recipe_keywords_are_named(llama_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'num_expert' \(did you mean 'num_experts'\?\)"):
+        hf_moe.upcycle(llama_dir, tmp_path / "out", num_expert=4, top_k=2, progress=False)
+    with pytest.raises(TypeError, match="upcycle needs top_k"):
+        hf_moe.upcycle(llama_dir, tmp_path / "out", num_experts=4, progress=False)
+    with pytest.raises(TypeError, match="'router' .*the recipe fields are"):
+        upcycle_model(AutoModelForCausalLM.from_config(FAMILIES["llama"].config()), num_experts=4, top_k=2,
+                      router="zero")  # fmt: skip
+    assert not (tmp_path / "out").exists()
