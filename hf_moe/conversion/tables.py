@@ -540,7 +540,8 @@ def source_problems(converter: StateDictConverter, keys: Iterable[str], shape: C
             continue
         if len(have) < len(binding.theirs):
             absent = [k for k in binding.theirs if k not in found]
-            problems.incomplete.append(f"{binding.ours} lacks {len(absent)} of {len(binding.theirs)}, e.g. {absent[:3]}")
+            lacks = f"{binding.ours} lacks {len(absent)} of {len(binding.theirs)}, e.g. {absent[:3]}"
+            problems.incomplete.append(lacks)
             continue
         made.add(binding.ours)
         for key in have:

@@ -29,8 +29,8 @@ def invalid_argument(name: str, value: object, why: str) -> ValueError:
 
 
 def _option(text: str, default: Any = MISSING, **cli: Any) -> Any:
-    """A recipe field: its help `text` and the CLI details (`choices`, `flag` when the flag is not `--field-name`) live in
-    its metadata, from which `hf-moe upcycle`'s flags are generated."""
+    """A recipe field: its help `text` and the CLI details (`choices`; `flag` when the flag is not
+    `--field-name`) live in its metadata, from which `hf-moe upcycle`'s flags are generated."""
     return field(default=default, metadata={"help": text, **cli})
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..tables import DenseFamily, Family, MoEFamily, StateDictConverter
+
+R = TypeVar("R", bound=Family)
 
 
 def discover(path: Iterable[str], package: str) -> dict[str, Family]:
@@ -43,24 +46,24 @@ MOE_FAMILIES: tuple[str, ...] = tuple(name for name, r in RECORDS.items() if isi
 DENSE_FAMILIES: tuple[str, ...] = tuple(name for name, r in RECORDS.items() if isinstance(r, DenseFamily))
 
 
+def _record(model_type: str, kind: type[R], what: str, elsewhere: str) -> R:
+    record = RECORDS.get(model_type)
+    if not isinstance(record, kind):
+        known = tuple(name for name, r in RECORDS.items() if isinstance(r, kind))
+        hint = f" {elsewhere}" if model_type in RECORDS else ""
+        raise ValueError(f"model_type={model_type!r} is not a known {what} family: supported {what} families are "
+                         f"{known}.{hint}")  # fmt: skip
+    return record
+
+
 def get_family(model_type: str) -> MoEFamily:
     """The record of the MoE family `model_type`; a ValueError listing the known ones otherwise."""
-    record = RECORDS.get(model_type)
-    if not isinstance(record, MoEFamily):
-        hint = " It is a dense family: make it MoE with hf_moe.upcycle." if model_type in DENSE_FAMILIES else ""
-        raise ValueError(f"model_type={model_type!r} is not a known MoE family: supported MoE families are "
-                         f"{MOE_FAMILIES}.{hint}")  # fmt: skip
-    return record
+    return _record(model_type, MoEFamily, "MoE", "It is a dense family: make it MoE with hf_moe.upcycle.")
 
 
 def get_dense_family(model_type: str) -> DenseFamily:
     """The record of the dense family `model_type`; a ValueError listing the known ones otherwise."""
-    record = RECORDS.get(model_type)
-    if not isinstance(record, DenseFamily):
-        hint = " For MoE checkpoints use hf_moe.convert." if model_type in MOE_FAMILIES else ""
-        raise ValueError(f"model_type={model_type!r} is not a known dense family: supported dense families are "
-                         f"{DENSE_FAMILIES} (whose attention hf_moe's GQA path reproduces exactly).{hint}")  # fmt: skip
-    return record
+    return _record(model_type, DenseFamily, "dense", "For MoE checkpoints use hf_moe.convert.")
 
 
 # ------------------------------------------------------------------------------------- by model_type

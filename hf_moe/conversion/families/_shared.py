@@ -25,8 +25,11 @@ GQA_ATTENTION = same(
     "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
     "o_proj.weight", "o_proj.bias", "q_norm.weight", "k_norm.weight",
 )  # fmt: skip
-#: a pre-norm decoder layer with GQA attention and a SwiGLU FFN, spelled as ours (Llama and its kin)
+#: a pre-norm decoder layer with GQA attention and a SwiGLU FFN, spelled as ours (Llama and its kin; the dense
+#: layers of Mixtral, Qwen-MoE and OLMoE, whose MoE layers add routed experts)
 DENSE_DECODER_LAYER = NORMS + GQA_ATTENTION + DENSE_MLP
+#: the same with DeepSeek's MLA attention
+MLA_DECODER_LAYER = NORMS + MLA_ATTENTION + DENSE_MLP
 SHARED_EXPERTS = same("mlp.shared_experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
@@ -51,13 +54,14 @@ def routed_experts(
     ]
     if renamed:
         rows.append(Rule("mlp.gate.weight", (f"{orig_prefix}gate.weight",), layout="original"))
+    bias_key = "mlp.gate.e_score_correction_bias"
     if bias:
-        rows.append(Rule("mlp.gate.e_score_correction_bias", ("mlp.gate.e_score_correction_bias",)))
+        rows.append(Rule(bias_key, (bias_key,)))
     elif not renamed:
-        rows.append(Rule("mlp.gate.e_score_correction_bias", ("mlp.gate.weight",), "zeros"))
+        rows.append(Rule(bias_key, ("mlp.gate.weight",), "zeros"))
     else:
-        rows.append(Rule("mlp.gate.e_score_correction_bias", ("mlp.gate.weight",), "zeros", layout="transformers"))
-        rows.append(Rule("mlp.gate.e_score_correction_bias", (f"{orig_prefix}gate.weight",), "zeros", layout="original"))
+        rows.append(Rule(bias_key, ("mlp.gate.weight",), "zeros", layout="transformers"))
+        rows.append(Rule(bias_key, (f"{orig_prefix}gate.weight",), "zeros", layout="original"))
     return tuple(rows)
 
 
@@ -100,7 +104,8 @@ DEEPSEEK = (
     attention("mla"), MIXTURE, SOFTMAX_FIRST,
     Refusal("attention_out_bias", lambda c: c.attention_out_bias == c.attention_bias,
             "but {family} has one attention_bias flag for q_a/kv_a and o_proj"),
-    Refusal("moe_layer_freq", lambda c: c.moe_layer_freq == 1, "but {family} makes every layer after the dense ones MoE"),
+    Refusal("moe_layer_freq", lambda c: c.moe_layer_freq == 1,
+            "but {family} makes every layer after the dense ones MoE"),
     Refusal("shared_expert_gate", lambda c: not c.shared_expert_gate, "but {family} has no shared-expert gate"),
     Refusal("shared_expert_intermediate_size",
             lambda c: c.shared_intermediate_size > 0 and c.shared_intermediate_size % c.moe_intermediate_size == 0,
@@ -165,7 +170,8 @@ def gqa_fields(hf: PreTrainedConfig) -> dict[str, Any]:
 
 def gqa_config(cfg: MoEConfig) -> dict[str, Any]:
     """Mixtral/Qwen/OLMoE config fields of an MoEConfig (GQA attention, top-k; head_dim when not the default)."""
-    fields: dict[str, Any] = dict(num_key_value_heads=cfg.num_key_value_heads, num_experts_per_tok=cfg.num_experts_per_tok)
+    fields: dict[str, Any] = dict(num_key_value_heads=cfg.num_key_value_heads,
+                                  num_experts_per_tok=cfg.num_experts_per_tok)  # fmt: skip
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         fields["head_dim"] = cfg.head_dim
     return fields
@@ -218,7 +224,9 @@ def _window_kind(hf: PreTrainedConfig) -> str:
     if layer_types is None:  # Mistral: the window applies to every layer
         return "all"
     kinds = set(layer_types[: hf.num_hidden_layers])
-    return {frozenset({"full_attention"}): "none", frozenset({"sliding_attention"}): "all"}.get(frozenset(kinds), "mixed")
+    if kinds == {"full_attention"}:
+        return "none"
+    return "all" if kinds == {"sliding_attention"} else "mixed"
 
 
 def _rotary_factor(hf: PreTrainedConfig) -> float:

@@ -13,8 +13,7 @@ from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..tables import MoEFamily, Refusal
-from ._shared import DEEPSEEK, DEEPSEEK_IMPORT, DENSE_MLP, MLA_ATTENTION, NORMS, SHARED_EXPERTS, mla_config, mla_fields
-from ._shared import routed_experts as routed
+from . import _shared as shared
 
 logger = logging.getLogger(__name__)
 _METHODS = ("greedy", "group_limited_greedy")  # what transformers' DeepseekV2 router implements
@@ -28,27 +27,27 @@ def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
         )
     grouped = hf.topk_method == "group_limited_greedy"
     return dict(
-        mla_fields(hf, rope_interleave=True), scoring_func="softmax", topk_method=hf.topk_method,
+        shared.mla_fields(hf, rope_interleave=True), scoring_func="softmax", topk_method=hf.topk_method,
         n_group=(hf.n_group or 1) if grouped else 1, topk_group=(hf.topk_group or 1) if grouped else 1,
         norm_topk_prob=False, router_bias_update_rate=0.0,
     )  # fmt: skip
 
 
 def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
-    return dict(mla_config(cfg), topk_method="greedy" if cfg.n_group == 1 else "group_limited_greedy",
+    return dict(shared.mla_config(cfg), topk_method="greedy" if cfg.n_group == 1 else "group_limited_greedy",
                 norm_topk_prob=False)  # fmt: skip
 
 
 FAMILY = MoEFamily(
     model_type="deepseek_v2",
-    layer=NORMS + DENSE_MLP + MLA_ATTENTION + routed() + SHARED_EXPERTS,
+    layer=shared.MLA_DECODER_LAYER + shared.routed_experts() + shared.SHARED_EXPERTS,
     to_moe=_to_moe,
-    import_refusals=DEEPSEEK_IMPORT + (
+    import_refusals=shared.DEEPSEEK_IMPORT + (
         Refusal("mlp_bias", lambda hf: not getattr(hf, "mlp_bias", False), "hf_moe FFNs have no biases"),
         Refusal("topk_method", lambda hf: hf.topk_method in _METHODS, f"allowed values are {_METHODS}"),
     ),
     from_moe=_from_moe,
-    export_refusals=DEEPSEEK + (
+    export_refusals=shared.DEEPSEEK + (
         Refusal("scoring_func", lambda c: c.scoring_func == "softmax", "but deepseek_v2's router uses softmax"),
         Refusal("topk_method", lambda c: c.topk_method == "group_limited_greedy" or c.n_group == 1,
                 "but deepseek_v2 scores groups by their max score ('group_limited_greedy')"),

@@ -11,8 +11,7 @@ from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..tables import MoEFamily, Refusal, Rule, same
-from ._shared import DEEPSEEK, DEEPSEEK_IMPORT, DENSE_MLP, MLA_ATTENTION, NORMS, SHARED_EXPERTS, mla_config, mla_fields
-from ._shared import routed_experts as routed
+from . import _shared as shared
 
 # MTP module k: ours `mtp.{k}.*`, theirs `model.layers.{N+k}.*`; its decoder block takes the layer rows, and
 # the shared head row is completed at bind time (it names the embedding when the head is tied)
@@ -24,25 +23,25 @@ _MTP = same("", "enorm.weight", "hnorm.weight", "eh_proj.weight") + (
 
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
     return dict(
-        mla_fields(hf, rope_interleave=bool(hf.rope_interleave)), scoring_func="sigmoid", topk_method="noaux_tc",
+        shared.mla_fields(hf, rope_interleave=bool(hf.rope_interleave)), scoring_func="sigmoid", topk_method="noaux_tc",
         n_group=hf.n_group or 1, topk_group=hf.topk_group or 1, norm_topk_prob=bool(hf.norm_topk_prob),
         num_nextn_predict_layers=getattr(hf, "num_mtp_layers", 0) or 0,
     )  # fmt: skip
 
 
 def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
-    return dict(mla_config(cfg), norm_topk_prob=cfg.norm_topk_prob, rope_interleave=cfg.rope_interleave,
+    return dict(shared.mla_config(cfg), norm_topk_prob=cfg.norm_topk_prob, rope_interleave=cfg.rope_interleave,
                 num_mtp_layers=cfg.num_nextn_predict_layers)  # fmt: skip
 
 
 FAMILY = MoEFamily(
     model_type="deepseek_v3",
-    layer=NORMS + DENSE_MLP + MLA_ATTENTION + routed(bias=True) + SHARED_EXPERTS,
+    layer=shared.MLA_DECODER_LAYER + shared.routed_experts(bias=True) + shared.SHARED_EXPERTS,
     mtp=_MTP,
     to_moe=_to_moe,
-    import_refusals=DEEPSEEK_IMPORT,
+    import_refusals=shared.DEEPSEEK_IMPORT,
     from_moe=_from_moe,
-    export_refusals=DEEPSEEK + (
+    export_refusals=shared.DEEPSEEK + (
         Refusal("scoring_func", lambda c: c.scoring_func == "sigmoid", "but deepseek_v3's router uses sigmoid"),
         Refusal("topk_method", lambda c: c.topk_method == "noaux_tc" or c.n_group == 1,
                 "but deepseek_v3 scores groups by the sum of their top-2 biased scores ('noaux_tc')"),

@@ -9,26 +9,12 @@ from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..tables import MoEFamily
-from ._shared import (
-    DENSE_MLP,
-    GQA_ATTENTION,
-    NO_CLIP_QKV,
-    NO_SHARED_EXPERTS,
-    NORMS,
-    ONE_ATTENTION_BIAS,
-    SOFTMAX_ROUTER,
-    gqa_config,
-    gqa_fields,
-    qk_norm,
-    qwen_layer_config,
-    qwen_layer_pattern,
-    routed_experts,
-)  # fmt: skip
+from . import _shared as shared
 
 
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
     return dict(
-        gqa_fields(hf), **qwen_layer_pattern(hf), intermediate_size=hf.intermediate_size,
+        shared.gqa_fields(hf), **shared.qwen_layer_pattern(hf), intermediate_size=hf.intermediate_size,
         moe_intermediate_size=hf.moe_intermediate_size, attention_bias=hf.attention_bias,
         attention_out_bias=hf.attention_bias, qk_norm="head", norm_topk_prob=hf.norm_topk_prob,
         sliding_window=hf.sliding_window if hf.use_sliding_window else None,
@@ -36,15 +22,19 @@ def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
 
 
 def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
-    return dict(gqa_config(cfg), **qwen_layer_config(cfg), attention_bias=cfg.attention_bias,
-                use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window)  # fmt: skip
+    return dict(
+        shared.gqa_config(cfg), **shared.qwen_layer_config(cfg), attention_bias=cfg.attention_bias,
+        use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+    )  # fmt: skip
 
 
 FAMILY = MoEFamily(
     model_type="qwen3_moe",
-    layer=NORMS + DENSE_MLP + GQA_ATTENTION + routed_experts(),
+    layer=shared.DENSE_DECODER_LAYER + shared.routed_experts(),
     to_moe=_to_moe,
     from_moe=_from_moe,
-    export_refusals=SOFTMAX_ROUTER + (qk_norm("head"), NO_CLIP_QKV, NO_SHARED_EXPERTS, ONE_ATTENTION_BIAS),
+    export_refusals=shared.SOFTMAX_ROUTER + (
+        shared.qk_norm("head"), shared.NO_CLIP_QKV, shared.NO_SHARED_EXPERTS, shared.ONE_ATTENTION_BIAS,
+    ),
     switch_loss=True,
-)
+)  # fmt: skip
