@@ -146,7 +146,7 @@ def _plan(source: SourceCheckpoint, to: str | None, layout: str) -> _Plan:
             raise CheckpointError(message) from error
         moe_config = _mtp_modules_on_disk(moe_config, source.keys(), notes)
     if family_out != HF_MOE:
-        get_family(family_out).check_export(moe_config)  # refuses, naming the field, what it cannot express
+        get_family(family_out).config_from_moe(moe_config)  # refuses, naming the field, what it cannot express
         if family_in != HF_MOE:
             notes.append(f"converted through {HF_MOE} in one pass (nothing stored in between)")
     importer = StateDictConverter(get_family(family_in), moe_config, "to_moe") if family_in != HF_MOE else None

@@ -22,7 +22,7 @@ import hf_moe
 from hf_moe.cli import main as cli_main
 from hf_moe.conversion import checkpoint_io
 from hf_moe.conversion.checkpoint_io import SAFE_WEIGHTS_INDEX_NAME, CheckpointError
-from hf_moe.conversion.tables import MoEFamily
+from hf_moe.conversion.records import MoEFamily
 from hf_moe.modeling.model import MoEForCausalLM
 from tests.conversion.families.oracle import cases, family_model, inputs, logits_of
 from tests.conversion.families.test_deepseek_v3 import mtp_case

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hf_moe.conversion.families import get_family, state_dict_from_moe, state_dict_to_moe
-from hf_moe.conversion.tables import OPS, Binding, MoEFamily, Rule, StateDictConverter, bind_table
+from hf_moe.conversion.records import MoEFamily
+from hf_moe.conversion.tables import OPS, Binding, Rule, StateDictConverter, bind_table
 from tests.conversion.families.oracle import cases, family_model, per_expert
 from tests.conversion.families.test_mixtral import NAMING as MIXTRAL_NAMING
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 import hf_moe
 from hf_moe.conversion.checkpoint_io import CheckpointError
-from hf_moe.conversion.tables import DenseFamily
+from hf_moe.conversion.records import DenseFamily
 from hf_moe.conversion.upcycle import upcycle_model
 from hf_moe.conversion.upcycle_recipe import TIE_BREAK, UpcycleRecipe, neuron_partition, router_rows
 from hf_moe.modeling.routing import Router

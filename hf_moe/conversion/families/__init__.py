@@ -1,6 +1,6 @@
 """The family registry: every module of this package (except `_`-prefixed helpers) is one family's record.
 
-A record is a `tables.MoEFamily` (converted both ways by `hf_moe.convert`) or a `tables.DenseFamily` (a source
+A record is a `records.MoEFamily` (converted both ways by `hf_moe.convert`) or a `records.DenseFamily` (a source
 for `hf_moe.upcycle`) named `FAMILY`, whose `model_type` is the module's name. Adding a family is adding one
 file here (plus its oracle test in tests/conversion/families/): the registry finds it by itself.
 
@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import DenseFamily, Family, MoEFamily, StateDictConverter
+from ..records import DenseFamily, Family, MoEFamily
+from ..tables import StateDictConverter
 
 R = TypeVar("R", bound=Family)
 

@@ -9,7 +9,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import Refusal, Rule, refuse_import, same
+from ..records import Refusal, refuse_import
+from ..tables import Rule, same
 
 # ---------------------------------------------------------------------------------------------- key rows
 NORMS = same("", "input_layernorm.weight", "post_attention_layernorm.weight")

@@ -12,7 +12,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily, Refusal
+from ..records import MoEFamily, Refusal
 from . import _shared as shared
 
 logger = logging.getLogger(__name__)

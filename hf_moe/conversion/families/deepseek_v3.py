@@ -10,7 +10,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily, Refusal, Rule, same
+from ..records import MoEFamily, Refusal
+from ..tables import Rule, same
 from . import _shared as shared
 
 # MTP module k: ours `mtp.{k}.*`, theirs `model.layers.{N+k}.*`; its decoder block takes the layer rows, and

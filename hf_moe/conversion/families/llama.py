@@ -3,7 +3,7 @@ optionally scaled RoPE (llama3, yarn, ...), a SwiGLU FFN. A dense source for upc
 
 from __future__ import annotations
 
-from ..tables import DenseFamily
+from ..records import DenseFamily
 from ._shared import DENSE_DECODER_LAYER, DENSE_IMPORT, dense_fields, one_attention_bias
 
 FAMILY = DenseFamily(

@@ -3,7 +3,7 @@ source for upcycling."""
 
 from __future__ import annotations
 
-from ..tables import DenseFamily
+from ..records import DenseFamily
 from ._shared import DENSE_DECODER_LAYER, DENSE_IMPORT, dense_fields
 
 FAMILY = DenseFamily(

@@ -9,7 +9,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily, Refusal
+from ..records import MoEFamily, Refusal
 from . import _shared as shared
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily, Refusal
+from ..records import MoEFamily, Refusal
 from . import _shared as shared
 
 _NORM_SPANS_HIDDEN = "OLMoE's q_norm spans hidden_size, so head_dim * num_attention_heads must equal hidden_size"

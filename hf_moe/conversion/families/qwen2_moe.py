@@ -9,7 +9,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily, Refusal, Rule, same
+from ..records import MoEFamily, Refusal
+from ..tables import Rule, same
 from . import _shared as shared
 
 _SHARED_EXPERT = tuple(

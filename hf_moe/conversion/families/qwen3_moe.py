@@ -8,7 +8,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..tables import MoEFamily
+from ..records import MoEFamily
 from . import _shared as shared
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import hf_moe
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_from_moe, state_dict_to_moe
-from hf_moe.conversion.tables import DenseFamily, MoEFamily
+from hf_moe.conversion.records import DenseFamily, MoEFamily
 from tests.conversion.families.oracle import (
     RECIPES,
     TOL,

@@ -10,7 +10,7 @@ import pytest
 
 from hf_moe.conversion import families
 from hf_moe.conversion.families import DENSE_FAMILIES, MOE_FAMILIES, RECORDS, get_dense_family, get_family
-from hf_moe.conversion.tables import DenseFamily, MoEFamily
+from hf_moe.conversion.records import DenseFamily, MoEFamily
 from tests.conversion.families.oracle import cases
 
 

@@ -1,0 +1,144 @@
+"""The record format: what every family file of `hf_moe.conversion.families` defines, and the config mapping it
+drives. A record is a `MoEFamily` (converted both ways by `hf_moe.convert`) or a `DenseFamily` (a source for
+`hf_moe.upcycle`): its key rows (moved by `tables`), its config mapping and its refusals, named so that the
+error says which field, which value and what the other side needs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+
+from ..modeling.configuration import MoEConfig
+from .tables import CAUSAL_LM_GLOBALS, Rule
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A configuration the other side cannot express: `field` is refused unless `ok(config)`; `why` says what
+    the other side needs (`{family}` is replaced by the family's model_type)."""
+
+    field: str
+    ok: Callable[[Any], bool]
+    why: str
+
+
+def refuse_import(hf_config: PreTrainedConfig, field_name: str, why: str) -> ValueError:
+    """The error for a family config hf_moe cannot express (the field, its value and why)."""
+    value = getattr(hf_config, field_name, None)
+    return ValueError(f"{hf_config.model_type} config {field_name}={value!r} is not supported: {why}.")
+
+
+def _refuse_export(family: str, config: MoEConfig, field_name: str, why: str) -> ValueError:
+    value = getattr(config, field_name)
+    return ValueError(f"Cannot export to {family}: MoEConfig.{field_name}={value!r} {why}.")
+
+
+
+_COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "hidden_act",
+    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id",
+    "bos_token_id", "eos_token_id", "tie_word_embeddings", "output_router_logits",
+)  # fmt: skip
+
+
+def _common_fields(config: PreTrainedConfig) -> dict[str, Any]:
+    """The fields every family spells like MoEConfig (shape, norms, token ids, RoPE, dropout, dtype)."""
+    fields = {name: getattr(config, name) for name in _COMMON_FIELDS if hasattr(config, name)}
+    fields["attention_dropout"] = getattr(config, "attention_dropout", 0.0) or 0.0
+    fields["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters or {}))
+    if getattr(config, "dtype", None) is not None:
+        fields["dtype"] = config.dtype
+    return fields
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """What every record holds: the transformers `model_type`, the key rows (global, per decoder layer and,
+    for families with multi-token prediction, per MTP module), and the config mapping into MoEConfig:
+    `to_moe(family_config)` returns the fields the family spells its own way (the common ones, see
+    `_COMMON_FIELDS`, are added here) after `import_refusals` passed."""
+
+    model_type: str
+    layer: tuple[Rule, ...]
+    to_moe: Callable[[PreTrainedConfig], dict[str, Any]]
+    globals: tuple[Rule, ...] = CAUSAL_LM_GLOBALS
+    mtp: tuple[Rule, ...] = ()
+    import_refusals: tuple[Refusal, ...] = ()
+
+    def moe_fields(self, hf_config: PreTrainedConfig) -> dict[str, Any]:
+        """MoEConfig fields of a family config; raises ValueError naming the field hf_moe cannot express."""
+        for refusal in self.import_refusals:
+            if not refusal.ok(hf_config):
+                raise refuse_import(hf_config, refusal.field, refusal.why.format(family=self.model_type))
+        return {**_common_fields(hf_config), **self.to_moe(hf_config)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class DenseFamily(Family):
+    """A dense family hf_moe upcycles from: `moe_fields` gives the model shape and attention (no experts), so
+    `MoEConfig(**fields, n_routed_experts=0)` is the same dense model, whose keys the layer rows name."""
+
+
+_NO_MTP = Refusal("num_nextn_predict_layers", lambda c: c.num_nextn_predict_layers == 0,
+                  "but {family} has no MTP modules")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoEFamily(Family):
+    """An MoE family converted both ways. `from_moe(moe_config)` returns the family's config fields it spells
+    its own way, after `export_refusals` passed (configurations the family cannot express, refused with the
+    field and value named). `switch_loss`: the family's `router_aux_loss_coef` is transformers' Switch-style
+    balance loss, mapped to and from our `aux_loss_alpha` (`switch_coef_to_alpha`)."""
+
+    from_moe: Callable[[MoEConfig], dict[str, Any]]
+    export_refusals: tuple[Refusal, ...] = ()
+    switch_loss: bool = False
+
+    def config_to_moe(self, hf_config: PreTrainedConfig) -> MoEConfig:
+        """The MoEConfig of a config of this family (fields it does not have take hf_moe's defaults)."""
+        config = MoEConfig(**self.moe_fields(hf_config))
+        if self.switch_loss:
+            config.aux_loss_alpha = switch_coef_to_alpha(config.aux_loss_alpha, config)
+        return config
+
+    def check_export(self, config: MoEConfig) -> None:
+        """Raise ValueError naming the field for what this family cannot express (inference semantics only;
+        training-only knobs are dropped on export)."""
+        for refusal in self.export_refusals + (() if self.mtp else (_NO_MTP,)):
+            if not refusal.ok(config):
+                raise _refuse_export(self.model_type, config, refusal.field, refusal.why.format(family=self.model_type))
+
+    def config_from_moe(self, config: MoEConfig) -> PreTrainedConfig:
+        """This family's transformers config for `config`; raises ValueError naming what it cannot express."""
+        self.check_export(config)
+        fields = {**_common_fields(config), **self.from_moe(config)}
+        if self.switch_loss:
+            fields["router_aux_loss_coef"] = alpha_to_switch_coef(config.aux_loss_alpha, config)
+        return AutoConfig.for_model(self.model_type, **fields)
+
+
+def switch_coef_to_alpha(coef: float, cfg: MoEConfig) -> float:
+    """transformers' Switch-style loss (Mixtral/Qwen/OLMoE) is N * sum_i (count_i / T) P_i over all layers'
+    tokens pooled, i.e. about K times our per-layer expert-level loss averaged over layers; ours is summed
+    over MoE layers. alpha = coef * K / L keeps the same strength (exact when layers route alike)."""
+    return coef * cfg.num_experts_per_tok / max(1, len(cfg.moe_layer_indices))
+
+
+def alpha_to_switch_coef(alpha: float, cfg: MoEConfig) -> float:
+    """Inverse of `switch_coef_to_alpha`."""
+    return alpha * max(1, len(cfg.moe_layer_indices)) / cfg.num_experts_per_tok
+
+
+__all__ = [
+    "DenseFamily",
+    "Family",
+    "MoEFamily",
+    "Refusal",
+    "alpha_to_switch_coef",
+    "refuse_import",
+    "switch_coef_to_alpha",
+]
