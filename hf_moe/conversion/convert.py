@@ -46,6 +46,7 @@ from .checkpoint_io import (
 from .dense import DENSE_FAMILIES
 from .families import LAYOUTS, StateDictConverter, ignored_key
 from .family_configs import FAMILIES, config_from_moe, config_to_moe
+from .validation import require_floating_weights
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ def convert(
     with SourceCheckpoint(src) as source:
         plan = _plan(source, to, layout)
         check_source(source, plan.first, expected_shapes(plan.moe_config))
+        require_floating_weights(source.keys(), source.dtype, str(src))
         tensors_in = len(source.keys())
     drop = {"lm_head.weight"} if plan.moe_config.tie_word_embeddings else set()  # on disk a tied head is left out
 
