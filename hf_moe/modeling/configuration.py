@@ -371,6 +371,9 @@ class MoEConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto" and not _is_torch_dtype_name(dtype):
+            raise ConfigFieldError("dtype", dtype, "must be None or a torch dtype name such as 'float32' or 'bfloat16'")
         super().__post_init__(**kwargs)
         self.validate_moe()
 
@@ -463,6 +466,12 @@ class MoEConfig(PreTrainedConfig):
         except (ValueError, TypeError, KeyError) as error:
             raise ConfigFieldError("rope_parameters", self.rope_parameters, str(error).rstrip(".")) from None
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedConfig.save_pretrained`, refusing an invalid config with our ConfigFieldError (transformers'
+        `validate()` would wrap it in a StrictDataclassClassValidationError, not a ValueError)."""
+        self.validate_moe()
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> MoEConfig:
         """`PreTrainedConfig.from_dict`; an invalid value read through `AutoConfig` also names the file."""
@@ -497,6 +506,12 @@ class MoEConfig(PreTrainedConfig):
         fields = copy.deepcopy(PRESETS[name])
         fields.update(overrides)
         return cls(**fields)
+
+
+def _is_torch_dtype_name(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def _config_file(name_or_path: str | os.PathLike, subfolder: str | None = None) -> str:

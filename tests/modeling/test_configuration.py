@@ -283,3 +283,25 @@ def test_config_json_edited_by_hand_names_the_file(change: dict[str, Any], field
     for load in (MoEConfig.from_pretrained, AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match=rf"^{path}: MoEConfig\.{field}="):
             load(tmp_path)
+
+
+def test_save_refuses_an_invalid_config_with_our_error(tmp_path: Path) -> None:
+    """transformers' `validate()` on save would raise StrictDataclassClassValidationError (not a ValueError)."""
+    config = MoEConfig(n_routed_experts=8, num_experts_per_tok=2)
+    config.num_experts_per_tok = 50  # valid alone
+    with pytest.raises(ValueError, match=r"MoEConfig\.num_experts_per_tok=50"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_unknown_dtype_name_is_named(tmp_path: Path) -> None:
+    import json
+
+    with pytest.raises(ValueError, match=r"MoEConfig\.dtype='float33' is invalid"):
+        MoEConfig(dtype="float33")
+    assert MoEConfig(dtype="bfloat16").dtype is not None
+    MoEConfig().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": "bfloat17"}))
+    with pytest.raises(ValueError, match=rf"^{path}: MoEConfig\.dtype='bfloat17'"):
+        MoEConfig.from_pretrained(tmp_path)
