@@ -45,6 +45,7 @@ from .checkpoint_io import (
 )
 from .families import DENSE_FAMILIES, MOE_FAMILIES, get_family
 from .tables import LAYOUTS, StateDictConverter, expected_shapes, source_problems
+from .validation import require_floating_weights
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def convert(
     with SourceCheckpoint(src) as source:
         plan = _plan(source, to, layout)
         check_source(source, plan.first, expected_shapes(plan.moe_config))
+        require_floating_weights(source.keys(), source.dtype, str(src))
         tensors_in = len(source.keys())
     drop = {"lm_head.weight"} if plan.moe_config.tie_word_embeddings else set()  # on disk a tied head is left out
 

@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from ..modeling.model import MoEForCausalLM
 from ..modeling.rotary import RotaryEmbedding
+from .validation import nan_max
 
 _VOCAB_CHUNK = 8192  # rows of the output head cast to fp32 at a time
 
@@ -149,12 +150,13 @@ class LayerwiseRunner:
 def compare_logits(
     dense: LayerwiseRunner, moe: LayerwiseRunner, norm_weight: torch.Tensor, head_weight: torch.Tensor
 ) -> tuple[float, float]:
-    """(max |logit_dense - logit_moe|, max |logit_dense|) over the real tokens of the probe batch."""
+    """(max |logit_dense - logit_moe|, max |logit_dense|) over the real tokens of the probe batch; NaN when
+    either forward gave a NaN (or both an infinity) anywhere."""
     valid = dense.batch.valid()
     max_diff, max_abs = 0.0, 0.0
     for a, b in zip(dense.logits(norm_weight, head_weight), moe.logits(norm_weight, head_weight)):
-        max_diff = max(max_diff, (a - b)[valid].abs().max().item())
-        max_abs = max(max_abs, a[valid].abs().max().item())
+        max_diff = nan_max(max_diff, (a - b)[valid].abs().max().item())  # NaN stays NaN: never "exact"
+        max_abs = nan_max(max_abs, a[valid].abs().max().item())
     return max_diff, max_abs
 
 

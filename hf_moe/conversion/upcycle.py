@@ -70,6 +70,7 @@ from .upcycle_recipe import (
     router_rows,
     upcycle_ffn,
 )
+from .validation import non_finite_logits, require_floating_weights
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +212,17 @@ def _run(get: Callable[[str], torch.Tensor], keys: list[str], shape: Callable[[s
     counts = count_parameters(config)
     report.params_total, report.params_active = counts.total, counts.active
     report.params_dense = sum(math.prod(shape(k)) for k in keys if k != "lm_head.weight" or not config.tie_word_embeddings)
-    if report.expected_exact and report.max_abs_logit_diff is not None and not report.exact:
+    not_finite = None if dense is None else non_finite_logits(report.max_abs_logit_diff, report.max_abs_logit)
+    if not_finite:
+        report.why_not_exact.append(not_finite)
+        logger.warning("Upcycled model not checked: %s", not_finite)
+    elif report.expected_exact and report.max_abs_logit_diff is not None and not report.exact:
         report.why_not_exact.append(f"measured max |dlogit| {report.max_abs_logit_diff:.3g} exceeds the fp32 tolerance "
                                     "although the recipe is exact (please report this)")  # fmt: skip
         logger.warning("Upcycled model differs from the dense model: %s", report.why_not_exact[-1])
     config.upcycled_from = {**config.upcycled_from, "function_preservation": {
-        "exact": report.exact, "max_abs_logit_diff": report.max_abs_logit_diff, "probe_tokens": report.probe_tokens,
+        "exact": report.exact, "max_abs_logit_diff": None if not_finite else report.max_abs_logit_diff,
+        "probe_tokens": report.probe_tokens,
         "why_not_exact": list(report.why_not_exact)}}  # fmt: skip
     report.recipe = config.upcycled_from
     return config, report
@@ -272,6 +278,7 @@ def upcycle(
     check_output_dir(out, overwrite, src)
     recipe = UpcycleRecipe.build(recipe, **recipe_fields)
     with SourceCheckpoint(src) as source:
+        require_floating_weights(source.keys(), source.dtype, str(src))
         dense_config = _dense_config(source)
         tokenizer = None
         if probe_texts and probe_input_ids is None:
@@ -324,6 +331,7 @@ def upcycle_model(dense_model: PreTrainedModel, recipe: UpcycleRecipe | None = N
     start = time.perf_counter()
     recipe = UpcycleRecipe.build(recipe, **recipe_fields)
     state = dense_model.state_dict()
+    require_floating_weights(state, lambda key: state[key].dtype, type(dense_model).__name__)
     batch = _probe_batch(recipe, dense_model.config.vocab_size, probe, probe_texts, probe_input_ids, tokenizer)
     tensors: dict[str, torch.Tensor] = {}
     base = str(getattr(dense_model.config, "_name_or_path", "") or type(dense_model).__name__)

@@ -1,14 +1,34 @@
 """MoEConfig: one configuration for the DeepSeek-style Mixture-of-Experts family.
 
 Field names follow transformers' DeepseekV3Config where one exists, so a DeepSeek config maps 1:1; new knobs
-get plain names. Every field is validated in `validate_moe`, and every error names the field, the value
-and what is allowed.
+get plain names.
+
+Validation lives here, in one place, and every error names the field, the value and what is allowed:
+- each field on its own (`check_field`: its annotated type, finiteness, its range) whenever it is set, at
+  construction and on assignment (`config.rms_norm_eps = -1` raises, as transformers' own configs refuse a
+  wrong type on assignment);
+- the fields together (`validate_moe`: top-k <= experts, groups dividing experts, pad_token_id < vocab_size...)
+  at construction, at `save_pretrained` and when a model is built from the config.
+Errors are `ConfigFieldError` (a ValueError; `ConfigFieldTypeError` for a wrong type is also a TypeError); a
+config.json with a bad value names the file too.
+
+Field annotations stay strings (`from __future__ import annotations`), so huggingface_hub's `@strict` does not
+type-check them itself (it would raise its own StrictDataclassFieldValidationError, neither a ValueError nor a
+TypeError, before our range checks): `check_field` checks the same annotations, with bool refused where an int
+is expected and an int accepted where a float is (PEP 484's numeric tower).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
+import math
+import os
+import types
+import typing
+from collections.abc import Callable
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -19,6 +39,157 @@ ATTENTION_TYPES = ("mla", "gqa")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_TYPES = ("head", "full")
+CONFIG_NAME = "config.json"
+
+
+# ------------------------------------------------------------------------------------------------- errors
+class ConfigFieldError(ValueError):
+    """A bad MoEConfig value: names the field, the value, what is allowed and (when read from one) the file."""
+
+    def __init__(self, field: str, value: Any, allowed: str, source: str | None = None) -> None:
+        self.field, self.value, self.allowed, self.source = field, value, allowed, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}MoEConfig.{field}={value!r} is invalid: {allowed}.")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.field, self.value, self.allowed, self.source)
+
+    def located(self, source: str) -> ConfigFieldError:
+        """The same error, naming the file the value came from (kept when it names one already)."""
+        return self if self.source else type(self)(self.field, self.value, self.allowed, source)
+
+
+class ConfigFieldTypeError(ConfigFieldError, TypeError):
+    """A MoEConfig value of the wrong type (both a ValueError and a TypeError)."""
+
+
+# -------------------------------------------------------------------------------------- per-field rules
+Rule = tuple[Callable[[Any], bool], str]  # (test of a non-None value of the right type, what is allowed)
+
+
+def _finite(test: Callable[[float], bool]) -> Callable[[float], bool]:
+    return lambda value: math.isfinite(value) and test(value)
+
+
+def _token_ids(value: int | list[int]) -> bool:
+    return all(i >= 0 for i in (value if isinstance(value, list) else [value]))
+
+
+def _activation(value: str) -> bool:
+    from transformers.activations import ACT2FN
+
+    return value in ACT2FN
+
+
+def _rope(value: dict) -> bool:
+    """transformers validates the RoPE type and its keys (`validate_rope`); the numbers it leaves are ours."""
+    positive = [value.get(key) for key in ("rope_theta", "factor") if value.get(key) is not None]
+    partial = value.get("partial_rotary_factor")
+    numbers = [*positive, *([] if partial is None else [partial])]
+    if any(isinstance(n, bool) or not isinstance(n, (int, float)) for n in numbers):
+        return False
+    return all(math.isfinite(n) and n > 0 for n in positive) and (partial is None or 0 < partial <= 1)
+
+
+_ANY: Rule | None = None  # any value of the annotated type
+_POSITIVE: Rule = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE: Rule = (lambda v: v >= 0, "must be >= 0")
+_AT_LEAST_1: Rule = (lambda v: v >= 1, "must be >= 1")
+_FINITE_POSITIVE: Rule = (_finite(lambda v: v > 0), "must be a finite number > 0")
+_FINITE_NON_NEGATIVE: Rule = (_finite(lambda v: v >= 0), "must be a finite number >= 0")
+_PROBABILITY: Rule = (lambda v: 0 <= v < 1, "must be a probability in [0, 1)")  # NaN fails both comparisons
+_TOKEN_ID: Rule = (_token_ids, "must be None or token ids in [0, vocab_size)")
+
+
+def _one_of(options: tuple) -> Rule:
+    return (lambda v: v in options, f"allowed values are {options}")
+
+
+#: Every field declared by MoEConfig -> its rule (checked with the field's type on every assignment).
+#: Rules that need other fields (top-k <= experts, pad_token_id < vocab_size, ...) are in `validate_moe`.
+FIELD_RULES: dict[str, Rule | None] = {
+    # model shape
+    "vocab_size": _POSITIVE, "hidden_size": _POSITIVE, "intermediate_size": _POSITIVE,
+    "num_hidden_layers": _POSITIVE, "num_attention_heads": _POSITIVE, "max_position_embeddings": _POSITIVE,
+    "hidden_act": (_activation, "allowed values are transformers' activations (transformers.activations.ACT2FN)"),
+    "initializer_range": _FINITE_NON_NEGATIVE, "rms_norm_eps": _FINITE_POSITIVE, "use_cache": _ANY,
+    "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_ID, "tie_word_embeddings": _ANY,
+    # attention
+    "attention_type": _one_of(ATTENTION_TYPES), "q_lora_rank": _POSITIVE, "kv_lora_rank": _POSITIVE,
+    "qk_rope_head_dim": _POSITIVE, "qk_nope_head_dim": _POSITIVE, "v_head_dim": _POSITIVE, "rope_interleave": _ANY,
+    "num_key_value_heads": _POSITIVE, "head_dim": _POSITIVE, "attention_bias": _ANY, "attention_out_bias": _ANY,
+    "qk_norm": _one_of(QK_NORM_TYPES), "clip_qkv": _FINITE_POSITIVE, "sliding_window": _POSITIVE,
+    "rope_parameters": (_rope, "rope_theta and factor must be finite numbers > 0, partial_rotary_factor in (0, 1]"),
+    "attention_dropout": _PROBABILITY,
+    # experts
+    "n_routed_experts": _NON_NEGATIVE, "num_experts_per_tok": _AT_LEAST_1, "moe_intermediate_size": _POSITIVE,
+    "n_shared_experts": _NON_NEGATIVE, "shared_expert_intermediate_size": _NON_NEGATIVE, "shared_expert_gate": _ANY,
+    "first_k_dense_replace": _NON_NEGATIVE, "moe_layer_freq": _AT_LEAST_1,
+    # router
+    "scoring_func": _one_of(SCORING_FUNCS), "topk_before_softmax": _ANY, "topk_method": _one_of(TOPK_METHODS),
+    "n_group": _AT_LEAST_1, "topk_group": _AT_LEAST_1, "norm_topk_prob": _ANY,
+    "routed_scaling_factor": _FINITE_POSITIVE, "router_bias_update_rate": _FINITE_NON_NEGATIVE,
+    "router_bias_update_zero_mean": _ANY, "router_jitter_noise": _PROBABILITY,
+    "router_logit_noise": _FINITE_NON_NEGATIVE, "capacity_factor": _FINITE_POSITIVE,
+    # training objectives
+    "aux_loss_alpha": _FINITE_NON_NEGATIVE, "device_aux_loss_alpha": _FINITE_NON_NEGATIVE,
+    "aux_loss_num_devices": _AT_LEAST_1, "seq_aux_loss_alpha": _FINITE_NON_NEGATIVE,
+    "router_z_loss_coef": _FINITE_NON_NEGATIVE, "num_nextn_predict_layers": _NON_NEGATIVE,
+    "mtp_loss_weight": _FINITE_NON_NEGATIVE, "output_router_logits": _ANY,
+    # provenance
+    "upcycled_from": _ANY,
+}  # fmt: skip
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """isinstance for the annotations MoEConfig uses; bool is not an int, an int is a float (numeric tower)."""
+    if hint is None or hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or typing.is_typeddict(hint):
+        return isinstance(value, dict)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "None"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_type_name(arg) for arg in typing.get_args(hint)))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict or typing.is_typeddict(hint):
+        return "dict"
+    return {float: "number (int or float)"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_field(field: str, value: Any) -> None:
+    """Raise ConfigFieldTypeError / ConfigFieldError unless `value` has the field's type and passes its rule."""
+    hint = _field_types()[field]
+    if not _matches(value, hint):
+        allowed = f"expected {_type_name(hint)}, got {type(value).__name__}"
+        if isinstance(value, bool) and "int" in allowed:
+            allowed += " (a bool is not accepted as an int)"
+        raise ConfigFieldTypeError(field, value, allowed)
+    rule = FIELD_RULES[field]
+    if rule is not None and value is not None and not rule[0](value):
+        raise ConfigFieldError(field, value, rule[1])
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """MoEConfig's own field annotations, evaluated (they are strings in this module)."""
+    return inspect.get_annotations(MoEConfig, eval_str=True)
 
 
 @strict
@@ -154,7 +325,7 @@ class MoEConfig(PreTrainedConfig):
     clip_qkv: float | None = None
     sliding_window: int | None = None
     rope_parameters: RopeParameters | dict | None = None
-    attention_dropout: float | int = 0.0
+    attention_dropout: float = 0.0
     # experts
     n_routed_experts: int = 64
     num_experts_per_tok: int = 6
@@ -171,20 +342,20 @@ class MoEConfig(PreTrainedConfig):
     n_group: int = 1
     topk_group: int = 1
     norm_topk_prob: bool = True
-    routed_scaling_factor: float | int = 1.0
-    router_bias_update_rate: float | int = 1e-3
+    routed_scaling_factor: float = 1.0
+    router_bias_update_rate: float = 1e-3
     router_bias_update_zero_mean: bool = False
-    router_jitter_noise: float | int = 0.0
-    router_logit_noise: float | int = 0.0
-    capacity_factor: float | int | None = None
+    router_jitter_noise: float = 0.0
+    router_logit_noise: float = 0.0
+    capacity_factor: float | None = None
     # training objectives
-    aux_loss_alpha: float | int = 0.0
-    device_aux_loss_alpha: float | int = 0.0
+    aux_loss_alpha: float = 0.0
+    device_aux_loss_alpha: float = 0.0
     aux_loss_num_devices: int = 1
-    seq_aux_loss_alpha: float | int = 0.0
-    router_z_loss_coef: float | int = 0.0
+    seq_aux_loss_alpha: float = 0.0
+    router_z_loss_coef: float = 0.0
     num_nextn_predict_layers: int = 0
-    mtp_loss_weight: float | int = 0.1
+    mtp_loss_weight: float = 0.1
     output_router_logits: bool = False
     # provenance
     upcycled_from: dict | None = None
@@ -200,6 +371,9 @@ class MoEConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.rope_parameters is None and "rope_theta" not in kwargs and "rope_scaling" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        dtype = self.dtype if self.dtype is not None else kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto" and not _is_torch_dtype_name(dtype):
+            raise ConfigFieldError("dtype", dtype, "must be None or a torch dtype name such as 'float32' or 'bfloat16'")
         super().__post_init__(**kwargs)
         self.validate_moe()
 
@@ -231,75 +405,50 @@ class MoEConfig(PreTrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     # -------------------------------------------------------------------------------------- validation
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every MoEConfig field is checked on its own whenever it is set (construction and assignment)."""
+        field = type(self).attribute_map.get(name, name)
+        if field in FIELD_RULES:
+            check_field(field, value)
+        super().__setattr__(name, value)
+
     def validate_moe(self) -> None:
-        """Check every knob once; raise a ValueError naming the field, the value and what is allowed."""
+        """Check every field, then the rules between fields; raise a ConfigFieldError (a ValueError) naming the
+        field, the value and what is allowed. Runs at construction, `save_pretrained` (through `validate()`) and
+        when a model is built; call it after changing several fields at once."""
 
         def fail(field: str, allowed: str) -> None:
-            raise ValueError(f"MoEConfig.{field}={getattr(self, field)!r} is invalid: {allowed}.")
+            raise ConfigFieldError(field, getattr(self, field), allowed)
 
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "num_key_value_heads"):
-            if getattr(self, name) <= 0:
-                fail(name, "must be a positive integer")
-        if self.rms_norm_eps <= 0:
-            fail("rms_norm_eps", "must be positive")
-        from transformers.activations import ACT2FN
-
-        if self.hidden_act not in ACT2FN:
-            fail("hidden_act", f"allowed values are transformers' activations {sorted(ACT2FN)}")
-        if self.attention_type not in ATTENTION_TYPES:
-            fail("attention_type", f"allowed values are {ATTENTION_TYPES}")
+        for field in FIELD_RULES:  # again: values may have been changed in place (e.g. rope_parameters' dict)
+            check_field(field, getattr(self, field))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and any(i >= self.vocab_size for i in (value if isinstance(value, list) else [value])):
+                fail(name, f"must be None or token ids in [0, vocab_size={self.vocab_size})")
         if self.attention_type == "mla":
-            for name in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-                if getattr(self, name) <= 0:
-                    fail(name, "MLA dims must be positive integers")
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", "must be even (rotary dims come in pairs)")
-            if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-                fail("q_lora_rank", "must be a positive integer or None (no query compression)")
             if self.qk_norm is not None or self.clip_qkv is not None or self.sliding_window is not None:
                 field = "qk_norm" if self.qk_norm is not None else (
                     "clip_qkv" if self.clip_qkv is not None else "sliding_window")
                 fail(field, "only supported with attention_type='gqa'")
         else:
-            if self.head_dim is None or self.head_dim <= 0 or self.head_dim % 2:
+            if self.head_dim is None or self.head_dim % 2:
                 fail("head_dim", "must be a positive even integer")
             if self.num_attention_heads % self.num_key_value_heads:
                 fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-            if self.qk_norm is not None and self.qk_norm not in QK_NORM_TYPES:
-                fail("qk_norm", f"allowed values are None or {QK_NORM_TYPES}")
-            if self.clip_qkv is not None and self.clip_qkv <= 0:
-                fail("clip_qkv", "must be positive or None")
-            if self.sliding_window is not None and self.sliding_window <= 0:
-                fail("sliding_window", "must be positive or None")
-        if self.n_routed_experts < 0:
-            fail("n_routed_experts", "must be >= 0 (0 gives a dense model)")
-        if self.n_routed_experts > 0:
-            if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
-                fail("num_experts_per_tok", f"must be between 1 and n_routed_experts={self.n_routed_experts}")
-            if self.moe_intermediate_size <= 0:
-                fail("moe_intermediate_size", "must be a positive integer")
-        if self.n_shared_experts < 0:
-            fail("n_shared_experts", "must be >= 0")
-        if self.shared_expert_intermediate_size is not None and self.shared_expert_intermediate_size < 0:
-            fail("shared_expert_intermediate_size", "must be >= 0 or None")
+        if self.n_routed_experts > 0 and self.num_experts_per_tok > self.n_routed_experts:
+            fail("num_experts_per_tok", f"must be between 1 and n_routed_experts={self.n_routed_experts}")
         if self.shared_expert_gate and self.shared_intermediate_size == 0:
             fail("shared_expert_gate", "needs shared experts (n_shared_experts > 0)")
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+        if self.first_k_dense_replace > self.num_hidden_layers:
             fail("first_k_dense_replace", f"must be between 0 and num_hidden_layers={self.num_hidden_layers}")
-        if self.moe_layer_freq < 1:
-            fail("moe_layer_freq", "must be >= 1")
-        if self.scoring_func not in SCORING_FUNCS:
-            fail("scoring_func", f"allowed values are {SCORING_FUNCS}")
         if self.topk_before_softmax and self.scoring_func != "softmax":
             fail("topk_before_softmax", "needs scoring_func='softmax'")
-        if self.topk_method not in TOPK_METHODS:
-            fail("topk_method", f"allowed values are {TOPK_METHODS}")
-        if self.n_group < 1:
-            fail("n_group", "must be >= 1")
         if self.n_routed_experts > 0 and self.n_routed_experts % self.n_group:
             fail("n_group", f"must divide n_routed_experts={self.n_routed_experts}")
-        if not 1 <= self.topk_group <= self.n_group:
+        if self.topk_group > self.n_group:
             fail("topk_group", f"must be between 1 and n_group={self.n_group}")
         if self.n_group > 1 and self.n_routed_experts > 0:
             if self.topk_method == "greedy":
@@ -307,25 +456,40 @@ class MoEConfig(PreTrainedConfig):
             per_group = self.n_routed_experts // self.n_group
             if self.topk_method == "noaux_tc" and per_group < 2:
                 fail("n_group", "noaux_tc scores groups by their top-2 experts, so groups need >= 2 experts")
-            if self.n_routed_experts > 0 and self.topk_group * per_group < self.num_experts_per_tok:
+            if self.topk_group * per_group < self.num_experts_per_tok:
                 fail("topk_group", f"{self.topk_group} groups of {per_group} experts cannot hold "
                                    f"num_experts_per_tok={self.num_experts_per_tok} choices")
-        for name in ("routed_scaling_factor",):
-            if getattr(self, name) <= 0:
-                fail(name, "must be positive")
-        for name in ("router_bias_update_rate", "router_jitter_noise", "router_logit_noise", "aux_loss_alpha",
-                     "device_aux_loss_alpha", "seq_aux_loss_alpha", "router_z_loss_coef", "mtp_loss_weight",
-                     "attention_dropout"):
-            if getattr(self, name) < 0:
-                fail(name, "must be >= 0")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            fail("capacity_factor", "must be positive, or None for dropless routing")
-        if self.aux_loss_num_devices < 1 or (
-            self.n_routed_experts > 0 and self.n_routed_experts % self.aux_loss_num_devices
-        ):
+        if self.n_routed_experts > 0 and self.n_routed_experts % self.aux_loss_num_devices:
             fail("aux_loss_num_devices", f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}")
-        if self.num_nextn_predict_layers < 0:
-            fail("num_nextn_predict_layers", "must be >= 0")
+        try:  # transformers' own RoPE checks (type, keys, factors), named like ours
+            self.validate_rope()
+        except (ValueError, TypeError, KeyError) as error:
+            raise ConfigFieldError("rope_parameters", self.rope_parameters, str(error).rstrip(".")) from None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """`PreTrainedConfig.save_pretrained`, refusing an invalid config with our ConfigFieldError (transformers'
+        `validate()` would wrap it in a StrictDataclassClassValidationError, not a ValueError)."""
+        self.validate_moe()
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> MoEConfig:
+        """`PreTrainedConfig.from_dict`; an invalid value read through `AutoConfig` also names the file."""
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ConfigFieldError as error:
+            if not kwargs.get("name_or_path"):
+                raise
+            raise error.located(_config_file(kwargs["name_or_path"])).with_traceback(error.__traceback__) from None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any) -> MoEConfig:
+        """`PreTrainedConfig.from_pretrained`; an invalid value in config.json names the file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except ConfigFieldError as error:
+            source = _config_file(pretrained_model_name_or_path, kwargs.get("subfolder"))
+            raise error.located(source).with_traceback(error.__traceback__) from None
 
     # --------------------------------------------------------------------------------------- presets
     @classmethod
@@ -344,4 +508,16 @@ class MoEConfig(PreTrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["MoEConfig"]
+def _is_torch_dtype_name(name: str) -> bool:
+    import torch
+
+    return isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def _config_file(name_or_path: str | os.PathLike, subfolder: str | None = None) -> str:
+    """The config.json a folder, a Hub repo id or a file path stands for (for error messages)."""
+    path = os.path.join(str(name_or_path), subfolder or "")
+    return path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+
+
+__all__ = ["ConfigFieldError", "ConfigFieldTypeError", "MoEConfig", "check_field"]

@@ -24,6 +24,7 @@ from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
 from .experts import RoutedExperts
 from .fast_paths import autocast_active, plain_linear
+from .inputs import check_inputs
 from .losses import moe_auxiliary_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
@@ -135,7 +136,7 @@ class MoEPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, use_safetensors=True,
                                               output_loading_info=True, **kwargs)
         if strict is None:
-            strict = cls.__name__ in (model.config.architectures or ())
+            strict = cls.__name__ in (model.config.architectures or [cls.__name__])  # none recorded: strict
         if strict and (info["missing_keys"] or info["unexpected_keys"]):
             raise RuntimeError(
                 f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
@@ -172,6 +173,7 @@ class MoEModel(MoEPreTrainedModel):
     """Embeddings -> decoder layers (dense or MoE) -> final RMSNorm."""
 
     def __init__(self, config: MoEConfig) -> None:
+        config.validate_moe()  # fields may have changed since the config was built
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
@@ -205,8 +207,7 @@ class MoEModel(MoEPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs: object,
     ) -> MoEModelOutputWithPast:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_router_logits = (
@@ -327,6 +328,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs: object,
     ) -> MoECausalLMOutputWithPast | tuple:
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, kwargs.get("shift_labels"))
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         outputs = self.model(

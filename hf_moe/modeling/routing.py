@@ -109,7 +109,8 @@ class Router(nn.Module):
         topk_weights = topk_weights * self.config.routed_scaling_factor
 
         if self.config.capacity_factor is not None:
-            topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor)
+            topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor,
+                                              token_mask)
         if self.training and torch.is_grad_enabled() and not inside_backward():
             counted = topk_weights != 0 if self.config.capacity_factor is not None else torch.ones_like(topk_ids, dtype=torch.bool)
             if token_mask is not None:
@@ -124,14 +125,24 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 
 def drop_over_capacity(
-    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity_factor: float
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity_factor: float,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero the gate of every slot beyond its expert's capacity. Priority: all first choices (in token order)
-    before all second choices, and so on (GShard Algorithm 1). Returns the new (T, K) weights."""
+    before all second choices, and so on (GShard Algorithm 1). Returns the new (T, K) weights.
+
+    `token_mask` (T,) bool marks real tokens: padding takes no slot and does not count in the capacity (so a real
+    token's output does not depend on how much padding its batch has), and its own gates are zeroed."""
     num_tokens, top_k = topk_ids.shape
-    capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
     slot_order = topk_ids.t().reshape(-1)  # (K*T,) k-major: every token's first choice first
     one_hot = F.one_hot(slot_order, num_experts)  # (K*T, N)
-    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of each slot within its expert
-    keep = (position < capacity).view(top_k, num_tokens).t()  # (T, K)
-    return topk_weights * keep
+    if token_mask is None:
+        capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    else:  # a tensor: no host sync for the number of real tokens
+        real = token_mask.reshape(1, num_tokens).expand(top_k, num_tokens).reshape(-1, 1)  # (K*T, 1)
+        one_hot = one_hot * real
+        real_tokens = token_mask.sum(dtype=torch.float64)  # expert_capacity's arithmetic, in a tensor
+        capacity = (-capacity_factor * real_tokens * top_k).div(num_experts, rounding_mode="floor").neg()
+    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # rank of each slot within its expert (-1: padding)
+    keep = (position < capacity) & (position >= 0) if token_mask is not None else position < capacity
+    return topk_weights * keep.view(top_k, num_tokens).t()

@@ -13,6 +13,8 @@ scale irrelevant). The model runs in eval mode, so the routers' balancing counte
 from __future__ import annotations
 
 import json
+import logging
+import operator
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from ..modeling.moe import MoEBlock
+
+logger = logging.getLogger(__name__)
 
 CRITERIA = ("gate", "token")
 DEFAULT_THRESHOLDS = {"gate": 0.1, "token": 0.2}
@@ -119,10 +123,74 @@ def select_experts(
     return select_from_scores(expert_scores(model, dataset, criterion, **options), threshold)
 
 
+def _index(value: Any) -> int | None:
+    """An int (numpy / 0-d tensor ints too) that is not a bool, else None: 1.7, True, "3" and None are refused."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def validate_selection(
+    selection: Any, num_experts: int | None = None, layers: Iterable[int] | None = None, source: str | None = None
+) -> dict[int, list[int]]:
+    """{layer: distinct expert ids, in their order} of an expert selection, or a ValueError naming the layer and the bad
+    value: layers are decoder-layer indices (ints, or their decimal strings as JSON keys), expert ids ints in
+    [0, num_experts) (never coerced: 1.7 or true is not expert 1), `layers` the MoE layers allowed."""
+    where = f"{source}: " if source else ""
+    if not isinstance(selection, Mapping):
+        raise ValueError(f"{where}an expert selection is a mapping {{layer: [expert ids]}}, got {type(selection).__name__}.")
+    result: dict[int, list[int]] = {}
+    for key, ids in selection.items():
+        layer = int(key) if isinstance(key, str) and key.isdecimal() else _index(key)
+        if layer is None or layer < 0:
+            raise ValueError(f"{where}expert selection layer {key!r} is invalid: layers are decoder-layer indices "
+                             "(ints >= 0).")
+        if layer in result:
+            raise ValueError(f"{where}expert selection names layer {layer} twice ({key!r}).")
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise ValueError(f"{where}experts[{layer}]={ids!r} is invalid: it must be a list of expert ids.")
+        ids = list(ids)
+        for expert in ids:
+            index = _index(expert)
+            if index is None:
+                raise ValueError(f"{where}experts[{layer}]={ids!r} holds {expert!r} ({type(expert).__name__}): expert "
+                                 "ids are ints.")
+            if index < 0 or num_experts is not None and index >= num_experts:
+                allowed = f"0 to {num_experts - 1}" if num_experts is not None else "0 up"
+                raise ValueError(f"{where}experts[{layer}]={ids!r} is out of range: expert ids go from {allowed}.")
+        result[layer] = list(dict.fromkeys(_index(e) for e in ids))
+    if layers is not None:
+        layers = list(layers)
+        unknown = sorted(set(result) - set(layers))
+        if unknown:
+            raise ValueError(f"{where}experts names layers {unknown} that are not MoE layers; the MoE layers are "
+                             f"{layers}.")
+    return result
+
+
+def empty_selection_notes(selection: Mapping[int, list[int]], trains_other_parts: bool) -> list[str]:
+    """A selection without a single expert trains no routed expert. With nothing else trainable that is a run that
+    trains nothing (ValueError); with shared experts or non-expert parts training it may be meant, so it is a
+    logged warning, returned as a note for the recipe's report."""
+    if any(selection.values()):
+        return []
+    if not trains_other_parts:
+        raise ValueError("The expert selection holds no expert in any layer and train_shared_experts / "
+                         "train_non_expert are off: the 'esft' recipe would train nothing. Select experts (e.g. "
+                         "select_experts with a higher threshold) or use another recipe.")
+    message = ("the expert selection holds no expert in any layer: no routed expert trains, only the shared "
+               "experts / non-expert parts")
+    logger.warning("ESFT: %s.", message)
+    return [f"warning: {message}"]
+
+
 def save_expert_selection(selection: Mapping[int, Iterable[int]], path: str | os.PathLike, **metadata: Any) -> None:
     """Write `{"experts": {"layer": [ids]}, ...metadata}` as JSON (e.g. criterion, threshold, model)."""
     data = dict(metadata)
-    data["experts"] = {str(layer): [int(e) for e in experts] for layer, experts in sorted(selection.items())}
+    data["experts"] = {str(layer): experts for layer, experts in sorted(validate_selection(selection).items())}
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
@@ -135,7 +203,7 @@ def load_expert_selection(path: str | os.PathLike) -> dict[int, list[int]]:
     experts = data.get("experts", data) if isinstance(data, dict) else None
     if not isinstance(experts, dict):
         raise ValueError(f"{path} holds no expert selection: expected {{'experts': {{layer: [ids]}}}}.")
-    return {int(layer): [int(e) for e in ids] for layer, ids in experts.items()}
+    return validate_selection(experts, source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +36,8 @@ from ..modeling.moe import MoEBlock
 from ..modeling.mtp import MTPModule
 from ..modeling.normalization import RMSNorm
 from ..modeling.routing import Router
-from .expert_selection import load_expert_selection, moe_layer_indices
+from .delta_checks import base_fingerprint, prepare_delta
+from .expert_selection import empty_selection_notes, load_expert_selection, moe_layer_indices, validate_selection
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, freeze_experts, trainable_experts, unfreeze_experts
 
 #: Parts of a model, in report order.
@@ -43,6 +45,7 @@ PARTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "routed_expe
          "mtp", "lora", "other")
 NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "head", "mtp", "other"})
 DELTA_WEIGHTS, DELTA_MANIFEST = "delta.safetensors", "delta.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,16 +220,11 @@ def _esft(
     if experts is None:
         raise ValueError("The 'esft' recipe needs experts={layer: [expert ids]} or the path of a JSON file "
                          "written by save_expert_selection (see select_experts).")
-    selection = load_expert_selection(experts) if isinstance(experts, (str, os.PathLike)) else dict(experts)
-    selection = {int(layer): [int(e) for e in ids] for layer, ids in selection.items()}
-    layers = moe_layer_indices(model)
-    unknown = sorted(set(selection) - set(layers))
-    if unknown:
-        raise ValueError(f"experts names layers {unknown} that are not MoE layers; the MoE layers are {layers}.")
-    num_experts = getattr(model.config, "n_routed_experts", None)
-    for layer, ids in selection.items():
-        if num_experts is not None and any(not 0 <= e < num_experts for e in ids):
-            raise ValueError(f"experts[{layer}]={ids} is out of range: expert ids go from 0 to {num_experts - 1}.")
+    source = str(experts) if isinstance(experts, (str, os.PathLike)) else None
+    selection = load_expert_selection(experts) if source else experts
+    selection = validate_selection(selection, getattr(model.config, "n_routed_experts", None),
+                                   moe_layer_indices(model), source)
+    notes = empty_selection_notes(selection, train_shared_experts or train_non_expert)
     parts = {"routed_experts"}
     parts |= {"shared_experts"} if train_shared_experts else set()
     parts |= NON_EXPERT_PARTS if train_non_expert else set()
@@ -234,7 +232,7 @@ def _esft(
     for name, module in _experts_modules(model).items():
         chosen = set(selection.get(_layer_of(name), [])) if ".mtp." not in f".{name}" else set()
         freeze_experts(module, [e for e in range(module.num_experts) if e not in chosen])
-    return _bias_update(model, bias_update)
+    return notes + _bias_update(model, bias_update)
 
 
 def _lora(
@@ -344,8 +342,9 @@ def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metad
             entries[name] = {}
     config = getattr(model, "config", None)
     manifest = {
-        "format": "hf_moe.finetuned_delta", "version": 1, "recipe": getattr(model, "hf_moe_recipe", None),
-        "base_model": getattr(config, "_name_or_path", None) or None, "tensors": entries, **metadata,
+        "format": "hf_moe.finetuned_delta", "version": 2, "recipe": getattr(model, "hf_moe_recipe", None),
+        "base_model": getattr(config, "_name_or_path", None) or None, "base": base_fingerprint(model),
+        "tensors": entries, **metadata,
     }
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
@@ -357,28 +356,23 @@ def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metad
 
 
 @torch.no_grad()
-def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Write a delta saved by `save_finetuned_delta` into its base model (in place); returns the model."""
+def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
+    """Write a delta saved by `save_finetuned_delta` into its base model (in place); returns the model.
+
+    Everything is checked before anything is written (names, shapes, expert rows, and that `model` is the base
+    the delta was finetuned from: architecture fields and sampled frozen values, see `delta_checks`), so a
+    refused delta leaves the model as it was. `check_base=False` skips the base check only."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, DELTA_MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format") != "hf_moe.finetuned_delta":
         raise ValueError(f"{directory} holds no hf_moe finetuned delta (format={manifest.get('format')!r}).")
+    if check_base and "base" not in manifest:
+        logger.warning("The delta in %s records no base fingerprint (saved by an older hf_moe): it cannot be checked "
+                       "against its base model.", directory)
     tensors = load_file(os.path.join(directory, DELTA_WEIGHTS))
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = sorted(set(manifest["tensors"]) - set(state))
-    if missing:
-        raise ValueError(f"The model has no tensors named {missing[:5]}: is it the delta's base model "
-                         f"({manifest.get('base_model')})?")
-    for name, entry in manifest["tensors"].items():
-        target, value = state[name], tensors[name]
-        rows = entry.get("experts")
-        index = torch.tensor(rows, device=target.device) if rows is not None else None
-        expected = target.shape if index is None else (len(rows), *target.shape[1:])
-        if tuple(value.shape) != tuple(expected):
-            raise ValueError(f"Delta tensor {name} has shape {tuple(value.shape)}, the model needs {tuple(expected)}.")
-        value = value.to(device=target.device, dtype=target.dtype)
+    for target, index, value in prepare_delta(model, manifest, tensors, directory, check_base=check_base):
         if index is None:
             target.copy_(value)
         else:

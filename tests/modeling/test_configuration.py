@@ -145,3 +145,163 @@ def test_from_dict_rejects_invalid_values() -> None:
     fields["num_experts_per_tok"] = fields["n_routed_experts"] + 1
     with pytest.raises(ValueError, match=r"MoEConfig\.num_experts_per_tok="):
         MoEConfig.from_dict(fields)
+
+
+# ------------------------------------------------------------------------------- types, finiteness, assignment
+# (overrides, the field the error must name): every one was accepted before the types were really checked
+WRONG_TYPES: list[tuple[dict[str, Any], str]] = [
+    ({"num_hidden_layers": True}, "num_hidden_layers"),  # a bool is not an int
+    ({"norm_topk_prob": "no"}, "norm_topk_prob"),
+    ({"moe_layer_freq": 1.5}, "moe_layer_freq"),
+    ({"use_cache": "yes"}, "use_cache"),
+    ({"hidden_size": "64"}, "hidden_size"),
+    ({"vocab_size": None}, "vocab_size"),
+    ({"capacity_factor": "1.0"}, "capacity_factor"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id"),
+    ({"upcycled_from": "x"}, "upcycled_from"),
+    ({"rope_parameters": "default"}, "rope_parameters"),
+    ({"hidden_act": None}, "hidden_act"),
+    ({"qk_norm": 1}, "qk_norm"),
+    ({"routed_scaling_factor": True}, "routed_scaling_factor"),
+    ({"num_experts": 2.0}, "n_routed_experts"),  # through attribute_map
+]
+
+
+@pytest.mark.parametrize(("overrides", "field"), WRONG_TYPES, ids=[f"{f}:{o}" for o, f in WRONG_TYPES])
+def test_wrong_types_are_refused_naming_the_field(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(TypeError, match=rf"MoEConfig\.{field}=.* is invalid: expected ") as error:
+        MoEConfig(**overrides)
+    assert isinstance(error.value, ValueError)  # ConfigFieldTypeError is both: `except ValueError` catches it
+
+
+NAN, INF = float("nan"), float("inf")
+OUT_OF_RANGE: list[tuple[dict[str, Any], str]] = [
+    ({"routed_scaling_factor": NAN}, "routed_scaling_factor"),
+    ({"routed_scaling_factor": INF}, "routed_scaling_factor"),
+    ({"rms_norm_eps": NAN}, "rms_norm_eps"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"rope_theta": 0.0}, "rope_parameters"),
+    ({"rope_theta": -10000.0}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": NAN}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": -2.0}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "rope_parameters"),  # transformers' check
+    ({"attention_dropout": 1.5}, "attention_dropout"),
+    ({"attention_dropout": 1.0}, "attention_dropout"),
+    ({"attention_dropout": NAN}, "attention_dropout"),
+    ({"pad_token_id": -1}, "pad_token_id"),
+    ({"pad_token_id": 32000}, "pad_token_id"),
+    ({"bos_token_id": -1}, "bos_token_id"),
+    ({"eos_token_id": [1, 40000]}, "eos_token_id"),
+    ({"initializer_range": -0.02}, "initializer_range"),
+    ({"initializer_range": INF}, "initializer_range"),
+    ({"router_bias_update_rate": NAN}, "router_bias_update_rate"),
+    ({"router_jitter_noise": 1.0}, "router_jitter_noise"),
+    ({"router_logit_noise": INF}, "router_logit_noise"),
+    ({"capacity_factor": NAN}, "capacity_factor"),
+    ({"capacity_factor": INF}, "capacity_factor"),
+    ({"aux_loss_alpha": INF}, "aux_loss_alpha"),
+    ({"seq_aux_loss_alpha": NAN}, "seq_aux_loss_alpha"),
+    ({"mtp_loss_weight": NAN}, "mtp_loss_weight"),
+    ({**GQA, "clip_qkv": NAN}, "clip_qkv"),
+    ({"kv_lora_rank": -1, **GQA}, "kv_lora_rank"),  # refused for any attention type
+]
+
+
+@pytest.mark.parametrize(("overrides", "field"), OUT_OF_RANGE, ids=[f"{f}:{o}" for o, f in OUT_OF_RANGE])
+def test_non_finite_and_out_of_range_values_are_refused(overrides: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{field}=.* is invalid: "):
+        MoEConfig(**overrides)
+
+
+def test_ints_are_accepted_for_floats() -> None:
+    config = MoEConfig(rms_norm_eps=1, routed_scaling_factor=2, capacity_factor=1, attention_dropout=0)
+    assert config.routed_scaling_factor == 2 and config.capacity_factor == 1
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("num_hidden_layers", True), ("rms_norm_eps", -1.0), ("routed_scaling_factor", NAN), ("norm_topk_prob", "no"),
+    ("num_experts", 2.5), ("capacity_factor", 0.0), ("pad_token_id", -1), ("attention_dropout", 2.0),
+])
+def test_assignment_is_checked(field: str, value: Any) -> None:
+    config = MoEConfig()
+    name = MoEConfig.attribute_map.get(field, field)
+    before = getattr(config, name)
+    with pytest.raises(ValueError, match=rf"MoEConfig\.{name}="):
+        setattr(config, field, value)
+    assert getattr(config, name) == before  # refused values are not stored
+
+
+def test_rules_between_fields_run_when_a_model_is_built() -> None:
+    """Per-field checks run on assignment; the rules between fields when the model is built (and on save)."""
+    from hf_moe import MoEForCausalLM
+    from tests.conftest import tiny_config
+
+    config = tiny_config()
+    config.num_experts_per_tok = 9  # valid alone, more than n_routed_experts=8
+    with pytest.raises(ValueError, match=r"MoEConfig\.num_experts_per_tok=9 .*n_routed_experts=8"):
+        MoEForCausalLM(config)
+    config.rope_parameters["rope_theta"] = -1.0  # changed in place: only the full check can see it
+    config.num_experts_per_tok = 2
+    with pytest.raises(ValueError, match=r"MoEConfig\.rope_parameters="):
+        config.validate_moe()
+
+
+def test_every_field_has_a_rule() -> None:
+    """A new field cannot escape validation: each MoEConfig field has an entry (None = any value of its type)."""
+    from hf_moe.modeling.configuration import FIELD_RULES
+
+    own = set(MoEConfig.__dict__["__annotations__"])
+    assert set(FIELD_RULES) == own
+
+
+def test_errors_pickle() -> None:
+    import pickle
+
+    from hf_moe.modeling.configuration import ConfigFieldTypeError
+
+    with pytest.raises(ConfigFieldTypeError) as error:
+        MoEConfig(num_hidden_layers=True)
+    again = pickle.loads(pickle.dumps(error.value))
+    assert str(again) == str(error.value) and again.field == "num_hidden_layers"
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"num_hidden_layers": True}, "num_hidden_layers"), ({"rms_norm_eps": -1}, "rms_norm_eps"),
+    ({"num_experts_per_tok": 99}, "num_experts_per_tok"), ({"hidden_size": "32"}, "hidden_size"),
+    ({"routed_scaling_factor": NAN}, "routed_scaling_factor"),  # a bare NaN in the JSON
+])
+def test_config_json_edited_by_hand_names_the_file(change: dict[str, Any], field: str, tmp_path: Path) -> None:
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    for load in (MoEConfig.from_pretrained, AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match=rf"^{path}: MoEConfig\.{field}="):
+            load(tmp_path)
+
+
+def test_save_refuses_an_invalid_config_with_our_error(tmp_path: Path) -> None:
+    """transformers' `validate()` on save would raise StrictDataclassClassValidationError (not a ValueError)."""
+    config = MoEConfig(n_routed_experts=8, num_experts_per_tok=2)
+    config.num_experts_per_tok = 50  # valid alone
+    with pytest.raises(ValueError, match=r"MoEConfig\.num_experts_per_tok=50"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_unknown_dtype_name_is_named(tmp_path: Path) -> None:
+    import json
+
+    with pytest.raises(ValueError, match=r"MoEConfig\.dtype='float33' is invalid"):
+        MoEConfig(dtype="float33")
+    assert MoEConfig(dtype="bfloat16").dtype is not None
+    MoEConfig().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dtype": "bfloat17"}))
+    with pytest.raises(ValueError, match=rf"^{path}: MoEConfig\.dtype='bfloat17'"):
+        MoEConfig.from_pretrained(tmp_path)
