@@ -83,9 +83,9 @@ def _select_experts(args: argparse.Namespace) -> None:
     if not tokenizer_files(_model_folder(args.model)):
         raise FileNotFoundError(f"{args.model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): "
                                 "save the model's tokenizer into that folder (tokenizer.save_pretrained).")
+    texts = load_local_texts(args.data, column=args.text_column)  # a bad data file fails before the model loads
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    texts = load_local_texts(args.data, column=args.text_column)
     selection = select_experts(model, texts, criterion=args.criterion, threshold=args.threshold,
                                tokenizer=tokenizer, max_tokens=args.max_tokens, max_length=args.max_length)
     if args.output:
