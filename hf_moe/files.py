@@ -337,6 +337,8 @@ def atomic_output_dir(
     temporary folder is deleted and `out` is left as it was. Leftovers of killed runs are tidied first
     (`clean_stale`). Refuses what `check_output_dir` refuses."""
     out = check_output_dir(out, overwrite, src)
+    if out.is_symlink():  # write where the link points (its file system, its name), keep the link
+        out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     check_output_dir(out, overwrite, src)  # a restored backup counts as an existing output

@@ -287,3 +287,14 @@ def test_atomic_files_replace_together_or_not_at_all(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert a.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
+
+
+def test_an_output_that_is_a_symlink_is_written_where_it_points(tmp_path: Path) -> None:
+    (tmp_path / "disk" / "models").mkdir(parents=True)
+    (tmp_path / "disk" / "models" / "old.txt").write_text("old")
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "models")
+    with atomic_output_dir(tmp_path / "out", overwrite=True) as tmp:
+        assert tmp.parent == tmp_path / "disk"  # next to the target: same file system, a plain rename
+        (tmp / "new.txt").write_text("new")
+    assert (tmp_path / "out").is_symlink() and tree(tmp_path / "disk") == {"models/new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]
