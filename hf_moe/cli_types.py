@@ -39,7 +39,7 @@ def shard_size(text: str) -> str:
     from .conversion.checkpoint_io import parse_size
 
     try:
-        parse_size(int(text) if text.strip().isdigit() else text)
+        parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error).replace("max_shard_size=", "", 1)) from None
     return text
