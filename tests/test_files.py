@@ -298,3 +298,27 @@ def test_an_output_that_is_a_symlink_is_written_where_it_points(tmp_path: Path) 
         (tmp / "new.txt").write_text("new")
     assert (tmp_path / "out").is_symlink() and tree(tmp_path / "disk") == {"models/new.txt": b"new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]
+
+
+def test_a_failed_delta_save_keeps_the_earlier_delta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    from hf_moe import MoEForCausalLM
+    from hf_moe.training.recipes import save_finetuned_delta
+    from tests.conftest import tiny_config
+
+    model = MoEForCausalLM(tiny_config())
+    save_finetuned_delta(model, tmp_path / "delta")
+    before = tree(tmp_path)
+    real = safetensors.torch.save_file
+
+    def disk_full(tensors: dict, filename: object, metadata: dict | None = None) -> None:
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as handle:
+            handle.truncate(100)
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_finetuned_delta(model, tmp_path / "delta")
+    assert tree(tmp_path) == before  # both files of the earlier delta whole, no temporary files
