@@ -178,7 +178,7 @@ def find_stale(out: str | os.PathLike) -> list[tuple[Path, str]]:
     host = socket.gethostname()
     for kind in _TEMP_KINDS:
         prefix = f".{out.name}.{kind}-"
-        for path in sorted(out.parent.glob(f"{glob_escape(prefix)}*")):
+        for path in sorted(out.parent.glob(f"{_glob_escape(prefix)}*")):
             match = _OWNED.match(path.name[len(prefix):])
             if match is None or not path.is_dir() or path.is_symlink():
                 found.append((path, "unknown"))
@@ -191,7 +191,7 @@ def find_stale(out: str | os.PathLike) -> list[tuple[Path, str]]:
     return found
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     """`text` with glob metacharacters escaped."""
     return re.sub(r"([*?\[])", r"[\1]", text)
 
@@ -260,6 +260,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         raise Terminated(f"terminated by signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -271,16 +272,24 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Block SIGINT and SIGTERM (delivered afterwards) while a swap of two renames runs."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM back while a few renames run: they are recorded and sent again afterwards, so the
+    handler in place (Ctrl-C, `terminate_as_interrupt`) runs once the renames are done, never between them."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    pending: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(pending):
+            os.kill(os.getpid(), signum)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -322,3 +322,25 @@ def test_a_failed_delta_save_keeps_the_earlier_delta(tmp_path: Path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         save_finetuned_delta(model, tmp_path / "delta")
     assert tree(tmp_path) == before  # both files of the earlier delta whole, no temporary files
+
+
+def test_signals_during_a_swap_wait_until_it_is_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM arriving between the two renames of a swap is delivered after both: never a moment where
+    neither the old nor the new output is in place."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    real_replace = os.replace
+
+    def interrupted_between(a: object, b: object) -> None:
+        real_replace(a, b)
+        if ".old-" in Path(b).name:  # the old output was just moved aside
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                pass
+
+    monkeypatch.setattr(os, "replace", interrupted_between)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+    assert tree(tmp_path) == {"out/a.txt": b"new"}  # the swap completed, then Ctrl-C was delivered
