@@ -155,17 +155,8 @@ class SourceCheckpoint:
         if key not in self.weight_map:
             raise CheckpointError(f"Source {str(self.folder)!r} has no tensor {key!r}.")
         if key not in self._slices:
-            self._slices[key] = self._read(key, lambda handle: handle.get_slice(key))
+            self._slices[key] = self._handle(self.weight_map[key]).get_slice(key)
         return self._slices[key]
-
-    def _read(self, key: str, read: Callable[[Any], Any]) -> Any:
-        """`read(handle)` for the shard holding `key`, with an error naming the shard and the tensor."""
-        file = self.folder / self.weight_map[key]
-        try:
-            return read(self._handle(self.weight_map[key]))
-        except SafetensorError as error:
-            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({error}): the file is damaged or "
-                                  "incomplete; download or save it again.") from error  # fmt: skip
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._slice(key).get_shape())
@@ -187,7 +178,7 @@ class SourceCheckpoint:
         """One tensor, read from its shard (a fresh CPU tensor the caller owns)."""
         if key not in self.weight_map:
             raise CheckpointError(f"Source {str(self.folder)!r} has no tensor {key!r}.")
-        return self._read(key, lambda handle: handle.get_tensor(key))
+        return self._handle(self.weight_map[key]).get_tensor(key)
 
     def iter_tensors(self, progress: bool = True, desc: str = "reading") -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) one at a time, shard by shard in index order, with a progress bar over bytes; each

@@ -279,8 +279,8 @@ def test_damaged_files_are_named(dense_dir: Path, tmp_path: Path, capsys: pytest
         assert not (tmp_path / f"{name}-out").exists() and hidden(tmp_path) == []
 
 
-def test_a_tensor_whose_bytes_are_cut_short_is_named(tmp_path: Path) -> None:
-    """A shard whose header is whole but whose data is short: the tensor and the file are named."""
+def test_a_shard_whose_data_is_cut_short_is_named(tmp_path: Path) -> None:
+    """A shard whose header is whole but whose data is short: named when the shard is opened."""
     from safetensors.torch import save_file
 
     (tmp_path / "config.json").write_text("{}")
