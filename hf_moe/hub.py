@@ -13,6 +13,7 @@ saved by the same class, fails on missing or unexpected weights (see its docstri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,6 +27,14 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 from . import __version__
+from .conversion.checkpoint_io import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SIDE_FILES,
+    SourceCheckpoint,
+    parse_size,
+)
+from .files import atomic_file, atomic_output_dir, copy_inside, read_json, write_text_atomic
 from .inspection import attention_summary, count_parameters, human_count, routing_summary
 from .modeling import model as modeling_model
 from .modeling.configuration import MoEConfig
@@ -50,6 +59,7 @@ REMOTE_CODE_PACKAGES = frozenset({"torch", "transformers", "huggingface_hub"})
 BASE_TAGS = ("hf_moe", "moe", "mixture-of-experts")
 
 _MODELING_DIR = Path(modeling_model.__file__).parent
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------- remote code
@@ -80,35 +90,49 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a saved hf_moe model folder.")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path)
     if config.get("model_type") != MoEConfig.model_type:
         raise ValueError(f"{path} has model_type={config.get('model_type')!r}, expected {MoEConfig.model_type!r}.")
     return config
 
 
 def _write_config(folder: Path, config: Mapping[str, Any]) -> None:
-    """Write config.json the way transformers does (sorted keys, 2-space indent, trailing newline)."""
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    """Write config.json the way transformers does (sorted keys, 2-space indent, trailing newline), atomically."""
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def export_remote_code(model_or_dir: MoEPreTrainedModel | str | os.PathLike, out: str | os.PathLike) -> Path:
+def _add_remote_code(folder: Path) -> None:
+    """Copy the modeling files (`remote_code_files()`) flat into `folder` and add `AUTO_MAP` to its config.json."""
+    config = _read_config(folder)
+    for file in remote_code_files():
+        with atomic_file(folder / file.name) as tmp:
+            shutil.copyfile(file, tmp)
+    config["auto_map"] = dict(AUTO_MAP)
+    _write_config(folder, config)
+
+
+def export_remote_code(
+    model_or_dir: MoEPreTrainedModel | str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """Make `out` loadable with `trust_remote_code=True` where hf_moe is not installed.
 
-    A model is first saved to `out` (`save_pretrained`); a saved folder is copied to `out` without pickle-based
-    files (nothing is copied when `out` is that folder). Then the modeling files (`remote_code_files()`) are
-    copied flat into `out` and `config.json` gets `auto_map` (`AUTO_MAP`). Returns `out`.
+    A model is saved to `out` (`save_pretrained`); a saved folder has its publishable files (`publishable_files`:
+    weights, config, generation defaults, tokenizer) copied to `out`, or is completed in place when `out` is that
+    folder. The modeling files (`remote_code_files()`) are copied flat into `out` and `config.json` gets
+    `auto_map` (`AUTO_MAP`). A new `out` is written next to it and swapped in when complete; a non-empty `out`
+    raises FileExistsError unless `overwrite`. Returns `out`.
     """
     out = Path(out)
-    if isinstance(model_or_dir, MoEPreTrainedModel):
-        model_or_dir.save_pretrained(out)
-    else:
-        _copy_saved_folder(Path(model_or_dir), out)
-    files = remote_code_files()
-    config = _read_config(out)
-    for file in files:
-        shutil.copyfile(file, out / file.name)
-    config["auto_map"] = dict(AUTO_MAP)
-    _write_config(out, config)
+    source = None if isinstance(model_or_dir, MoEPreTrainedModel) else Path(model_or_dir)
+    if source is not None and _same_folder(source, out):
+        _add_remote_code(out)
+        return out
+    with atomic_output_dir(out, overwrite, src=source) as tmp:
+        if source is None:
+            model_or_dir.save_pretrained(tmp)
+        else:
+            _copy_saved_folder(source, tmp)
+        _add_remote_code(tmp)
     return out
 
 
@@ -179,8 +203,11 @@ def model_card(
     per-layer sequence, e.g. `{"MaxVio (per layer)": [...], "measured on": "wikitext, 1M tokens"}`) if known.
     """
     config = model_or_config if isinstance(model_or_config, MoEConfig) else model_or_config.config
-    count = count_parameters(model_or_config)
     recipe = getattr(config, "upcycled_from", None) or None
+    if recipe is not None and not isinstance(recipe, Mapping):
+        raise ValueError(f"config.upcycled_from={recipe!r:.60} is invalid for the model card: expected a dict "
+                         "(the upcycling recipe, e.g. {'base_model': 'org/dense', ...}) or None.")
+    count = count_parameters(model_or_config)
     source = _upcycling_source(recipe) if recipe else None
     base_model = base_model or _hub_model_id(source)
 
@@ -249,32 +276,41 @@ def model_card(
 
 
 # ------------------------------------------------------------------------------------------- folders, upload
-#: Suffixes of pickle-based files (weights, optimizer or trainer state): never copied into a Hub folder.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+#: Files copied from a saved folder besides its weights: config, generation defaults and tokenizer files. Nothing
+#: else is copied (no pickles such as pytorch_model.bin or optimizer.pt, no code, no dotfiles, no data files); the
+#: card and the modeling code are written by hf_moe itself.
+PUBLISHED_SIDE_FILES = ("config.json", *SIDE_FILES)
 
 
-def _prepare_output(out: Path, source: Path | None, overwrite: bool) -> None:
-    """Refuse to mix with an earlier, different folder (stale shards) unless `overwrite`, which empties it."""
-    if source is not None and out.exists() and source.resolve() == out.resolve():
-        return  # publishing a saved folder in place only adds files
-    if source is not None and out.resolve() in source.resolve().parents:
-        raise ValueError(f"{out} contains the source folder {source}; choose an output folder outside it.")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+def publishable_files(folder: str | os.PathLike) -> list[str]:
+    """The files of a saved hf_moe folder that go into a Hub folder: the safetensors weights its index names
+    (checked to lie inside the folder) or `model.safetensors`, the index, and `PUBLISHED_SIDE_FILES` that exist.
+    Everything else is left out (and logged)."""
+    folder = Path(folder)
+    _read_config(folder)
+    has_weights = (folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()
+    if not has_weights:
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f" (it has {others[:3]}, but no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})" if others else ""
+        raise ValueError(f"{folder} holds no *.safetensors weights{hint}; hf_moe publishes safetensors only.")
+    with SourceCheckpoint(folder) as checkpoint:
+        weights = list(checkpoint.files)
+    index = [SAFE_WEIGHTS_INDEX_NAME] if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() else []
+    names = [*weights, *index, *(n for n in PUBLISHED_SIDE_FILES if (folder / n).exists() or (folder / n).is_symlink())]
+    left_out = sorted(p.name for p in folder.iterdir() if p.name not in names and p.name != "README.md")
+    if left_out:
+        logger.warning("Not published from %s (not weights, config or tokenizer files): %s", folder, left_out)
+    return names
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
 def _copy_saved_folder(source: Path, out: Path) -> None:
-    """Copy a saved hf_moe folder, leaving out pickle-based files; it must hold safetensors weights."""
-    _read_config(source)
-    if not any(source.glob("*.safetensors")):
-        raise ValueError(f"{source} holds no *.safetensors weights; hf_moe publishes safetensors only.")
-    if source.resolve() == out.resolve():
-        return
-    shutil.copytree(source, out, dirs_exist_ok=True, ignore=lambda _, names: [
-        n for n in names if n.endswith(PICKLE_SUFFIXES) or n in (".git", ".cache")])
+    """Copy the publishable files of a saved hf_moe folder (`publishable_files`) into `out`, regular files inside
+    the folder only (`hf_moe.files.copy_inside`: symlinks leading out of it are skipped)."""
+    copy_inside(source, out, publishable_files(source))
 
 
 def save_for_hub(
@@ -295,34 +331,47 @@ def save_for_hub(
     generation_config.json, README.md (`model_card`), the tokenizer if given and, with `remote_code`, the
     modeling files + `auto_map` (`export_remote_code`); without it a stale `auto_map` is removed.
 
-    A model is saved in shards of at most `max_shard_size`; a saved folder is copied as it is (its tokenizer
-    files too; pickle-based files such as pytorch_model.bin or optimizer.pt are left out), or completed in
-    place when `out` is that folder. A non-empty `out` raises FileExistsError unless `overwrite`.
+    A model is saved in shards of at most `max_shard_size`; from a saved folder only `publishable_files` are
+    copied (weights, config, generation defaults, tokenizer files: never pickles, code, dotfiles or symlinks
+    leading out of it), or the folder is completed in place when `out` is that folder. The card is built before
+    anything is written; the folder is written next to `out` and swapped in when complete, so a failure or a
+    kill leaves an earlier `out` as it was. A non-empty `out` raises FileExistsError unless `overwrite`; an `out`
+    that contains the source folder or lies inside it is refused.
     """
     out = Path(out)
+    parse_size(max_shard_size)
     if isinstance(model_or_dir, MoEPreTrainedModel):
-        _prepare_output(out, None, overwrite)
-        model_or_dir.save_pretrained(out, max_shard_size=max_shard_size)
-        described: MoEPreTrainedModel | MoEConfig = model_or_dir
+        source, described = None, model_or_dir
     elif isinstance(model_or_dir, (str, os.PathLike)):
         source = Path(model_or_dir)
         _read_config(source)
-        _prepare_output(out, source, overwrite)
-        _copy_saved_folder(source, out)
-        described = MoEConfig.from_pretrained(out)
+        described = MoEConfig.from_pretrained(source)
     else:
         raise TypeError(f"save_for_hub needs an hf_moe model or a saved folder, got {type(model_or_dir).__name__}.")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if remote_code:
-        export_remote_code(out, out)
-    else:
-        config = _read_config(out)
-        if config.pop("auto_map", None) is not None:
-            _write_config(out, config)
     card = model_card(described, repo_id=repo_id, license=license, base_model=base_model, balance=balance, tags=tags,
-                      remote_code=remote_code)
-    (out / "README.md").write_text(card, encoding="utf-8")
+                      remote_code=remote_code)  # a bad card field fails here, before anything is written
+
+    def complete(folder: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if remote_code:
+            _add_remote_code(folder)
+        else:
+            config = _read_config(folder)
+            if config.pop("auto_map", None) is not None:
+                _write_config(folder, config)
+        write_text_atomic(folder / "README.md", card)
+
+    if source is not None and _same_folder(source, out):  # publishing a saved folder in place only adds files
+        publishable_files(source)
+        complete(out)
+        return out
+    with atomic_output_dir(out, overwrite, src=source) as tmp:
+        if source is None:
+            model_or_dir.save_pretrained(tmp, max_shard_size=max_shard_size)
+        else:
+            _copy_saved_folder(source, tmp)
+        complete(tmp)
     return out
 
 
@@ -365,6 +414,7 @@ __all__ = [
     "check_remote_code_imports",
     "export_remote_code",
     "model_card",
+    "publishable_files",
     "push_to_hub",
     "remote_code_files",
     "save_for_hub",

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import typing
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hf_moe import MoEForCausalLM
 from hf_moe.cli import main
 from tests.conversion.families.oracle import probe_ids
 from tests.conversion.test_upcycle import dense_checkpoint
@@ -123,3 +126,122 @@ def test_convert_cli_passes_layout_and_shard_size(tmp_path, monkeypatch, capsys)
     assert "converted" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", "a", "b", "--layout", "fused"])
+
+
+# ------------------------------------------------------------------------------------- errors, one line each
+def error_line(capsys) -> str:
+    """The command's one error line (progress bars aside), checked to come without a traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-moe")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["select-experts", "m", "d.txt", "--max-length", "-1"], ["--max-length", "-1", "positive integer"]),
+    (["select-experts", "m", "d.txt", "--max-tokens", "0"], ["--max-tokens", "0", "positive integer"]),
+    (["select-experts", "m", "d.txt", "--threshold", "2"], ["--threshold", "2", "(0, 1]"]),
+    (["demo", "--max-steps", "-1"], ["--max-steps", "-1", "positive integer"]),
+    (["demo", "--max-steps", "many"], ["--max-steps", "'many'", "not an integer"]),
+    (["upcycle", "a", "b", "--experts", "2", "--top-k", "1", "--max-shard-size", "12XB"],
+     ["--max-shard-size", "'12XB'", "KB, MB, GB", "GiB"]),
+    (["publish", "m", "o", "--max-shard-size", "0"], ["--max-shard-size", "'0'", "positive"]),
+    (["upcycle", "a", "b", "--experts", "2"], ["required", "--top-k"]),
+    (["frobnicate"], ["invalid choice", "frobnicate"]),
+])  # fmt: skip
+def test_bad_option_values_are_refused_when_parsed(args: list[str], named: list[str], capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith("hf-moe: error: ") and all(text in line for text in named), line
+
+
+def test_user_errors_are_one_line_naming_the_file(tmp_path, capsys, monkeypatch) -> None:
+    from tests.conftest import tiny_config
+
+    model = tmp_path / "model"
+    MoEForCausalLM(tiny_config()).save_pretrained(model)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{oops")
+    tokenized = tmp_path / "tokenized"
+    shutil.copytree(model, tokenized)
+    (tokenized / "tokenizer.json").write_text("{}")  # enough to get to the data file, which is read first
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 2)
+    missing = str(tmp_path / "missing")
+    cases = [
+        (["inspect", missing], [missing, "not a folder"]),
+        (["inspect", str(tmp_path / "llama")], ["config.json", "model_type='llama'", "'hf_moe'"]),
+        (["inspect", str(tmp_path / "broken")], ["config.json is not valid JSON", "line 1"]),
+        (["inspect", str(model), "--preset", "deepseek-v3"], ["exactly one of DIR or --preset"]),
+        (["convert", missing, str(tmp_path / "o")], [missing, "not a folder"]),
+        (["upcycle", missing, str(tmp_path / "o"), "--experts", "2", "--top-k", "1"], [missing]),
+        (["publish", str(model)], ["exactly one of OUT", "--push"]),
+        (["publish", str(tmp_path / "llama"), str(tmp_path / "o")], ["model_type='llama'"]),
+        (["select-experts", str(model), str(tmp_path / "empty.txt")], [str(model), "no tokenizer files"]),
+        (["select-experts", str(tokenized), str(tmp_path / "empty.txt")], ["empty.txt", "is empty"]),
+        (["select-experts", str(tokenized), str(tmp_path / "binary.jsonl")], ["binary.jsonl", "cannot be read"]),
+        (["select-experts", str(tokenized), str(tmp_path / "none.txt")], ["none.txt", "does not exist"]),
+    ]  # fmt: skip
+    for args, named in cases:
+        assert main(args) == 2, args
+        line = error_line(capsys)
+        assert line.startswith(f"hf-moe: error: {args[0]}: ") and all(text in line for text in named), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.jsonl", "broken", "empty.txt", "llama", "model",
+                                                          "tokenized"]  # fmt: skip
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    import errno
+    import os
+
+    from tests.conftest import tiny_config
+
+    MoEForCausalLM(tiny_config()).save_pretrained(tmp_path / "model")
+    (tmp_path / "ro").mkdir()
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):  # what mkdir says in a read-only folder (root ignores chmod)
+        if Path(path).parent == tmp_path / "ro" and not Path(path).exists():
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    for args in (["publish", str(tmp_path / "model"), str(tmp_path / "ro" / "hub")],
+                 ["convert", str(tmp_path / "model"), str(tmp_path / "ro" / "ds"), "--to", "deepseek_v3"]):  # fmt: skip
+        assert main(args) == 2
+        line = error_line(capsys)
+        assert "is not writable" in line and str(tmp_path / "ro") in line, line
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_debug_shows_the_traceback_and_unexpected_errors_say_so(tmp_path, capsys, monkeypatch) -> None:
+    missing = str(tmp_path / "missing")
+    assert main(["--debug", "inspect", missing]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["inspect", missing, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setenv("HF_MOE_DEBUG", "1")
+    assert main(["inspect", missing]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.delenv("HF_MOE_DEBUG")
+
+    import hf_moe.conversion.convert as convert_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape '[2, -1]' is invalid")
+
+    monkeypatch.setattr(convert_module, "convert", broken)
+    assert main(["convert", "a", "b"]) == 1
+    line = error_line(capsys)
+    assert "shape '[2, -1]' is invalid" in line and "unexpected RuntimeError" in line and "--debug" in line
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "convert", interrupted)
+    assert main(["convert", "a", "b"]) == 130
+    assert "hf-moe: interrupted" in error_line(capsys)

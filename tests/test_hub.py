@@ -375,3 +375,94 @@ def test_model_save_pretrained_writes_a_card_and_push_to_hub_goes_through_hf_moe
     monkeypatch.setattr(hf_moe.hub, "push_to_hub", lambda model, repo_id, **kw: calls.append((model, repo_id, kw)))
     model.push_to_hub("someone/tiny-moe", license="mit")
     assert calls == [(model, "someone/tiny-moe", {"license": "mit"})]
+
+
+# ------------------------------------------------------------------------------------- safe publishing
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, hidden ones included (relative name -> bytes)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_publish_copies_weights_config_and_tokenizer_only(tmp_path: Path) -> None:
+    """Planted secrets, pickles (any case), code, data files, folders and symlinks out stay behind."""
+    model = random_model()
+    src = tmp_path / "trained"
+    model.save_pretrained(src, max_shard_size="40KB")
+    (tmp_path / "id_rsa").write_text("PRIVATE KEY")
+    (src / "tokenizer_config.json").write_text("{}")
+    (src / ".env").write_text("HF_TOKEN=hf_secret")
+    (src / "id_rsa").symlink_to(tmp_path / "id_rsa")
+    (src / "vocab.json").symlink_to(tmp_path / "id_rsa")  # an allowed name, but a link out of the folder
+    for name in ("model.PKL", "optimizer.PT", "weights.Pth", "state.joblib", "arr.npy", "extra.bin", "notes.txt",
+                 "foo.py", "model.py", "stray.safetensors"):  # fmt: skip
+        (src / name).write_bytes(b"\x80\x04 not for publishing")
+    (src / "checkpoint-10").mkdir()
+    (src / "checkpoint-10" / "optimizer.pt").write_bytes(b"x")
+
+    out = hub.save_for_hub(src, tmp_path / "repo")
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    code = sorted(f.name for f in hub.remote_code_files())
+    expected = sorted([*shards, "model.safetensors.index.json", "config.json", "generation_config.json",
+                       "tokenizer_config.json", "README.md", *code])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == expected
+    assert (out / "model.py").read_bytes() == (MODELING_DIR / "model.py").read_bytes()  # ours, not the source's
+    assert all(b"PRIVATE KEY" not in data and b"hf_secret" not in data for data in tree(out).values())
+    assert all((out / s).read_bytes() == (src / s).read_bytes() for s in shards)
+
+    (src / "model.safetensors.index.json").write_text(json.dumps(  # an index sending a shard out of the folder
+        {"weight_map": {"model.embed_tokens.weight": "../id_rsa"}}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json entry 'model.embed_tokens.weight'"):
+        hub.save_for_hub(src, tmp_path / "repo2")
+    assert not (tmp_path / "repo2").exists()
+
+
+def test_publish_overwrite_keeps_the_old_folder_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                   ) -> None:  # fmt: skip
+    import errno
+
+    model = random_model()
+    model.save_pretrained(tmp_path / "trained", max_shard_size="40KB")
+    out = hub.save_for_hub(tmp_path / "trained", tmp_path / "repo")
+    before = tree(tmp_path)
+    real_copy, calls = shutil.copyfile, []
+
+    def disk_full(source: object, target: object, **kwargs: object) -> object:
+        calls.append(target)
+        if len(calls) == 3:
+            Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_copy(source, target, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        hub.save_for_hub(tmp_path / "trained", out, overwrite=True)
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+
+    def dies_after_the_weights(folder: object, **kwargs: object) -> None:
+        MoEForCausalLM.save_pretrained(model, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_pretrained", dies_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        hub.save_for_hub(model, out, overwrite=True)
+    assert tree(tmp_path) == before  # the earlier folder whole, nothing half-written or hidden beside it
+
+
+def test_a_bad_card_field_fails_before_anything_is_written(tmp_path: Path) -> None:
+    model = random_model()
+    with pytest.raises(ValueError, match=r"upcycled_from='x'"):
+        model.config.upcycled_from = "x"  # refused here or when the card is built, never after the weights
+        hub.save_for_hub(model, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"upcycled_from='x'"):
+        model.config.upcycled_from = "x"
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()  # no weights, no 0-byte README
+
+
+def test_publish_refuses_an_output_inside_the_source(tmp_path: Path) -> None:
+    random_model().save_pretrained(tmp_path / "trained")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="is inside the source folder"):
+        hub.save_for_hub(tmp_path / "trained", tmp_path / "trained" / "hub")
+    assert tree(tmp_path) == before

@@ -21,30 +21,30 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from ..files import atomic_output_dir, check_output_dir, copy_inside, read_json, resolve_inside
 
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
-#: Files copied verbatim from the source folder when present (tokenizer and generation defaults).
-SIDE_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+#: The files a saved tokenizer consists of (transformers' names; sentencepiece models under their usual names).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json",
 )  # fmt: skip
+#: Files copied verbatim from the source folder when present (tokenizer and generation defaults).
+SIDE_FILES = ("generation_config.json", *TOKENIZER_FILES)
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 _DTYPES = {
@@ -54,22 +54,38 @@ _DTYPES = {
 }  # fmt: skip
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_UNIT_NAMES = "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
 
 
 class CheckpointError(ValueError):
     """A source checkpoint that cannot be converted (missing files or keys, wrong shapes, unknown family)."""
 
 
+def tokenizer_files(folder: str | os.PathLike) -> list[str]:
+    """The `TOKENIZER_FILES` present in `folder`: empty when the folder holds no tokenizer at all."""
+    return [name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()]
+
+
+def open_safetensors(path: str | os.PathLike) -> Any:
+    """safetensors' `safe_open(path)`, with an error naming the file when its header is broken or it is cut short."""
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}): the file is damaged or "
+                              "incomplete; download or save it again.") from error  # fmt: skip
+
+
 def parse_size(size: int | str) -> int:
     """Bytes of `size`: an int, or a string like "500MB", "2GB", "1.5GiB" (transformers' units)."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
         if size <= 0:
             raise ValueError(f"max_shard_size={size!r} is invalid: must be positive.")
         return size
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(size))
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size) if isinstance(size, str) else None
     unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"max_shard_size={size!r} is invalid: use a positive number of bytes or e.g. '500MB', '2GB'.")
+    if match is None or unit not in _UNITS or int(float(match.group(1)) * _UNITS[unit]) <= 0:
+        raise ValueError(f"max_shard_size={size!r} is invalid: use a positive number of bytes, or a number with one "
+                         f"of the units {_UNIT_NAMES} (e.g. '500MB', '2GB').")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -89,7 +105,7 @@ class SourceCheckpoint:
         config_path = self.folder / CONFIG_NAME
         if not config_path.is_file():
             raise CheckpointError(f"Source {str(self.folder)!r} has no {CONFIG_NAME}.")
-        self.config: dict[str, Any] = json.loads(config_path.read_text())
+        self.config: dict[str, Any] = read_json(config_path)
         self.weight_map = self._read_weight_map()
         self.files = list(dict.fromkeys(self.weight_map.values()))  # shard order of the index
         missing = [name for name in self.files if not (self.folder / name).is_file()]
@@ -104,13 +120,17 @@ class SourceCheckpoint:
     def _read_weight_map(self) -> dict[str, str]:
         index_path = self.folder / SAFE_WEIGHTS_INDEX_NAME
         if index_path.is_file():
-            index = json.loads(index_path.read_text())
-            if "weight_map" not in index:
-                raise CheckpointError(f"{index_path} has no 'weight_map'.")
-            return dict(index["weight_map"])
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index_path} has no 'weight_map' object (tensor name -> shard file name).")
+            for file in dict.fromkeys(weight_map.values()):  # names outside the folder are refused, as transformers does
+                key = next(k for k, f in weight_map.items() if f == file)
+                resolve_inside(self.folder, file, source=f"{index_path} entry {key!r}")
+            return dict(weight_map)
         single = self.folder / SAFE_WEIGHTS_NAME
         if single.is_file():
-            with safe_open(single, framework="pt") as handle:
+            resolve_inside(self.folder, SAFE_WEIGHTS_NAME)
+            with open_safetensors(single) as handle:
                 return dict.fromkeys(handle.keys(), SAFE_WEIGHTS_NAME)
         others = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
         hint = f" It has {others[:3]}: re-save it with save_pretrained (safetensors is the default)." if others else ""
@@ -128,7 +148,7 @@ class SourceCheckpoint:
 
     def _handle(self, file: str) -> Any:
         if file not in self._handles:
-            self._handles[file] = safe_open(self.folder / file, framework="pt")
+            self._handles[file] = open_safetensors(self.folder / file)
         return self._handles[file]
 
     def _slice(self, key: str) -> Any:
@@ -247,61 +267,12 @@ class ShardedWriter:
 
 
 # ------------------------------------------------------------------------------------------ output folder
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False, src: str | os.PathLike | None = None) -> Path:
-    """Refuse an output that exists and is not an empty folder (unless `overwrite`), or that is the source."""
-    out = Path(out)
-    if src is not None and out.resolve() == Path(src).resolve():
-        raise FileExistsError(f"Output {str(out)!r} is the source folder: choose another output folder.")
-    if out.exists():
-        if not out.is_dir():
-            raise FileExistsError(f"Output {str(out)!r} exists and is not a folder.")
-        if any(out.iterdir()) and not overwrite:
-            raise FileExistsError(
-                f"Output folder {str(out)!r} exists and is not empty: pass overwrite=True (--overwrite) to replace it."
-            )
-    return out
-
-
-@contextmanager
-def atomic_output_dir(
-    out: str | os.PathLike, overwrite: bool = False, src: str | os.PathLike | None = None
-) -> Iterator[Path]:
-    """Yield a temporary folder next to `out`; on success it becomes `out` (an old `out` is replaced only then),
-    on any exception (including KeyboardInterrupt) it is deleted and `out` is left as it was."""
-    out = check_output_dir(out, overwrite, src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        try:
-            check_output_dir(out, overwrite)  # it may have appeared meanwhile
-        except FileExistsError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
+# `check_output_dir` and `atomic_output_dir` (temporary sibling, swap with rollback, stale leftovers tidied,
+# SIGTERM like Ctrl-C) live in `hf_moe.files`, with the other rules for safe paths.
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, names: Iterable[str] = SIDE_FILES) -> list[str]:
-    """Copy the tokenizer files and generation_config.json that exist in `src`; returns the copied names."""
-    copied = []
-    for name in names:
-        path = Path(src) / name
-        if path.is_file():
-            shutil.copy2(path, Path(dst) / name)
-            copied.append(name)
-    return copied
+    """Copy the tokenizer files and generation_config.json that exist in `src` (regular files inside `src` only,
+    never symlinks leading out of it: `hf_moe.files.copy_inside`); returns the copied names."""
+    return copy_inside(src, dst, names)
 
 
 def rewrite_checkpoint(
@@ -338,13 +309,16 @@ __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
     "SAFE_WEIGHTS_NAME",
     "SIDE_FILES",
+    "TOKENIZER_FILES",
     "CheckpointError",
     "ShardedWriter",
     "SourceCheckpoint",
     "atomic_output_dir",
     "check_output_dir",
     "copy_side_files",
+    "open_safetensors",
     "parse_size",
     "rewrite_checkpoint",
     "tensor_nbytes",
+    "tokenizer_files",
 ]

@@ -261,7 +261,7 @@ def convert(
         layout=layout if plan.family_out != HF_MOE else None, tensors_in=tensors_in,
         tensors_out=len(index["weight_map"]), bytes_written=index["metadata"]["total_size"],
         shards=len(set(index["weight_map"].values())), seconds=time.perf_counter() - start,
-        side_files=[name for name in SIDE_FILES if (Path(src) / name).is_file()], notes=plan.notes,
+        side_files=[name for name in SIDE_FILES if (Path(out) / name).is_file()], notes=plan.notes,
     )  # fmt: skip
     logger.info("%s", report)
     return report

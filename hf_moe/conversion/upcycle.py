@@ -50,6 +50,7 @@ from ..modeling.model import MoEForCausalLM
 from ..modeling.rotary import RotaryEmbedding
 from .checkpoint_io import (
     DEFAULT_MAX_SHARD_SIZE,
+    TOKENIZER_FILES,
     CheckpointError,
     ShardedWriter,
     SourceCheckpoint,
@@ -57,6 +58,7 @@ from .checkpoint_io import (
     check_output_dir,
     copy_side_files,
     parse_size,
+    tokenizer_files,
 )
 from .families import get_dense_family
 from .probe import LayerwiseRunner, ProbeBatch, compare_logits
@@ -284,6 +286,9 @@ def upcycle(
         if probe_texts and probe_input_ids is None:
             from transformers import AutoTokenizer
 
+            if not tokenizer_files(src):
+                raise ValueError(f"probe_texts need the source's tokenizer, but {str(src)!r} has no tokenizer files "
+                                 f"({', '.join(TOKENIZER_FILES[:4])}, ...): save it there or pass probe_input_ids.")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(src)
             except (OSError, ValueError) as error:

@@ -148,16 +148,19 @@ class MoEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md: architecture, total/active
         parameters, routing, upcycling recipe) when hf_moe is installed and the folder has no card yet."""
+        card = None
+        if kwargs.get("is_main_process", True):
+            try:  # absent where the model runs as remote code without hf_moe: then there is no card
+                from hf_moe.hub import model_card
+            except ImportError:
+                model_card = None
+            if model_card is not None:  # built first: a config the card cannot describe fails before any weights
+                card = model_card(self, remote_code="auto_map" in self.config.to_dict())
         super().save_pretrained(save_directory, *args, **kwargs)
         card_path = os.path.join(save_directory, "README.md")
-        if not kwargs.get("is_main_process", True) or os.path.exists(card_path):
-            return
-        try:  # absent where the model runs as remote code without hf_moe: then there is no card
-            from hf_moe.hub import model_card
-        except ImportError:
-            return
-        with open(card_path, "w", encoding="utf-8") as card:
-            card.write(model_card(self, remote_code="auto_map" in self.config.to_dict()))
+        if card is not None and not os.path.exists(card_path):
+            with open(card_path, "w", encoding="utf-8") as handle:
+                handle.write(card)
 
     def push_to_hub(self, repo_id: str, **kwargs: object) -> object:
         """Upload through `hf_moe.hub.push_to_hub` (safetensors shards, model card, modeling code so the repo

@@ -106,7 +106,17 @@ def load_local_texts(path: str | os.PathLike, column: str = "text") -> list[str]
     kind = {".txt": "text", ".json": "json", ".jsonl": "json"}.get(suffix)
     if kind is None:
         raise ValueError(f"path={str(path)!r} has suffix {suffix!r}; allowed are .txt, .json and .jsonl.")
-    dataset = load_dataset(kind, data_files=str(path), split="train")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file).")
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty: expected one sample per line (.txt) or JSON records.")
+    try:
+        dataset = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as error:  # datasets wraps parse errors in generic ones: name the file and the real cause
+        cause = error.__cause__ or error
+        raise ValueError(f"data file {str(path)!r} cannot be read as {suffix} data: {cause}") from error
+    if len(dataset) == 0:
+        raise ValueError(f"data file {str(path)!r} holds no samples.")
     if column not in dataset.column_names:
         raise ValueError(f"column={column!r} is not in {str(path)!r}; its columns are {dataset.column_names}.")
     return dataset[column]

@@ -347,11 +347,13 @@ def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metad
         "tensors": entries, **metadata,
     }
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        from ..files import atomic_files
+
         os.makedirs(directory, exist_ok=True)
-        save_file(tensors, os.path.join(directory, DELTA_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(directory, DELTA_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
+        # both files written aside, then renamed together: a failure leaves an earlier delta whole
+        with atomic_files(os.path.join(directory, DELTA_WEIGHTS), os.path.join(directory, DELTA_MANIFEST)) as tmps:
+            save_file(tensors, tmps[0], metadata={"format": "pt"})
+            tmps[1].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
