@@ -108,7 +108,7 @@ def position_buckets(positions: torch.Tensor, num_buckets: int, length: int | No
     bucket index (M,) and the labels "start-end" (inclusive). Fewer buckets than asked if length is small."""
     length = int(length if length is not None else positions.max().item() + 1)
     num_buckets = max(1, min(num_buckets, length))
-    edges = [round(i * length / num_buckets) for i in range(num_buckets + 1)]
+    edges = [i * length // num_buckets for i in range(num_buckets + 1)]
     index = torch.bucketize(positions, torch.tensor(edges[1:-1]), right=True)
     return index, [f"{edges[i]}-{edges[i + 1] - 1}" for i in range(num_buckets)]
 
