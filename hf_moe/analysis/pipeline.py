@@ -85,11 +85,12 @@ def analyze(
 
         matplotlib_figure()  # the ImportError naming the plot extra, before any work
     files = [check_text_file(path) for path in data]
-    loaded = load_moe_model(model, device=device)
-    config = loaded.config
-    for checkpoint in checkpoints:  # configs first: a mismatch fails before any tracing
+    config = load_moe_config(model)  # configs first: a mismatch fails before any weight is read
+    for checkpoint in checkpoints:
         check_same_architecture(config, load_moe_config(checkpoint), str(checkpoint))
     tok = load_tokenizer(tokenizer or model)
+    loaded = load_moe_model(model, device=device)
+    config = loaded.config
     max_positions = getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, max_positions)
     if seq_len > max_positions:

@@ -53,17 +53,18 @@ def split_source(source: str) -> tuple[str, str]:
     for node in sorted(_docstring_nodes(tree), key=lambda n: n.lineno):
         drop.update(range(node.lineno - 1, (node.end_lineno or node.lineno)))
         prose.append(ast.get_docstring(ast.Module(body=[node], type_ignores=[])) or "")
-    block: list[str] = []
+    block: list[str] = []  # consecutive whole-line comments make one paragraph; an inline comment is its own
     last_row = -2
     for tok in comments:
         row, col = tok.start[0] - 1, tok.start[1]
         text = tok.string.lstrip("#").strip()
-        if row != last_row + 1 and block:
+        whole_line = not lines[row][:col].strip()
+        if block and not (whole_line and row == last_row + 1):
             prose.append(" ".join(block))
             block = []
         if text:
             block.append(text)
-        last_row = row
+        last_row = row if whole_line else -2
         lines[row] = lines[row][:col].rstrip()
     if block:
         prose.append(" ".join(block))

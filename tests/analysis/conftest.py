@@ -78,6 +78,13 @@ def random_trace(tokens: int = 4000, layers: int = 2, experts: int = EXPERTS, to
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    """Tiny tensors only here: one intra-op thread avoids OpenMP hand-offs, which cost up to 0.3 s per op on a
+    machine whose cores are busy with other jobs (the root conftest sets 2 threads before this runs)."""
+    torch.set_num_threads(1)
+
+
 SAMPLE_CODE = "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, i))\n" * 20
 SAMPLE_PROSE = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.\n" * 20
 
