@@ -130,7 +130,8 @@ def analyze(
         seq_len=seq_len, balance=load_balance(trace), domain=domain,
         position=position_specialisation(trace, num_buckets, length=seq_len), token=token,
         token_strings={t: tok.decode([t]) for t in sorted(shown)}, coactivation=coactivation(trace),
-        drops=drop_rate_by_position(trace, factor, num_buckets, length=seq_len), agreement=agreement, notes=notes,
+        drops=[drop_rate_by_position(trace, factor, num_buckets, length=seq_len, group_by=group)
+               for group in ("batch", "sequence")], agreement=agreement, notes=notes,
     )
     output_dir = Path(output_dir)
     if plots:

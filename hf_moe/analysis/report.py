@@ -43,8 +43,10 @@ HOW_TO_READ = {
                     "independent, > 1 = chosen together (e.g. experts of one group under group-limited routing), "
                     "< 1 = they avoid each other, 0 = never together.",
     "drops": "Share of routed slots over capacity (dropped: the token skips that expert), replayed with the "
-             "model's own priority rule (first choices of all tokens before second choices, in token order). "
-             "A rate rising with position is OpenMoE's 'drop towards the end': late tokens queue behind early ones.",
+             "model's own priority rule (first choices of all tokens before second choices, in token order), "
+             "once with one capacity group per batch (what the model's forward does on these batches: the "
+             "sequences of a batch queue one after the other) and once per sequence. A rate rising with "
+             "position is OpenMoE's 'drop towards the end': late tokens queue behind early ones.",
     "learning": "For each checkpoint, the fraction of tokens whose expert set equals the final model's (dashed: "
                 "share of the final experts it already chose). Curves that reach their final level early mean "
                 "the routing was learned early in training (OpenMoE's 'early routing learning').",
@@ -69,7 +71,7 @@ class RoutingAnalysis:
     token: TokenSpecialisation
     token_strings: dict[int, str]
     coactivation: Coactivation
-    drops: DropRates
+    drops: list[DropRates]  # one per capacity grouping: one batch (the model's forward), one sequence
     agreement: RoutingAgreement | None
     plots: dict[str, Path] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
@@ -176,15 +178,16 @@ def _section_coactivation(r: RoutingAnalysis) -> str:
 
 
 def _section_drops(r: RoutingAnalysis) -> str:
-    d = r.drops
     whose = r.notes.get("drops", "the model's own")
-    rows = [[layer, _fmt(100 * d.overall[i], 2), *[_fmt(100 * v, 2) for v in d.rates[i].tolist()]]
-            for i, layer in enumerate(d.layers)]
-    return "\n".join([
-        "## Drop towards the end", _how("drops"), _image(r, "drops", "drop rate by position"),
-        f"Capacity factor {d.capacity_factor:g} ({whose}); capacity groups: one {d.group_by} (capacity per expert "
-        f"and group: {', '.join(map(str, d.capacities))} slots).", "",
-        _table(["layer", "all positions (%)", *[f"{b} (%)" for b in d.buckets]], rows), ""])
+    out = ["## Drop towards the end", _how("drops"), _image(r, "drops", "drop rate by position"),
+           f"Capacity factor {r.drops[0].capacity_factor:g} ({whose}).", ""]
+    for d in r.drops:
+        rows = [[layer, _fmt(100 * d.overall[i], 2), *[_fmt(100 * v, 2) for v in d.rates[i].tolist()]]
+                for i, layer in enumerate(d.layers)]
+        out += [f"Capacity groups: one {d.group_by} (capacity per expert and group: "
+                f"{', '.join(map(str, d.capacities))} slots); slots dropped (%):", "",
+                _table(["layer", "all positions", *d.buckets], rows), ""]
+    return "\n".join(out)
 
 
 def _section_learning(r: RoutingAnalysis) -> str:

@@ -7,6 +7,7 @@ Needs matplotlib (`pip install 'hf-moe[plot]'`). Models with many MoE layers are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +26,14 @@ def drawn_layers(count: int, most: int = MAX_LAYERS_DRAWN) -> list[int]:
     if count <= most:
         return list(range(count))
     return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def _label(axes: object, xlabel: str, ylabel: str, legend_size: int = 7, **legend: object) -> None:
+    """Axis labels, a light grid and the legend of a line plot."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=legend_size, **legend)
 
 
 def _ratio_norm(values: torch.Tensor) -> object:
@@ -76,10 +85,7 @@ def plot_token_specialisation(spec: TokenSpecialisation, path: str | Path, bins:
     centres = ((torch.arange(bins) + 0.5) / bins).tolist()
     for layer in drawn_layers(len(spec.layers)):
         right.plot(centres, hist[layer].tolist(), marker=".", label=spec.layers[layer])
-    right.set_xlabel("share of a token id's occurrences on its most frequent expert set")
-    right.set_ylabel("fraction of token occurrences")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    _label(right, "share of a token id's occurrences on its most frequent expert set", "fraction of token occurrences")
     figure.suptitle(f"Token-id specialisation ({spec.distinct_tokens} token ids with >= {spec.min_count} occurrences)",
                     fontsize=10)
     return save_png(figure, Canvas, path)
@@ -87,7 +93,8 @@ def plot_token_specialisation(spec: TokenSpecialisation, path: str | Path, bins:
 
 def plot_coactivation(co: Coactivation, path: str | Path) -> Path:
     """Heatmap per layer of log2 lift: how much more often two experts serve one token than independent
-    choices would (0 = as often, +1 = twice, -inf = never; the diagonal is blank)."""
+    choices would (0 = as often, +1 = twice; lifts beyond 1/16 and 16, e.g. never together, are drawn at the
+    ends of the scale; the diagonal is blank)."""
     from matplotlib.colors import TwoSlopeNorm
 
     Figure, Canvas = matplotlib_figure()
@@ -96,7 +103,7 @@ def plot_coactivation(co: Coactivation, path: str | Path) -> Path:
     rows = -(-len(layers) // cols)
     figure = Figure(figsize=(3.4 * cols + 1.0, 3.2 * rows + 0.6), layout="constrained")
     grid = figure.subplots(rows, cols, squeeze=False)
-    log_lift = torch.log2(co.lift[layers].clamp(min=1 / 64))
+    log_lift = torch.log2(co.lift[layers].clamp(min=1 / 16, max=16))  # "never together" drawn as 1/16
     finite = log_lift[log_lift.isfinite()]
     bound = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
     norm = TwoSlopeNorm(vmin=-bound, vcenter=0.0, vmax=bound)
@@ -115,22 +122,23 @@ def plot_coactivation(co: Coactivation, path: str | Path) -> Path:
     return save_png(figure, Canvas, path)
 
 
-def plot_drop_rates(drops: DropRates, path: str | Path) -> Path:
-    """Drop rate (dropped / routed slots) by position bucket, one line per layer."""
+def plot_drop_rates(drops: Sequence[DropRates], path: str | Path) -> Path:
+    """Drop rate (dropped / routed slots) by position bucket, one colour per layer, one line style per
+    capacity grouping (solid: the first of `drops`, e.g. one batch; dashed: the next, e.g. one sequence)."""
     Figure, Canvas = matplotlib_figure()
     figure = Figure(figsize=(7.5, 4.0), layout="constrained")
     axes = figure.add_subplot()
-    x = list(range(len(drops.buckets)))
-    for layer in drawn_layers(len(drops.layers)):
-        axes.plot(x, (100 * drops.rates[layer]).tolist(), marker="o", label=drops.layers[layer])
-    axes.set_xticks(x, drops.buckets, fontsize=7, rotation=30)
-    axes.set_xlabel("position in the sequence")
-    axes.set_ylabel("slots dropped (%)")
+    x = list(range(len(drops[0].buckets)))
+    for layer in drawn_layers(len(drops[0].layers)):
+        color = None
+        for d, style in zip(drops, ("-", "--", ":")):
+            line = axes.plot(x, (100 * d.rates[layer]).tolist(), style, marker="o" if style == "-" else ".",
+                             color=color, label=f"{d.layers[layer]}, groups: one {d.group_by}")[0]
+            color = line.get_color()
+    axes.set_xticks(x, drops[0].buckets, fontsize=7, rotation=30)
     axes.set_ylim(bottom=0)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    axes.set_title(f"Drops by position at capacity factor {drops.capacity_factor:g} (groups: one {drops.group_by})",
-                   fontsize=10)
+    _label(axes, "position in the sequence", "slots dropped (%)", 6, ncol=2)
+    axes.set_title(f"Drops by position at capacity factor {drops[0].capacity_factor:g}", fontsize=10)
     return save_png(figure, Canvas, path)
 
 
@@ -145,10 +153,7 @@ def plot_routing_agreement(agreement: RoutingAgreement, path: str | Path) -> Pat
         axes.plot(x, agreement.agreement[:, layer].tolist(), marker="o", label=f"{agreement.layers[layer]} (same set)")
         axes.plot(x, agreement.overlap[:, layer].tolist(), linestyle="--", linewidth=0.8, color=axes.lines[-1].get_color(),
                   label=f"{agreement.layers[layer]} (experts shared)")
-    axes.set_xlabel("training step" if by_step else "checkpoint")
-    axes.set_ylabel("agreement with the final checkpoint")
     axes.set_ylim(0, 1.02)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=6, ncol=2)
+    _label(axes, "training step" if by_step else "checkpoint", "agreement with the final checkpoint", 6, ncol=2)
     axes.set_title("Early routing learning", fontsize=10)
     return save_png(figure, Canvas, path)

@@ -97,17 +97,17 @@ def write_stdlib_domains(
 
 
 def analyze_demo_run(
-    output_dir: str | os.PathLike = "outputs/demo", max_tokens: int = 50_000, max_bytes: int = 2_000_000,
+    output_dir: str | os.PathLike = "outputs/demo", max_tokens: int = 20_000, max_bytes: int = 2_000_000,
     progress: bool = True,
 ) -> RoutingAnalysis:
     """Analyse a demo run folder: `final/` on code vs prose (`write_stdlib_domains` into `domains/`), with the
-    checkpoints in `trainer/checkpoint-*` in step order, sequences of the demo's 128 training tokens; the
-    report goes to `analysis/`."""
+    checkpoints in `trainer/checkpoint-*` in step order, in batches of 16 sequences of 128 tokens (the demo's
+    training batch); the report goes to `analysis/`."""
     output_dir = Path(output_dir)
     domains = write_stdlib_domains(output_dir / "domains", max_bytes=max_bytes)
     checkpoints = sorted((output_dir / "trainer").glob("checkpoint-*"), key=lambda p: checkpoint_step(p) or 0)
     return analyze(output_dir / "final", domains, output_dir=output_dir / "analysis", checkpoints=checkpoints,
-                   max_tokens=max_tokens, seq_len=128, progress=progress)
+                   max_tokens=max_tokens, seq_len=128, batch_size=16, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> None:

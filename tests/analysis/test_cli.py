@@ -52,7 +52,8 @@ def test_analyze_writes_every_plot_and_one_report(model_folder, tmp_path, capsys
     assert numbers["agreement"]["steps"] == [5, 10]
     assert agreement[1] == [1.0] * len(numbers["layers"]) and all(a < 1.0 for a in agreement[0])
     assert f"| {numbers['layers'][0]} | 800 |" in report  # the load table: 400 tokens x top-2 slots
-    assert numbers["drops"]["capacity_factor"] == 1.25  # the model is dropless: the what-if factor, said in the report
+    assert [d["capacity_factor"] for d in numbers["drops"]] == [1.25, 1.25]  # dropless model: the what-if factor
+    assert [d["group_by"] for d in numbers["drops"]] == ["batch", "sequence"]
     assert "what-if" in report
 
 
@@ -63,7 +64,7 @@ def test_analyze_without_checkpoints_or_second_file_says_what_did_not_run(model_
     report = (out / "report.md").read_text()
     assert "Not run: needs at least two data files" in report and "Not run: no checkpoints given" in report
     assert "![" not in report and not list(out.glob("*.png"))
-    assert json.loads((out / "analysis.json").read_text())["drops"]["capacity_factor"] == 1.0
+    assert json.loads((out / "analysis.json").read_text())["drops"][0]["capacity_factor"] == 1.0
 
 
 def _error_of(argv: list[str], capsys) -> str:
