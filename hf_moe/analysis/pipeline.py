@@ -70,7 +70,8 @@ def analyze(
     """Trace `model` on the `data` files (one domain each; at most `max_tokens` tokens per file, in sequences
     of `seq_len` tokens, default min(256, the model's max positions)), run every analysis, write the PNGs
     (`plots`; needs matplotlib), `report.md` and `analysis.json` into `output_dir`, and return the results.
-    `checkpoints`: earlier checkpoints of the same run, in training order, for early routing learning.
+    `checkpoints`: earlier checkpoints of the same run, for early routing learning (sorted by training step
+    when every one has a step: a `checkpoint-{step}` name or a trainer_state.json; else in the order given).
     `capacity_factor`: for the drop analysis (default: the model's; 1.25 as a what-if for dropless models)."""
     if not data:
         raise ValueError("no data given: pass the text files to analyse (--data A.txt [B.txt ...]), one per domain.")
@@ -110,11 +111,13 @@ def analyze(
         notes["drops"] = f"what-if: the model is dropless; {WHAT_IF_CAPACITY_FACTOR:g} is Switch Transformer's factor"
     agreement = None
     if checkpoints:
-        traces, steps = [], []
+        steps = [checkpoint_step(c) for c in checkpoints]
+        if None not in steps:  # training order (a shell glob puts checkpoint-100 before checkpoint-25)
+            steps, checkpoints = map(list, zip(*sorted(zip(steps, checkpoints), key=lambda pair: pair[0])))
+        traces = []
         for checkpoint in checkpoints:
             other = load_moe_model(checkpoint, device=device)
             traces.append(_trace(other.model, sequences, names, batch_size, pad_id, progress, str(checkpoint)))
-            steps.append(checkpoint_step(checkpoint))
             del other
         agreement = routing_agreement(trace, traces, [str(c) for c in checkpoints], steps)
     else:

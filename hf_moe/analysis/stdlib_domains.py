@@ -21,7 +21,6 @@ import tokenize
 from pathlib import Path
 
 from ..training.data import stdlib_sources
-from .loading import checkpoint_step
 from .pipeline import analyze
 from .report import RoutingAnalysis
 
@@ -105,7 +104,7 @@ def analyze_demo_run(
     training batch); the report goes to `analysis/`."""
     output_dir = Path(output_dir)
     domains = write_stdlib_domains(output_dir / "domains", max_bytes=max_bytes)
-    checkpoints = sorted((output_dir / "trainer").glob("checkpoint-*"), key=lambda p: checkpoint_step(p) or 0)
+    checkpoints = sorted((output_dir / "trainer").glob("checkpoint-*"))  # `analyze` orders them by step
     return analyze(output_dir / "final", domains, output_dir=output_dir / "analysis", checkpoints=checkpoints,
                    max_tokens=max_tokens, seq_len=128, batch_size=16, progress=progress)
 

@@ -33,8 +33,8 @@ def test_analyze_writes_every_plot_and_one_report(model_folder, tmp_path, capsys
     perturbed.save_pretrained(tmp_path / "checkpoint-5")
     out = tmp_path / "out"
     code = main(["analyze", str(model_folder / "model"), "--data", str(model_folder / "code.txt"),
-                 str(model_folder / "prose.txt"), "--checkpoints", str(tmp_path / "checkpoint-5"),
-                 str(tmp_path / "checkpoint-10"), "--max-tokens", "200", "--seq-len", "32", "--buckets", "4",
+                 str(model_folder / "prose.txt"), "--checkpoints", str(tmp_path / "checkpoint-10"),
+                 str(tmp_path / "checkpoint-5"), "--max-tokens", "200", "--seq-len", "32", "--buckets", "4",
                  "--output", str(out)])
     assert code == 0, capsys.readouterr().err
     report = (out / "report.md").read_text()
@@ -49,7 +49,7 @@ def test_analyze_writes_every_plot_and_one_report(model_folder, tmp_path, capsys
     numbers = json.loads((out / "analysis.json").read_text())
     assert numbers["tokens_per_domain"] == [200, 200]
     agreement = numbers["agreement"]["agreement"]
-    assert numbers["agreement"]["steps"] == [5, 10]
+    assert numbers["agreement"]["steps"] == [5, 10]  # in training order, whatever the order given
     assert agreement[1] == [1.0] * len(numbers["layers"]) and all(a < 1.0 for a in agreement[0])
     assert f"| {numbers['layers'][0]} | 800 |" in report  # the load table: 400 tokens x top-2 slots
     assert [d["capacity_factor"] for d in numbers["drops"]] == [1.25, 1.25]  # dropless model: the what-if factor
