@@ -30,7 +30,7 @@ def run_demo(
     steps = max_steps if max_steps is not None else (20 if quick else 300)
     print(f"== 1. pretraining a DeepSeek-V3-style MoE for {steps} steps (output: {output_dir})")
     result = run_pretraining(output_dir, max_steps=steps, quick=quick, plots=_has_matplotlib(),
-                             save_steps=max(1, steps // 12) if analyze else None)
+                             save_steps=-(-steps // 12) if analyze else None)
     final = output_dir / "final"
 
     print(f"== 2. reloading {final} with AutoModelForCausalLM")
@@ -62,7 +62,7 @@ def run_demo(
         from .analysis.stdlib_domains import analyze_demo_run
 
         print("== 5. routing analysis: code vs prose, early routing learning over the checkpoints")
-        analyze_demo_run(output_dir)
+        analyze_demo_run(output_dir, max_tokens=2_000 if quick else 20_000)
     return {**result.metrics, "reload_max_abs_diff": reload_diff, "mtp_greedy_identical": same}
 
 
