@@ -21,20 +21,23 @@ from ..conversion.test_families import family_model
 from ..conversion.test_upcycle import dense_checkpoint
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3_qlora_yarn"])
 def test_family_folder_is_converted_in_memory_with_the_same_routing(case: str, tmp_path) -> None:
     reference, config = family_model(case)
     reference.save_pretrained(tmp_path / case)
+    files = sorted(p.name for p in (tmp_path / case).iterdir())
     loaded = load_moe_model(tmp_path / case)
-    assert loaded.source == config.model_type and not any(tmp_path.joinpath(case).glob("*.tmp*"))
+    assert loaded.source == config.model_type and sorted(p.name for p in (tmp_path / case).iterdir()) == files
     ids = torch.randint(3, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
     trace = trace_routing(loaded.model, [TokenSequence(0, row) for row in ids], progress=False)
     with torch.no_grad():
-        router_logits = reference(ids, output_router_logits=True).router_logits  # one (B*T, N) per MoE layer
-    assert len(router_logits) == len(trace.layers)
-    for layer, logits in enumerate(router_logits):
-        expected = logits.topk(trace.top_k, dim=-1).indices.sort(dim=-1).values
-        assert torch.equal(trace.expert_sets(layer), expected)
+        expected = reference(ids, output_router_logits=True)
+        torch.testing.assert_close(loaded.model(ids).logits, expected.logits, rtol=1e-5, atol=1e-5)
+    if case == "deepseek_v3_qlora_yarn":
+        return  # biased, group-limited choice: not the plain top-k of the logits transformers returns
+    assert len(expected.router_logits) == len(trace.layers)  # one (B*T, N) per MoE layer
+    for layer, logits in enumerate(expected.router_logits):
+        assert torch.equal(trace.expert_sets(layer), logits.topk(trace.top_k, dim=-1).indices.sort(dim=-1).values)
 
 
 def test_upcycled_model_is_an_hf_moe_folder(tmp_path) -> None:
