@@ -16,7 +16,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cli_types import fraction, positive_int, shard_size, user_error_message
+from .cli_types import fraction, positive_float, positive_int, shard_size, user_error_message
 from .conversion.tables import LAYOUTS
 from .conversion.upcycle_recipe import UpcycleRecipe
 
@@ -51,7 +51,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.output_dir, max_steps=args.max_steps, quick=args.quick)
+    run_demo(args.output_dir, max_steps=args.max_steps, quick=args.quick, analyze=args.analyze)
 
 
 def _upcycle(args: argparse.Namespace) -> None:
@@ -126,6 +126,18 @@ def _publish(args: argparse.Namespace) -> None:
         print(f"Hub-ready folder written to {args.out}")
 
 
+def _analyze(args: argparse.Namespace) -> None:
+    from .analysis import analyze
+
+    try:
+        analyze(args.model, args.data or [], output_dir=args.output, checkpoints=args.checkpoints or [],
+                capacity_factor=args.capacity_factor, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                batch_size=args.batch_size, num_buckets=args.buckets, tokenizer=args.tokenizer, device=args.device,
+                plots=not args.no_plots)
+    except ImportError as error:  # matplotlib missing: the message names the extra (or --no-plots)
+        raise SystemExit(f"hf-moe analyze: {error} Or pass --no-plots for the tables only.") from error
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser with usage errors on one line, like every other error of the command."""
 
@@ -143,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--max-steps", type=positive_int, default=None, help="training steps (default: the demo's own)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few steps")
+    p.add_argument("--analyze", action="store_true", help="save checkpoints, then run `hf-moe analyze` on the model")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", help="parameters total/active, per part, and the routing of a model")
@@ -192,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-remote-code", action="store_true", help="leave the modeling code out")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_publish)
+
+    p = sub.add_parser("analyze", help="what the routers learned: specialisation, co-activation, drops (report + PNGs)")
+    p.add_argument("model", help="a model folder hf_moe loads (hf_moe, or an MoE family it converts)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="UTF-8 text files, one per domain")
+    p.add_argument("--checkpoints", nargs="+", metavar="DIR", help="earlier checkpoints of the run, in order")
+    p.add_argument("--capacity-factor", type=positive_float, default=None, help="for the drops (default: the model's)")
+    p.add_argument("--max-tokens", type=positive_int, default=20_000, help="tokens traced per data file (default 20000)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default min(256, max positions))")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward (= one capacity group)")
+    p.add_argument("--buckets", type=positive_int, default=8, help="position buckets")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default="outputs/analysis", help="folder for report.md, analysis.json, PNGs")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    p.set_defaults(func=_analyze)
     for command in sub.choices.values():  # `hf-moe CMD ... --debug` works too (SUPPRESS: no default to override)
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser

@@ -4,7 +4,9 @@
    scratch on Python's standard-library sources with transformers' Trainer (`hf_moe.training.pretrain`);
 2. save it, reload it through `AutoModelForCausalLM` / `AutoTokenizer` and check the logits are identical;
 3. generate with the KV cache and with MTP self-speculation, and check both give the same greedy text;
-4. print the parameter report and where everything was written.
+4. print the parameter report and where everything was written;
+5. with `analyze=True` (`hf-moe demo --analyze`): save checkpoints while training, then `hf-moe analyze` the
+   model on code vs prose of held-out standard-library files (`hf_moe.analysis.stdlib_domains`).
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from .training.pretrain import run_pretraining
 PROMPT = "def fibonacci(n):\n    "
 
 
-def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int | None = None, quick: bool = False) -> dict:
+def run_demo(
+    output_dir: str | Path = "outputs/demo", max_steps: int | None = None, quick: bool = False, analyze: bool = False
+) -> dict:
     """Run the demo; returns the metrics (losses, MaxVio, MTP acceptance, reload and generation checks)."""
     output_dir = Path(output_dir)
     steps = max_steps if max_steps is not None else (20 if quick else 300)
     print(f"== 1. pretraining a DeepSeek-V3-style MoE for {steps} steps (output: {output_dir})")
-    result = run_pretraining(output_dir, max_steps=steps, quick=quick, plots=_has_matplotlib())
+    result = run_pretraining(output_dir, max_steps=steps, quick=quick, plots=_has_matplotlib(),
+                             save_steps=-(-steps // 12) if analyze else None)
     final = output_dir / "final"
 
     print(f"== 2. reloading {final} with AutoModelForCausalLM")
@@ -53,6 +58,11 @@ def run_demo(output_dir: str | Path = "outputs/demo", max_steps: int | None = No
     print(f"\nmodel + tokenizer: {final}\nmetrics: {output_dir / 'metrics.json'}")
     if (output_dir / "expert_load.png").exists():
         print(f"plots: {output_dir / 'expert_load.png'}, {output_dir / 'max_vio.png'}")
+    if analyze:
+        from .analysis.stdlib_domains import analyze_demo_run
+
+        print("== 5. routing analysis: code vs prose, early routing learning over the checkpoints")
+        analyze_demo_run(output_dir, max_tokens=2_000 if quick else 20_000)
     return {**result.metrics, "reload_max_abs_diff": reload_diff, "mtp_greedy_identical": same}
 
 

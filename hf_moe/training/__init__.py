@@ -3,7 +3,8 @@
 - `MoECallback` (Trainer) / `update_router_biases(model)` (plain loops, accelerate: call once per optimizer step):
   auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 §2.1.2).
 - Balance losses and the MTP loss are part of the model's forward (`loss`, `aux_loss`, `mtp_loss`).
-- Metrics: `ExpertLoads` (tokens per expert, MaxVio), `expert_load(model, batches)` over an eval set.
+- Metrics: `ExpertLoads` (tokens per expert, MaxVio), `expert_load(model, batches)` over an eval set;
+  `dead_experts`, `routing_entropy`, `load_percentiles` (shared with `hf_moe.analysis`).
 - Finetuning recipes: `apply_recipe(model, "freeze-router" | "freeze-routed-experts" | "moe-only" | "esft" |
   "lora" | "full", **options)`; ESFT expert selection `select_experts(model, dataset, criterion, threshold)`;
   `save_finetuned_delta` / `apply_finetuned_delta` keep only what a recipe trained.
@@ -20,7 +21,7 @@ from .balancing import (
 from .callbacks import MoECallback
 from .expert_selection import expert_scores, load_expert_selection, save_expert_selection, select_experts
 from .frozen_experts import freeze_experts, restore_frozen_experts
-from .metrics import RouterLoadRecorder, expert_load
+from .metrics import RouterLoadRecorder, dead_experts, expert_load, load_percentiles, routing_entropy
 from .recipes import RECIPES, RecipeReport, apply_finetuned_delta, apply_recipe, save_finetuned_delta
 
 __all__ = [
@@ -31,15 +32,18 @@ __all__ = [
     "RouterLoadRecorder",
     "apply_finetuned_delta",
     "apply_recipe",
+    "dead_experts",
     "expert_load",
     "expert_scores",
     "find_routers",
     "freeze_experts",
     "load_expert_selection",
+    "load_percentiles",
     "max_violation",
     "read_expert_counts",
     "reset_expert_counters",
     "restore_frozen_experts",
+    "routing_entropy",
     "save_expert_selection",
     "save_finetuned_delta",
     "select_experts",

@@ -3,6 +3,10 @@
 Training loads come from the routers' counters (`update_router_biases` returns them per optimizer step);
 evaluation runs in eval mode, where the counters stay untouched, so the loads here are recorded by forward
 hooks on the routers, which read each router's `topk_ids` and drop padding tokens (attention_mask == 0).
+
+The per-router summaries of a load table or of router scores (`dead_experts`, `routing_entropy`,
+`load_percentiles`, next to `max_violation`) are the one implementation that training logs and
+`hf_moe.analysis` share.
 """
 
 from __future__ import annotations
@@ -110,3 +114,32 @@ def expert_load(
     finally:
         model.train(was_training)
     return recorder.loads()
+
+
+def dead_experts(loads: torch.Tensor) -> torch.Tensor:
+    """Fraction of experts that received no token, over the last dim: loads (..., N) -> (...). NaN where no
+    token was routed at all (a router that never ran has no dead experts, it has no data)."""
+    loads = loads.float()
+    dead = (loads == 0).float().mean(dim=-1)
+    return torch.where(loads.sum(dim=-1) > 0, dead, torch.full_like(dead, float("nan")))
+
+
+def routing_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of each token's router distribution: scores (..., N) -> (...).
+
+    The distribution is p_i = s_i / sum_j s_j of the router's affinities s (softmax scores sum to 1 already;
+    sigmoid scores are normalised here), before the balancing bias and the top-k. 0 = all mass on one expert,
+    log N = uniform. The `moe/routing_entropy` metric is its mean over tokens."""
+    scores = scores.float().clamp(min=0)
+    p = scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+    return -(p * p.clamp(min=1e-30).log()).sum(dim=-1)
+
+
+def load_percentiles(loads: torch.Tensor, quantiles: tuple[float, ...] = (0.0, 0.1, 0.5, 0.9, 1.0)) -> torch.Tensor:
+    """Quantiles of the relative load load_i / mean load over the experts of each router: loads (..., N) ->
+    (..., len(quantiles)); 1 = an expert with exactly its fair share. NaN rows where no token was routed."""
+    loads = loads.float()
+    relative = loads / loads.mean(dim=-1, keepdim=True).clamp(min=1e-30)
+    q = torch.tensor(quantiles, dtype=torch.float32, device=loads.device)
+    out = torch.quantile(relative, q, dim=-1).movedim(0, -1)
+    return torch.where(loads.sum(dim=-1, keepdim=True) > 0, out, torch.full_like(out, float("nan")))

@@ -110,6 +110,7 @@ def run_pretraining(
     eval_batches: int | None = None,
     acceptance_prompts: int = 8,
     plots: bool = False,
+    save_steps: int | None = None,
     print_fn: Callable[[str], None] | None = print,
     config_overrides: dict[str, Any] | None = None,
 ) -> PretrainResult:
@@ -117,7 +118,9 @@ def run_pretraining(
 
     quick: a smoke run (smaller corpus and eval, at most 30 steps). Writes `output_dir/final` (model +
     tokenizer, loadable with AutoModelForCausalLM / AutoTokenizer), `output_dir/metrics.json` and, with
-    `plots=True` (needs matplotlib: the `plot` extra), `expert_load.png` and `max_vio.png`.
+    `plots=True` (needs matplotlib: the `plot` extra), `expert_load.png` and `max_vio.png`; with `save_steps`,
+    the model every that many steps in `output_dir/trainer/checkpoint-{step}` (weights only; for
+    `hf-moe analyze --checkpoints`).
     """
     say = print_fn or (lambda _msg: None)
     output_dir = Path(output_dir)
@@ -151,7 +154,8 @@ def run_pretraining(
         output_dir=str(output_dir / "trainer"), max_steps=max_steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
         warmup_steps=max(1, max_steps // 20), weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
-        logging_steps=logging_steps, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        logging_steps=logging_steps, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_only_model=True, eval_strategy="no", report_to=[], use_cpu=True,
         seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
     )
     callback = MoECallback()

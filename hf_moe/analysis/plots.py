@@ -1,4 +1,5 @@
-"""Pictures of expert balance: a load heatmap (MoE layers x experts) and MaxVio over training steps, as PNG.
+"""Pictures of expert balance: a load heatmap (MoE layers x experts) and MaxVio over training steps, as PNG,
+and the matplotlib helpers every analysis plot uses (`routing_plots`).
 
 Needs matplotlib (`pip install 'hf-moe[plot]'`); everything else in hf_moe works without it.
 
@@ -16,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .training.balancing import ExpertLoads, max_violation
+from ..training.balancing import ExpertLoads, max_violation
 
 
-def _matplotlib() -> Any:
+def matplotlib_figure() -> Any:
     """matplotlib's Figure class and Agg canvas, or an ImportError naming the `plot` extra."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -32,7 +33,8 @@ def _matplotlib() -> Any:
     return Figure, FigureCanvasAgg
 
 
-def _save(figure: Any, canvas_class: Any, path: str | Path) -> Path:
+def save_png(figure: Any, canvas_class: Any, path: str | Path) -> Path:
+    """Write `figure` as a PNG at `path` (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas_class(figure)
@@ -49,7 +51,7 @@ def plot_expert_load(
     """Heatmap of load_i / mean load (1 = perfectly balanced) per MoE layer (rows) and expert (columns), each
     row labelled with its MaxVio. `loads`: ExpertLoads (e.g. from `expert_load`) or a (layers, experts)
     tensor. Returns the PNG path."""
-    Figure, Canvas = _matplotlib()
+    Figure, Canvas = matplotlib_figure()
     if isinstance(loads, ExpertLoads):
         labels = labels or loads.labels
         loads = loads.loads
@@ -75,7 +77,7 @@ def plot_expert_load(
     axes.set_xticks(range(loads.shape[1]), [str(i) for i in range(loads.shape[1])], fontsize=7)
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="load / mean load")
-    return _save(figure, Canvas, path)
+    return save_png(figure, Canvas, path)
 
 
 def max_vio_series(log_history: Sequence[Mapping[str, Any]], prefix: str = "moe/max_vio") -> dict[str, list]:
@@ -99,7 +101,7 @@ def plot_max_vio(
 ) -> Path:
     """MaxVio over training steps: the mean over MoE layers (bold) and, if `per_layer`, each layer (thin).
     `history`: a Trainer log history (`trainer.state.log_history`) or {name: [(step, value), ...]}."""
-    Figure, Canvas = _matplotlib()
+    Figure, Canvas = matplotlib_figure()
     series = dict(history) if isinstance(history, Mapping) else max_vio_series(history)
     if not series:
         raise ValueError("plot_max_vio: no MaxVio values found (expected `moe/max_vio` keys from MoECallback).")
@@ -119,4 +121,4 @@ def plot_max_vio(
     axes.grid(alpha=0.3)
     axes.set_title(title)
     axes.legend(fontsize=7, ncol=2)
-    return _save(figure, Canvas, path)
+    return save_png(figure, Canvas, path)
