@@ -29,19 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
-from ..modeling.experts import MLP, RoutedExperts
-from ..modeling.moe import MoEBlock
-from ..modeling.mtp import MTPModule
-from ..modeling.normalization import RMSNorm
-from ..modeling.routing import Router
-from .expert_selection import load_expert_selection, moe_layer_indices
+from ..modeling.experts import RoutedExperts
+from .expert_selection import load_expert_selection
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, freeze_experts, trainable_experts, unfreeze_experts
+from .parts import PARTS, module_parts, parameter_parts
 
-#: Parts of a model, in report order.
-PARTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts", "head",
-         "mtp", "lora", "other")
-NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "head", "mtp", "other"})
+#: What ESFT's `train_non_expert=True` trains besides the experts.
+NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "lm_head", "mtp", "other"})
 DELTA_WEIGHTS, DELTA_MANIFEST = "delta.safetensors", "delta.json"
 
 
@@ -84,49 +78,7 @@ class RecipeReport:
     __str__ = table
 
 
-# ------------------------------------------------------------------------------------------- parts
-def _own_part(name: str, module: nn.Module) -> str | None:
-    """The part a module's parameters belong to, or None to inherit its parent's."""
-    if isinstance(module, RoutedExperts):
-        return "routed_experts"
-    if isinstance(module, Router):
-        return "router"
-    if isinstance(module, MLP):
-        return "shared_experts" if name.endswith("shared_experts") else "dense_ffn"
-    if isinstance(module, MoEBlock):
-        return "shared_experts"  # its own leftovers: the shared-expert gate
-    if isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention)):
-        return "attention"
-    if isinstance(module, RMSNorm):
-        return "norms"
-    if isinstance(module, nn.Embedding):
-        return "embeddings"
-    if isinstance(module, MTPModule):
-        return "mtp"
-    if name.rsplit(".", 1)[-1] in ("lm_head", "score"):
-        return "head"
-    return None
-
-
-def module_parts(model: nn.Module) -> dict[str, str]:
-    """{module name: part} (a module inherits its parent's part unless its type names one)."""
-    parts: dict[str, str] = {}
-    for name, module in model.named_modules():
-        parent = parts.get(name.rsplit(".", 1)[0] if "." in name else "", "other")
-        parts[name] = _own_part(name, module) or parent
-    return parts
-
-
-def parameter_parts(model: nn.Module) -> dict[str, str]:
-    """{parameter name: part}; adapter weights (peft's lora_A / lora_B ...) are "lora"."""
-    modules = module_parts(model)
-    parts = {}
-    for name, _ in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        parts[name] = "lora" if ".lora_" in f".{name}" else modules.get(owner, "other")
-    return parts
-
-
+# ----------------------------------------------------------------------------------------- freezing
 def _experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
 
@@ -219,7 +171,7 @@ def _esft(
                          "written by save_expert_selection (see select_experts).")
     selection = load_expert_selection(experts) if isinstance(experts, (str, os.PathLike)) else dict(experts)
     selection = {int(layer): [int(e) for e in ids] for layer, ids in selection.items()}
-    layers = moe_layer_indices(model)
+    layers = model.config.moe_layer_indices
     unknown = sorted(set(selection) - set(layers))
     if unknown:
         raise ValueError(f"experts names layers {unknown} that are not MoE layers; the MoE layers are {layers}.")

@@ -1,0 +1,71 @@
+"""Which part of an MoE model each module and parameter belongs to: the one classification that the
+finetuning recipes (what to freeze), their reports and the parameter counts of `hf_moe.inspection` share.
+
+A module's part comes from its type (router, routed experts, attention, norm, embedding, MTP module) or, for
+the SwiGLU MLP, from its place (`shared_experts` or a dense FFN); a module of no such type inherits its
+parent's part, so e.g. the MTP block's attention is "attention" and its input projection `eh_proj` is "mtp".
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from ..modeling.experts import MLP, RoutedExperts
+from ..modeling.moe import MoEBlock
+from ..modeling.mtp import MTPModule
+from ..modeling.normalization import RMSNorm
+from ..modeling.routing import Router
+
+#: The parts of a model, in report order. "lm_head" is the output head (`lm_head`, or a classifier's `score`);
+#: "lora" holds adapter weights (peft's lora_A / lora_B ...); "other" whatever is none of the rest.
+PARTS = (
+    "embeddings", "attention", "dense_ffn", "router", "routed_experts", "shared_experts", "norms", "lm_head",
+    "mtp", "lora", "other",
+)
+HEAD_NAMES = ("lm_head", "score")
+
+
+def _own_part(name: str, module: nn.Module) -> str | None:
+    """The part a module's parameters belong to, or None to inherit its parent's."""
+    if isinstance(module, RoutedExperts):
+        return "routed_experts"
+    if isinstance(module, Router):
+        return "router"
+    if isinstance(module, MLP):
+        return "shared_experts" if name.endswith("shared_experts") else "dense_ffn"
+    if isinstance(module, MoEBlock):
+        return "shared_experts"  # its own leftovers: the shared-expert gate
+    if isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention)):
+        return "attention"
+    if isinstance(module, RMSNorm):
+        return "norms"
+    if isinstance(module, nn.Embedding):
+        return "embeddings"
+    if isinstance(module, MTPModule):
+        return "mtp"
+    if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        return "lm_head"
+    return None
+
+
+def module_parts(model: nn.Module) -> dict[str, str]:
+    """{module name: part} (a module inherits its parent's part unless its type names one)."""
+    parts: dict[str, str] = {}
+    for name, module in model.named_modules():
+        parent = parts.get(name.rsplit(".", 1)[0] if "." in name else "", "other")
+        parts[name] = _own_part(name, module) or parent
+    return parts
+
+
+def parameter_parts(model: nn.Module) -> dict[str, str]:
+    """{parameter name: part} for every parameter of `model` (tied weights listed once)."""
+    modules = module_parts(model)
+    parts = {}
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        parts[name] = "lora" if ".lora_" in f".{name}" else modules.get(owner, "other")
+    return parts
+
+
+__all__ = ["PARTS", "module_parts", "parameter_parts"]
