@@ -17,10 +17,17 @@ and its save/publish helpers may add others (e.g. "model_card").
 Remote-code copies of this file (`transformers_modules.<repo>.kernel_hooks`) share hf_moe's table when
 hf_moe has been imported in the process (found in `sys.modules`, never imported from here), so a model
 loaded with `trust_remote_code=True` next to an installed hf_moe runs the installed kernels.
+
+`plain_linear` is the one test of whether code may read a Linear's weight directly instead of calling the
+module: the absorbed MLA decode uses it here, every kernel through `hf_moe.kernels.eligible`.
 """
 
 import sys
 from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _modules
 
 _CANONICAL = "hf_moe.modeling.kernel_hooks"  # the installed package's copy of this module
 _KERNELS: dict[str, Callable] = {}
@@ -62,8 +69,22 @@ def run_kernel(name: str, *args: object, **kwargs: object) -> object | None:
     return None if kernel is None else kernel(*args, **kwargs)
 
 
-def project(module: Callable, x: object) -> object:
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a Linear layer: the "linear" kernel where it takes the call, else the module itself (so
     LoRA layers, hooks and quantized linears behave as they always do)."""
     out = run_kernel("linear", module, x)
     return module(x) if out is None else out
+
+
+def plain_linear(module: nn.Module, allow_bias: bool = False) -> bool:
+    """An nn.Linear (bias-free unless `allow_bias`) that nothing wraps or hooks: no forward or backward hooks of
+    its own or global ones, no `forward` replaced on the instance (accelerate's hooks do that)."""
+    return (type(module) is nn.Linear and (allow_bias or module.bias is None) and not module._forward_hooks
+            and not module._forward_pre_hooks and not module._backward_hooks and not module._backward_pre_hooks
+            and "forward" not in module.__dict__ and not hasattr(module, "_hf_hook") and not _global_module_hooks())
+
+
+def _global_module_hooks() -> bool:
+    """Hooks registered for every module (`torch.nn.modules.module.register_module_forward_hook` and kin)."""
+    return bool(_modules._global_forward_hooks or _modules._global_forward_pre_hooks
+                or _modules._global_backward_hooks or _modules._global_backward_pre_hooks)

@@ -12,18 +12,19 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .attention import default_attention
 from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
-from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
 from .experts import RoutedExperts
-from .fast_paths import autocast_active, plain_linear
+from .kernel_hooks import run_kernel
 from .losses import moe_auxiliary_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
@@ -59,6 +60,12 @@ def _name_keys(keys: set[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: object) -> torch.Tensor:
+    """transformers' ForCausalLMLoss; the "causal_lm_loss" kernel takes the calls it is eligible for."""
+    loss = run_kernel("causal_lm_loss", logits, labels, vocab_size, **kwargs)
+    return ForCausalLMLoss(logits, labels, vocab_size, **kwargs) if loss is None else loss
+
+
 def real_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """(B*T,) bool of the non-padding tokens of the current positions, from a 2-D padding mask (else None)."""
     if attention_mask is None or attention_mask.dim() != 2:
@@ -91,6 +98,17 @@ class MoEPreTrainedModel(PreTrainedModel):
         if requested_experts in (None, "auto"):
             requested_experts = "hf_moe_auto" if "hf_moe_auto" in ALL_EXPERTS_FUNCTIONS else None
         return super().get_correct_experts_implementation(requested_experts)
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """None (the default) and "auto" mean hf_moe's choice "hf_moe_sdpa" when `import hf_moe` has registered it
+        (`attention.default_attention`), else transformers' default; every other name means what it means there."""
+        chosen = default_attention(requested_attention)
+        if chosen is not None and chosen != requested_attention:  # our default: fall back like transformers' own
+            try:
+                return super().get_correct_attn_implementation(chosen, is_init_check)
+            except (ValueError, ImportError):
+                chosen = None
+        return super().get_correct_attn_implementation(chosen, is_init_check)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -276,7 +294,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     @property
     def loss_function(self) -> Callable:
         """The LM loss: one set with `model.loss_function = fn` or a `loss_type` other than "ForCausalLM" is used
-        as in transformers; by default `causal_lm_loss` (ForCausalLMLoss's semantics, fewer logits-sized tensors)."""
+        as in transformers; by default `causal_lm_loss` (transformers' ForCausalLMLoss, or its kernels)."""
         if hasattr(self, "_loss_function"):
             return self._loss_function
         if getattr(self, "loss_type", None) in (None, "ForCausalLM"):
@@ -296,19 +314,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get("cache")
         if cache is not given and type(cache) is DynamicCache and not cache.offloading:
             use_growable_layers(cache)
-
-    def fuses_lm_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
-        """Whether the LM head and the default loss run as one `lm_head_and_loss` (same loss and logits, no
-        logits-sized gradient): a CPU fp32 training forward over all positions with a plain bias-free head."""
-        return (
-            torch.is_grad_enabled()
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32
-            and isinstance(logits_to_keep, int) and logits_to_keep == 0
-            and self.loss_function is causal_lm_loss
-            and plain_linear(self.lm_head)
-            and not autocast_active(hidden_states)
-        )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -335,11 +340,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        loss = lm_loss = mtp_loss = None
-        if labels is not None and self.fuses_lm_loss(hidden_states, logits_to_keep):
-            lm_loss, logits = lm_head_and_loss(hidden_states, self.lm_head.weight, labels,
-                                               num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                               shift_labels=kwargs.get("shift_labels"))
+        loss = lm_loss = mtp_loss = fused = None
+        if labels is not None and self.loss_function is causal_lm_loss:  # the "lm_head_loss" kernel: head + loss
+            fused = run_kernel("lm_head_loss", self.lm_head, hidden_states, labels, logits_to_keep,
+                               num_items_in_batch=kwargs.get("num_items_in_batch"),
+                               shift_labels=kwargs.get("shift_labels"))
+        if fused is not None:
+            lm_loss, logits = fused
         else:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, keep, :])

@@ -11,8 +11,8 @@ import torch
 
 import hf_moe.kernels  # noqa: F401  registers the backends
 from hf_moe import MoEForCausalLM
-from hf_moe.kernels.backends import BACKENDS, choose_backend
-from hf_moe.kernels.fused import SlotPlan, padded_count
+from hf_moe.kernels.experts.backends import BACKENDS, choose_backend
+from hf_moe.kernels.experts.fused import SlotPlan, padded_count
 from hf_moe.modeling.experts import RoutedExperts
 from tests.conftest import tiny_config
 
@@ -187,12 +187,12 @@ def test_default_and_auto_resolve_to_hf_moe_auto() -> None:
 
 
 def test_auto_logs_choice_once(caplog: pytest.LogCaptureFixture) -> None:
-    from hf_moe.kernels import backends
+    from hf_moe.kernels.experts import backends
 
     backends._logged_choices.clear()
     experts = make_experts(implementation="hf_moe_auto")
     ids, weights = random_routing(3, 6, 2)
-    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.backends"):
+    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.experts.backends"):
         with torch.no_grad():
             experts(torch.randn(3, 24), ids, weights)
             experts(torch.randn(3, 24), ids, weights)
@@ -233,7 +233,7 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch: pytest.Monk
 def test_decode_forward_matches_eager(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without autograd, up to FEW_SLOTS token-slots take the slot-by-slot path (T=3, K=3 does not): the same
     output as eager, also with a slot dropped (weight 0) and an expert chosen by two tokens."""
-    from hf_moe.kernels import fused
+    from hf_moe.kernels.experts import fused
 
     calls = []
     original = fused._few_slots_forward
@@ -307,7 +307,7 @@ def test_pad_rows_are_never_added_into_a_token() -> None:
 
 def test_small_experts_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Padding is for oneDNN's kernel cache: where no expert product is large enough for oneDNN, none is made."""
-    from hf_moe.modeling import gemm
+    from hf_moe.kernels.cpu import gemm
 
     if not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")

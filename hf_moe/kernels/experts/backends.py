@@ -112,7 +112,7 @@ def phase_of(experts: nn.Module, hidden_states: torch.Tensor) -> str:
 def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) -> str:
     """The backend `hf_moe_auto` runs for this device, dtype and phase.
 
-    CPU: `hf_moe_fused` for every phase (per-expert matmuls on the faster fp32 GEMM, see `modeling.gemm`; on
+    CPU: `hf_moe_fused` for every phase (per-expert matmuls on the faster fp32 GEMM, see `kernels.cpu.gemm`; on
     torch.mm as fast as torch's CPU grouped_mm, which loops over groups too, with no alignment rules; decode
     touches only the chosen experts).
     CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
