@@ -52,3 +52,33 @@ def test_accelerate_offload_hooks_keep_the_module_paths(monkeypatch: pytest.Monk
     ids = torch.randint(3, 97, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert fused_loss == [] and swiglu == [1]  # only the shared experts' MLP, which nothing hooks
+
+
+def test_every_seam_kernel_declines_other_devices_dtypes_and_no_grad() -> None:
+    """Measured on CPU fp32 only: a "meta" device (standing for CUDA and the rest), fp64, and training kernels
+    without a graph all get None, i.e. the reference path."""
+    from hf_moe.kernels import SEAM_KERNELS
+    from hf_moe.modeling.experts import MLP
+    from hf_moe.modeling.normalization import RMSNorm
+
+    def calls(device: str, dtype: torch.dtype, grad: bool) -> dict[str, object]:
+        norm, mlp, head = RMSNorm(16), MLP(tiny_config(hidden_size=16), 24), torch.nn.Linear(16, 40, bias=False)
+        for module in (norm, mlp, head):
+            module.to(device=device, dtype=dtype)
+        x = torch.randn(2, 5, 16, device=device, dtype=dtype, requires_grad=grad)
+        angles = torch.randn(2, 1, 5, 4, device=device, dtype=dtype)
+        labels = torch.randint(0, 40, (2, 5), device=device)
+        with torch.set_grad_enabled(grad):
+            return {
+                "rms_norm": SEAM_KERNELS["rms_norm"](norm, x),
+                "rope": SEAM_KERNELS["rope"](x.view(2, 1, 5, 16)[..., :8], angles, angles, False),
+                "swiglu": SEAM_KERNELS["swiglu"](mlp, x),
+                "lm_head_loss": SEAM_KERNELS["lm_head_loss"](head, x, labels),
+                "causal_lm_loss": SEAM_KERNELS["causal_lm_loss"](head(x), labels, 40),
+            }
+
+    assert all(out is not None for out in calls("cpu", torch.float32, True).values())  # the fast case
+    for device, dtype, grad in (("meta", torch.float32, True), ("cpu", torch.float64, True),
+                                ("cpu", torch.float32, False)):
+        assert calls(device, dtype, grad) == dict.fromkeys(("rms_norm", "rope", "swiglu", "lm_head_loss",
+                                                            "causal_lm_loss")), (device, dtype, grad)
