@@ -10,7 +10,7 @@ import torch
 
 from hf_moe import MoEForCausalLM
 from hf_moe.training.balancing import update_router_biases
-from hf_moe.training.frozen_experts import frozen_experts, restore_frozen_experts
+from hf_moe.training.frozen_experts import frozen_experts
 from hf_moe.training.recipes import (
     RECIPES,
     apply_finetuned_delta,
@@ -145,16 +145,6 @@ def test_frozen_weights_survive_momentum_from_earlier_steps(recipe: str, options
     assert_recipe_held(model, before, recipe, options)
 
 
-def test_gradient_masking_alone_is_not_enough() -> None:
-    """The premise of the design: with frozen rows' gradients zeroed but no restore, AdamW moves them."""
-    model = tiny_model()
-    experts = model.model.layers[1].mlp.experts
-    experts.gate_up_proj.register_hook(lambda g: g.index_fill(0, torch.tensor([1, 2]), 0))
-    before = experts.gate_up_proj.detach().clone()
-    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), steps=1)
-    assert not torch.equal(before[1:3], experts.gate_up_proj.detach()[1:3])
-
-
 def test_esft_under_hf_trainer(tmp_path) -> None:
     """The Trainer builds (fused AdamW) and wraps the optimizer after the recipe ran."""
     from datasets import Dataset
@@ -242,20 +232,6 @@ def test_bad_arguments_are_named() -> None:
     assert set(RECIPES) == {"full", "freeze-router", "freeze-routed-experts", "moe-only", "esft", "lora"}
 
 
-def test_restore_frozen_experts_by_hand() -> None:
-    """For optimizers outside torch.optim (e.g. DeepSpeed) the restore can be called directly."""
-    model = tiny_model()
-    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
-    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), steps=1)
-    weight = model.model.layers[1].mlp.experts.down_proj
-    kept = weight.detach().clone()
-    with torch.no_grad():
-        weight.add_(1.0)
-    restore_frozen_experts(model)
-    assert torch.equal(weight[[1, 2, 4, 6, 7]], kept[[1, 2, 4, 6, 7]])
-    assert torch.equal(weight[SELECTION[1]], kept[SELECTION[1]] + 1.0)
-
-
 def test_delta_holds_only_what_changed_and_reapplies(tmp_path) -> None:
     model = tiny_model()
     report = apply_recipe(model, "esft", experts=SELECTION, bias_update=True, verbose=False)
@@ -285,16 +261,3 @@ def test_delta_refuses_a_different_base(tmp_path) -> None:
     other = MoEForCausalLM(tiny_config(num_nextn_predict_layers=1, moe_intermediate_size=12))
     with pytest.raises(ValueError, match="shape"):
         apply_finetuned_delta(other, tmp_path)
-
-
-def test_frozen_rows_get_no_gradient() -> None:
-    """Gradient clipping and the DDP all-reduce see zeros for frozen experts, real gradients for trained ones."""
-    model = tiny_model()
-    apply_recipe(model, "esft", experts=SELECTION, verbose=False)
-    ids = torch.randint(3, 97, (4, 12), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()
-    for layer, trained in SELECTION.items():
-        grad = model.model.layers[layer].mlp.experts.gate_up_proj.grad
-        frozen = [e for e in range(grad.shape[0]) if e not in trained]
-        assert torch.count_nonzero(grad[frozen]) == 0
-        assert torch.count_nonzero(grad[trained]) > 0
