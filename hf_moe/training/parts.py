@@ -1,7 +1,7 @@
 """Which part of an MoE model each module and parameter belongs to: the one classification that the
 finetuning recipes (what to freeze), their reports and the parameter counts of `hf_moe.inspection` share.
 
-A module's part comes from its type (router, routed experts, attention, norm, embedding, MTP module) or, for
+A module's part comes from its class (router, routed experts, attention, norm, embedding, MTP module) or, for
 the SwiGLU MLP, from its place (`shared_experts` or a dense FFN); a module of no such type inherits its
 parent's part, so e.g. the MTP block's attention is "attention" and its input projection `eh_proj` is "mtp".
 """
@@ -24,26 +24,24 @@ PARTS = (
     "mtp", "lora", "other",
 )
 HEAD_NAMES = ("lm_head", "score")
+#: hf_moe's module classes by name, so that a model loaded as remote code (the same classes, copied into
+#: `transformers_modules`) is classified too.
+_CLASS_PARTS = {cls.__name__: part for cls, part in (
+    (RoutedExperts, "routed_experts"), (Router, "router"), (MoEBlock, "shared_experts"),  # the block's own: the gate
+    (MultiHeadLatentAttention, "attention"), (GroupedQueryAttention, "attention"), (RMSNorm, "norms"),
+    (MTPModule, "mtp"),
+)}
 
 
 def _own_part(name: str, module: nn.Module) -> str | None:
     """The part a module's parameters belong to, or None to inherit its parent's."""
-    if isinstance(module, RoutedExperts):
-        return "routed_experts"
-    if isinstance(module, Router):
-        return "router"
-    if isinstance(module, MLP):
+    kind = type(module).__name__
+    if kind == MLP.__name__:
         return "shared_experts" if name.endswith("shared_experts") else "dense_ffn"
-    if isinstance(module, MoEBlock):
-        return "shared_experts"  # its own leftovers: the shared-expert gate
-    if isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention)):
-        return "attention"
-    if isinstance(module, RMSNorm):
-        return "norms"
+    if kind in _CLASS_PARTS:
+        return _CLASS_PARTS[kind]
     if isinstance(module, nn.Embedding):
         return "embeddings"
-    if isinstance(module, MTPModule):
-        return "mtp"
     if name.rsplit(".", 1)[-1] in HEAD_NAMES:
         return "lm_head"
     return None

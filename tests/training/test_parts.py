@@ -53,3 +53,17 @@ def test_counts_and_recipes_use_the_same_parts() -> None:
     report = apply_recipe(model, "full", verbose=False)
     for part, (_, total) in report.parts.items():
         assert total == sum(p.numel() for name, p in model.named_parameters() if parts[name] == part)
+
+
+def test_a_model_loaded_as_remote_code_has_the_same_parts(tmp_path) -> None:
+    """The copied modeling classes (transformers_modules.*) are classified like hf_moe's own."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from hf_moe.hub import export_remote_code
+
+    model = tiny_model()
+    export_remote_code(model, tmp_path / "remote")
+    remote_class = get_class_from_dynamic_module("model.MoEForCausalLM", str(tmp_path / "remote"))
+    remote = remote_class.from_pretrained(tmp_path / "remote")
+    assert remote_class is not MoEForCausalLM and remote_class.__name__ == MoEForCausalLM.__name__
+    assert parameter_parts(remote) == parameter_parts(model)
