@@ -21,11 +21,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .configuration import MoEConfig
+from .kernel_hooks import run_kernel
 from .routing import RouterOutput, valid_tokens
 
 IGNORE_INDEX = -100  # label of a position that is not a target (transformers' convention)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: object) -> torch.Tensor:
+    """The LM loss: transformers' ForCausalLMLoss; the "causal_lm_loss" kernel takes the calls it is eligible for."""
+    loss = run_kernel("causal_lm_loss", logits, labels, vocab_size, **kwargs)
+    return ForCausalLMLoss(logits, labels, vocab_size, **kwargs) if loss is None else loss
 
 
 def affinities(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
