@@ -119,7 +119,7 @@ def train_flops(config: MoEConfig, batch: int, length: int) -> float:
 class MoEMatmulsOnly:
     """The matmuls of one MoE layer's forward+backward and nothing else (no routing, gathers, activations or
     autograd), with the current batch's per-expert token counts (`refresh` after new inputs), each multiplied as
-    our layer multiplies it: on torch.mm into preallocated outputs, or on oneDNN where `hf_moe.modeling.gemm`
+    our layer multiplies it: on torch.mm into preallocated outputs, or on oneDNN where `hf_moe.kernels.cpu.gemm`
     chose it (expert segments at the padded sizes our layer uses there; the router on torch.mm, as ours). The
     floor any implementation of the layer runs into on this machine, at these shapes."""
 

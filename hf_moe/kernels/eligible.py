@@ -31,6 +31,8 @@ def eligible(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FP32, tra
              modules: Iterable[nn.Module] = (), allow_bias: bool = False) -> bool:
     """Whether a fast path may run on these tensors and modules (see the module docstring). `tensors` are the
     inputs and the weights the kernel reads; `modules` the Linear layers whose weights it reads directly."""
+    if training and not torch.is_grad_enabled():  # the cheapest test first: decode steps end here
+        return False
     device = tensors[0].device.type
     if device not in FAST_DEVICES or torch.is_autocast_enabled(device):
         return False
