@@ -182,6 +182,11 @@ def frozen_experts(model: nn.Module) -> dict[str, list[int]]:
     }
 
 
+def experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
+    """{module name: fused-experts module} of `model` (MTP blocks included)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, RoutedExperts)}
+
+
 def trainable_experts(module: nn.Module) -> list[int]:
     """Expert ids of one fused-experts module that an optimizer may change."""
     if not module.gate_up_proj.requires_grad:

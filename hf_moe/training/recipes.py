@@ -14,13 +14,13 @@ MoE models overfit small finetuning sets and forget; the field's answers train a
 
 A recipe sets `requires_grad` for every parameter (so recipes do not stack) and freezes expert slices through
 `hf_moe.training.frozen_experts` (bit-exact under any torch optimizer, Trainer, accelerate, DDP, FSDP2). Apply it
-before wrapping the model (DDP, FSDP) and before creating the optimizer.
+before wrapping the model (DDP, FSDP) and before creating the optimizer. What a recipe trained is saved apart
+with `hf_moe.training.delta.save_finetuned_delta`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,14 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.experts import RoutedExperts
 from .expert_selection import load_expert_selection
-from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, freeze_experts, trainable_experts, unfreeze_experts
+from .frozen_experts import FUSED_EXPERT_WEIGHTS, experts_modules, freeze_experts, trainable_experts, unfreeze_experts
 from .parts import PARTS, module_parts, parameter_parts
 
 #: What ESFT's `train_non_expert=True` trains besides the experts.
 NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "lm_head", "mtp", "other"})
-DELTA_WEIGHTS, DELTA_MANIFEST = "delta.safetensors", "delta.json"
 
 
 @dataclass
@@ -79,14 +77,10 @@ class RecipeReport:
 
 
 # ----------------------------------------------------------------------------------------- freezing
-def _experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
-
-
 def _train_parts(model: nn.Module, trainable: set[str]) -> None:
     """requires_grad = (part in `trainable`) for every parameter; no expert slice stays frozen. Frozen tensors
     also lose any stale `.grad` (an optimizer skips a parameter only while its grad is None)."""
-    for module in _experts_modules(model).values():
+    for module in experts_modules(model).values():
         unfreeze_experts(module)
     parts = parameter_parts(model)
     for name, param in model.named_parameters():
@@ -104,7 +98,7 @@ def recipe_report(model: nn.Module, recipe: str, notes: list[str] | None = None)
         counts[parts[name]][1] += param.numel()
         counts[parts[name]][0] += param.numel() if param.requires_grad else 0
     experts: dict[int, list[int]] = {}
-    for name, module in _experts_modules(model).items():
+    for name, module in experts_modules(model).items():
         trained = trainable_experts(module)
         if module.gate_up_proj.requires_grad and len(trained) < module.num_experts:
             per_expert = sum(getattr(module, w).numel() for w in FUSED_EXPERT_WEIGHTS) // module.num_experts
@@ -183,7 +177,7 @@ def _esft(
     parts |= {"shared_experts"} if train_shared_experts else set()
     parts |= NON_EXPERT_PARTS if train_non_expert else set()
     _train_parts(model, parts)
-    for name, module in _experts_modules(model).items():
+    for name, module in experts_modules(model).items():
         chosen = set(selection.get(_layer_of(name), [])) if ".mtp." not in f".{name}" else set()
         freeze_experts(module, [e for e in range(module.num_experts) if e not in chosen])
     return _bias_update(model, bias_update)
@@ -264,75 +258,3 @@ def apply_recipe(model: nn.Module, name: str, verbose: bool = True, **options: A
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(report.table())
     return report
-
-
-# -------------------------------------------------------------------------------- saving the delta
-def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> dict:
-    """Save only what training could change: trainable tensors, the trained rows of partially frozen expert
-    tensors, and the router biases, plus a manifest (`delta.json`). Returns the manifest.
-
-    Re-apply with `apply_finetuned_delta(base_model, directory)`. Call it on every rank under FSDP2
-    (DTensors are gathered); only rank 0 writes.
-    """
-    from safetensors.torch import save_file
-
-    experts_of = {f"{name}.{w}": m for name, m in _experts_modules(model).items() for w in FUSED_EXPERT_WEIGHTS}
-    tensors, entries = {}, {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        value = param.full_tensor() if _is_dtensor(param) else param
-        module = experts_of.get(name)
-        trained = trainable_experts(module) if module is not None else None
-        if trained is not None and len(trained) < module.num_experts:
-            tensors[name] = value.detach().index_select(0, torch.tensor(trained, device=value.device)).cpu()
-            entries[name] = {"experts": trained}
-        else:
-            tensors[name] = value.detach().cpu().contiguous()
-            entries[name] = {}
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            tensors[name] = (buffer.full_tensor() if _is_dtensor(buffer) else buffer).detach().cpu().contiguous()
-            entries[name] = {}
-    config = getattr(model, "config", None)
-    manifest = {
-        "format": "hf_moe.finetuned_delta", "version": 1, "recipe": getattr(model, "hf_moe_recipe", None),
-        "base_model": getattr(config, "_name_or_path", None) or None, "tensors": entries, **metadata,
-    }
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        os.makedirs(directory, exist_ok=True)
-        save_file(tensors, os.path.join(directory, DELTA_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(directory, DELTA_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-    return manifest
-
-
-@torch.no_grad()
-def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Write a delta saved by `save_finetuned_delta` into its base model (in place); returns the model."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, DELTA_MANIFEST)) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "hf_moe.finetuned_delta":
-        raise ValueError(f"{directory} holds no hf_moe finetuned delta (format={manifest.get('format')!r}).")
-    tensors = load_file(os.path.join(directory, DELTA_WEIGHTS))
-    state = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = sorted(set(manifest["tensors"]) - set(state))
-    if missing:
-        raise ValueError(f"The model has no tensors named {missing[:5]}: is it the delta's base model "
-                         f"({manifest.get('base_model')})?")
-    for name, entry in manifest["tensors"].items():
-        target, value = state[name], tensors[name]
-        rows = entry.get("experts")
-        index = torch.tensor(rows, device=target.device) if rows is not None else None
-        expected = target.shape if index is None else (len(rows), *target.shape[1:])
-        if tuple(value.shape) != tuple(expected):
-            raise ValueError(f"Delta tensor {name} has shape {tuple(value.shape)}, the model needs {tuple(expected)}.")
-        value = value.to(device=target.device, dtype=target.dtype)
-        if index is None:
-            target.copy_(value)
-        else:
-            target.index_copy_(0, index, value)
-    return model
