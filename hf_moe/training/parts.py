@@ -8,6 +8,8 @@ parent's part, so e.g. the MTP block's attention is "attention" and its input pr
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
@@ -24,6 +26,8 @@ PARTS = (
     "mtp", "lora", "other",
 )
 HEAD_NAMES = ("lm_head", "score")
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_MTP_NAME = re.compile(r"(?:^|\.)mtp\.(\d+)(?:\.|$)")
 #: hf_moe's module classes by name, so that a model loaded as remote code (the same classes, copied into
 #: `transformers_modules`) is classified too.
 _CLASS_PARTS = {cls.__name__: part for cls, part in (
@@ -66,4 +70,20 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
     return parts
 
 
-__all__ = ["PARTS", "module_parts", "parameter_parts"]
+def layer_index(name: str) -> int:
+    """The decoder layer a module or parameter name lies in ("model.layers.3.mlp.experts" -> 3, through
+    wrappers' prefixes too); -1 outside the decoder layers (embeddings, head, MTP blocks)."""
+    match = None if _MTP_NAME.search(name) else _LAYER_NAME.search(name)
+    return int(match.group(1)) if match else -1
+
+
+def layer_label(name: str) -> str:
+    """A short label for a module's place: "layer_3" for decoder layer 3, "mtp_0" for the MTP block of depth 1
+    ("mtp.0...."); anything else: the name itself."""
+    if match := _MTP_NAME.search(name):
+        return f"mtp_{match.group(1)}"
+    index = layer_index(name)
+    return f"layer_{index}" if index >= 0 else name
+
+
+__all__ = ["PARTS", "layer_index", "layer_label", "module_parts", "parameter_parts"]

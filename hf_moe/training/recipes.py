@@ -31,7 +31,7 @@ from torch import nn
 
 from .expert_selection import load_expert_selection
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, experts_modules, freeze_experts, trainable_experts, unfreeze_experts
-from .parts import PARTS, module_parts, parameter_parts
+from .parts import PARTS, layer_index, module_parts, parameter_parts
 
 #: What ESFT's `train_non_expert=True` trains besides the experts.
 NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "lm_head", "mtp", "other"})
@@ -103,18 +103,9 @@ def recipe_report(model: nn.Module, recipe: str, notes: list[str] | None = None)
         if module.gate_up_proj.requires_grad and len(trained) < module.num_experts:
             per_expert = sum(getattr(module, w).numel() for w in FUSED_EXPERT_WEIGHTS) // module.num_experts
             counts["routed_experts"][0] -= per_expert * (module.num_experts - len(trained))
-            experts[_layer_of(name)] = trained
+            experts[layer_index(name)] = trained
     kept = {part: (t, n) for part, (t, n) in counts.items() if n}
     return RecipeReport(recipe=recipe, model=model, parts=kept, experts=experts, notes=list(notes or []))
-
-
-def _layer_of(module_name: str) -> int:
-    """Decoder-layer index in a module name like 'model.layers.3.mlp.experts' (-1 outside decoder layers)."""
-    pieces = module_name.split(".")
-    for before, after in zip(pieces, pieces[1:]):
-        if before == "layers" and after.isdigit():
-            return int(after)
-    return -1
 
 
 def _bias_update(model: nn.Module, enabled: bool | None) -> list[str]:
@@ -178,7 +169,7 @@ def _esft(
     parts |= NON_EXPERT_PARTS if train_non_expert else set()
     _train_parts(model, parts)
     for name, module in experts_modules(model).items():
-        chosen = set(selection.get(_layer_of(name), [])) if ".mtp." not in f".{name}" else set()
+        chosen = set(selection.get(layer_index(name), []))  # MTP blocks (-1) train none
         freeze_experts(module, [e for e in range(module.num_experts) if e not in chosen])
     return _bias_update(model, bias_update)
 

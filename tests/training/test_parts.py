@@ -67,3 +67,15 @@ def test_a_model_loaded_as_remote_code_has_the_same_parts(tmp_path) -> None:
     remote = remote_class.from_pretrained(tmp_path / "remote")
     assert remote_class is not MoEForCausalLM and remote_class.__name__ == MoEForCausalLM.__name__
     assert parameter_parts(remote) == parameter_parts(model)
+
+
+def test_layer_index_and_label_from_module_names() -> None:
+    from hf_moe.training.parts import layer_index, layer_label
+
+    assert layer_index("model.layers.3.mlp.experts") == 3
+    assert layer_index("base_model.model.model.layers.12.mlp.gate.weight") == 12  # through a peft wrapper
+    assert layer_index("mtp.0.block.mlp.experts") == -1 and layer_index("lm_head") == -1
+    assert layer_index("model.layers.3") == 3 and layer_index("model.layers.30x.mlp") == -1
+    assert layer_label("model.layers.3.mlp.gate") == "layer_3"
+    assert layer_label("mtp.1.block.mlp.gate") == "mtp_1"
+    assert layer_label("lm_head") == "lm_head"
