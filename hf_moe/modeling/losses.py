@@ -7,7 +7,8 @@ multi-token-prediction loss and the routers' balance terms, and returns the tota
 
 `MoEModel.forward` sums its own layers' balance terms into its `aux_loss` (`moe_auxiliary_loss`);
 `MoEForCausalLM.forward` hands that, its LM and MTP losses and the MTP blocks' routings to `total_loss`.
-To add a balancing loss: a function below, a coefficient in MoEConfig, one line in `balance_terms`.
+To add a balancing loss: a function below, a coefficient in MoEConfig (named in `balance_coefficients`) and
+one line in `balance_terms`.
 
 Notation: N routed experts, K chosen per token, T (valid) tokens, s the affinities (softmax or sigmoid),
 s' = s / sum_j s_j (a no-op for softmax). Each loss is computed per MoE layer and summed over layers, as
