@@ -6,8 +6,12 @@ shares hf_moe's kernels."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +87,7 @@ def test_without_hf_moe_attention_the_default_is_transformers_sdpa(monkeypatch: 
     assert attention.default_attention("eager") == "eager"
 
 
-def test_a_remote_code_copy_of_the_seam_shares_hf_moe_kernels(tmp_path: object) -> None:
+def test_a_remote_code_copy_of_the_seam_shares_hf_moe_kernels() -> None:
     spec = importlib.util.spec_from_file_location("transformers_modules.someone.kernel_hooks", kernel_hooks.__file__)
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
@@ -93,3 +97,46 @@ def test_a_remote_code_copy_of_the_seam_shares_hf_moe_kernels(tmp_path: object) 
         assert copy.registered_kernels() == () and copy.run_kernel("rms_norm", None, None) is None
     finally:
         sys.modules["hf_moe.modeling.kernel_hooks"] = saved
+
+
+# Loads an exported folder's remote-code classes in a process where hf_moe IS imported: they pick up hf_moe's
+# registered attention and experts and, through the shared seam, its kernels.
+INSTALLED_SCRIPT = r"""
+import json, sys
+import torch
+import hf_moe
+from hf_moe.kernels.cpu import rms_norm, swiglu
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+calls = {"rms_norm": 0, "swiglu": 0}
+for name, module, function in (("rms_norm", rms_norm, "RMSNormFunction"), ("swiglu", swiglu, "SwiGLUFunction")):
+    owner = getattr(module, function)
+    original = owner.apply
+    def counted(*args, _name=name, _original=original):
+        calls[_name] += 1
+        return _original(*args)
+    owner.apply = counted
+torch.set_num_threads(int(sys.argv[2]))
+# the Auto classes would pick the installed hf_moe classes: take the folder's own remote-code class
+remote_class = get_class_from_dynamic_module("model.MoEForCausalLM", sys.argv[1])
+model = remote_class.from_pretrained(sys.argv[1]).train()
+ids = torch.arange(3, 20).view(1, -1)
+model(input_ids=ids, labels=ids).loss.backward()
+print(json.dumps({"class": type(model).__module__, "calls": calls,
+                  "attn": model.config._attn_implementation, "experts": model.config._experts_implementation}))
+"""
+
+
+def test_remote_code_next_to_an_installed_hf_moe_uses_its_kernels(tmp_path: Path) -> None:
+    from hf_moe import hub
+
+    folder = hub.export_remote_code(MoEForCausalLM(tiny_config()), tmp_path / "tiny-moe")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TRANSFORMERS_VERBOSITY="error")
+    result = subprocess.run([sys.executable, "-c", INSTALLED_SCRIPT, str(folder), str(torch.get_num_threads())],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["class"].startswith("transformers_modules.")
+    assert (report["attn"], report["experts"]) == ("hf_moe_sdpa", "hf_moe_auto")
+    assert report["calls"]["rms_norm"] > 0 and report["calls"]["swiglu"] > 0

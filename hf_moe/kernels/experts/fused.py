@@ -247,6 +247,7 @@ def _experts_forward(
     slot_weights = plan.to_rows(top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype))  # (R,)
     x_slots = _gather_rows(hidden_states, plan)  # (R, H) scratch
     gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (R, 2I)
+    del x_slots  # dead: its scratch memory may be reused
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate).mul_(up)  # (R, I)
     weighted = _scaled_rows(act, slot_weights)  # routing weight before the down projection
@@ -296,6 +297,7 @@ class FusedExpertsFunction(torch.autograd.Function):
             d_slot_weights = plan.from_rows(product.sum(dim=-1))  # (S,)
             grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
+        del dy_slots  # dead: its scratch memory may serve the token gather below (never while it is alive)
         grad_x = grad_gate_up = None
         if need_x or need_gu:
             d_act = d_weighted.mul_(slot_weights[:, None])  # (R, I)
