@@ -205,8 +205,24 @@ def test_auto_choices_per_phase_on_cpu() -> None:
     x = torch.randn(4, 24)
     for phase in ("training", "prefill", "decode"):
         assert choose_backend(experts, x, phase) == "hf_moe_fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the eligibility rule: the experts' own eager forward
+        assert choose_backend(experts, x, "training") == "eager"
+    assert choose_backend(experts.to(torch.bfloat16), x.bfloat16(), "training") == "eager"
     experts.config.hidden_act = "gelu"  # a layout our kernels do not cover: transformers' grouped_mm
     assert choose_backend(experts, x, "training") == "grouped_mm"
+
+
+def test_auto_runs_the_eager_reference_where_the_fused_kernel_is_not_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
+    experts = make_experts(dtype=torch.bfloat16)
+    ids, weights = random_routing(8, 6, 2)
+    x = torch.randn(8, 24, dtype=torch.bfloat16)
+    fused = []
+    monkeypatch.setitem(BACKENDS, "hf_moe_fused", lambda *args: fused.append(1))
+    reference = run(experts, "eager", x, ids, weights.bfloat16(), torch.ones(8, 24, dtype=torch.bfloat16))
+    result = run(experts, "hf_moe_auto", x, ids, weights.bfloat16(), torch.ones(8, 24, dtype=torch.bfloat16))
+    assert fused == []
+    for got, want in zip(result, reference):
+        assert torch.equal(got, want)
 
 
 def test_named_backends_that_cannot_run_raise() -> None:
