@@ -207,7 +207,7 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> 
     """Plain square matmuls and their FLOP count: torch.mm and, on CPU fp32 where torch has it, the same product
     through oneDNN (on some CPUs, AMD's among them, far faster than torch.mm's MKL path). The faster of the two
     is the machine's practical GEMM ceiling."""
-    from hf_moe.modeling import gemm
+    from hf_moe.kernels.cpu import gemm
 
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -41,8 +41,8 @@ from harness import (  # noqa: E402
 import hf_moe  # noqa: E402
 from hf_moe import MoEConfig, MoEForCausalLM  # noqa: E402
 from hf_moe.conversion.families import config_from_moe, state_dict_from_moe  # noqa: E402
-from hf_moe.kernels.fused import padded_count  # noqa: E402
-from hf_moe.modeling import gemm  # noqa: E402
+from hf_moe.kernels.cpu import gemm  # noqa: E402
+from hf_moe.kernels.experts.fused import padded_count  # noqa: E402
 from hf_moe.modeling.cache import MoECache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,8 +59,7 @@ def bench_config(**overrides: object) -> MoEConfig:
         q_lora_rank=192, kv_lora_rank=128, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
         n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=128, n_shared_experts=1,
         first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=16384,
-        attn_implementation="sdpa",
-    )
+    )  # attention: hf_moe's default for ours ("hf_moe_sdpa"), transformers' sdpa for theirs
     fields.update(overrides)
     return MoEConfig(**fields)
 
@@ -74,7 +73,7 @@ def build_models(config: MoEConfig, device: torch.device, dtype: torch.dtype) ->
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.01)
     their_config = config_from_moe(config, "deepseek_v3")
-    their_config._attn_implementation = config._attn_implementation
+    their_config._attn_implementation = "sdpa"
     theirs = DeepseekV3ForCausalLM(their_config)
     theirs.load_state_dict(state_dict_from_moe("deepseek_v3", ours.state_dict(), config), strict=True)
     return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
@@ -120,7 +119,7 @@ def train_flops(config: MoEConfig, batch: int, length: int) -> float:
 class MoEMatmulsOnly:
     """The matmuls of one MoE layer's forward+backward and nothing else (no routing, gathers, activations or
     autograd), with the current batch's per-expert token counts (`refresh` after new inputs), each multiplied as
-    our layer multiplies it: on torch.mm into preallocated outputs, or on oneDNN where `hf_moe.modeling.gemm`
+    our layer multiplies it: on torch.mm into preallocated outputs, or on oneDNN where `hf_moe.kernels.cpu.gemm`
     chose it (expert segments at the padded sizes our layer uses there; the router on torch.mm, as ours). The
     floor any implementation of the layer runs into on this machine, at these shapes."""
 

@@ -12,7 +12,7 @@ set's MaxVio, and how many MTP drafts the model accepts in self-speculative gree
     python examples/pretrain_mtp.py --gamma 0 --out runs/no-bias   # compare: balancing switched off
     python examples/pretrain_mtp.py --plots                        # + expert_load.png, max_vio.png (needs matplotlib)
 
-Library use (what `hf-moe demo` calls): `hf_moe.training.pretrain.run_pretraining(output_dir, max_steps=...)`.
+Library use (what `hf-moe demo` calls): `hf_moe.demo.recipe.run_pretraining(output_dir, max_steps=...)`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import json
 import tempfile
 
-from hf_moe.training.pretrain import run_pretraining
+from hf_moe.demo.recipe import run_pretraining
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from . import (
-    kernels,  # noqa: F401  registers the hf_moe_* experts backends with transformers
+    kernels,  # noqa: F401  registers the experts backends, "hf_moe_sdpa" attention and the seam kernels
     training,  # noqa: F401  so that hf_moe.training.MoECallback works after `import hf_moe`
 )
 from .conversion.convert import convert

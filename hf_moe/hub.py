@@ -38,6 +38,7 @@ from .files import atomic_file, atomic_output_dir, copy_inside, read_json, write
 from .inspection import attention_summary, count_parameters, human_count, routing_summary
 from .modeling import model as modeling_model
 from .modeling.configuration import MoEConfig
+from .modeling.kernel_hooks import register_kernel
 from .modeling.model import MoEPreTrainedModel
 
 if TYPE_CHECKING:
@@ -407,6 +408,21 @@ def push_to_hub(
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
                                  revision=revision, create_pr=create_pr, delete_patterns=stale)
 
+
+# ------------------------------------------------------------------------------- hooks of the model classes
+def _card_for_save(model: MoEPreTrainedModel, remote_code: bool) -> str:
+    """The "model_card" hook: the card `MoEPreTrainedModel.save_pretrained` writes into a folder without one."""
+    return model_card(model, remote_code=remote_code)
+
+
+def _push_for_model(model: MoEPreTrainedModel, repo_id: str, **kwargs: Any) -> CommitInfo:
+    """The "push_to_hub" hook: `MoEPreTrainedModel.push_to_hub` uploads through `push_to_hub` above."""
+    return push_to_hub(model, repo_id, **kwargs)
+
+
+# the model classes never import hf_moe: they find these in their seam, where `import hf_moe` puts them
+register_kernel("model_card", _card_for_save)
+register_kernel("push_to_hub", _push_for_model)
 
 __all__ = [
     "AUTO_MAP",

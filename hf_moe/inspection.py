@@ -4,7 +4,7 @@ The count comes from the model itself, built on the meta device (no memory is al
 agrees with what `MoEForCausalLM` creates. "Active" is the total minus, in every routed-expert tensor, the
 share of the experts a token does not use ((E - K) / E of it). Multi-token-prediction modules are reported
 separately and left out of the headline total, as published counts do (DeepSeek-V3's 671B excludes its MTP
-module).
+module). Parts are those of `hf_moe.training.parts`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ from torch import nn
 
 from .modeling.configuration import MoEConfig
 from .modeling.model import MoEForCausalLM
-
-#: The parts of a model, in report order. "mtp" is kept out of `ParameterCount.total`.
-PARTS = (
-    "embeddings", "attention", "dense_ffn", "router", "routed_experts", "shared_experts", "norms", "lm_head",
-    "mtp", "other",
-)
+from .training.parts import PARTS, parameter_parts
 
 
 @dataclass
@@ -51,30 +46,6 @@ class ParameterCount:
         return self.active + self.active_parts.get("mtp", 0)
 
 
-def _part_of(name: str) -> str:
-    """The part a parameter belongs to, from its name (transformers' DeepseekV3 module paths)."""
-    if name.startswith("mtp."):
-        return "mtp"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    if "embed_tokens." in name:
-        return "embeddings"
-    module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
-    if module.endswith("norm"):  # input_layernorm, q_a_layernorm, kv_a_layernorm, q_norm, k_norm, norm
-        return "norms"
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp.experts." in name:
-        return "routed_experts"
-    if ".mlp.shared_expert" in name:  # shared_experts.* and shared_expert_gate
-        return "shared_experts"
-    if ".mlp.gate." in name:
-        return "router"
-    if ".mlp." in name:
-        return "dense_ffn"
-    return "other"
-
-
 def _meta_model(config: MoEConfig) -> nn.Module:
     """The full model on the meta device: right shapes, no storage."""
     with torch.device("meta"):
@@ -88,14 +59,17 @@ def count_parameters(config_or_model: MoEConfig | nn.Module) -> ParameterCount:
     else:
         config, model = config_or_model.config, config_or_model
     n_experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    part_of = parameter_parts(model)  # the classification the recipes use
 
     parts = dict.fromkeys(PARTS, 0)
     active_parts = dict.fromkeys(PARTS, 0)
     for name, param in model.named_parameters():  # tied weights are listed once
-        part, numel = _part_of(name), param.numel()
-        parts[part] += numel
+        part, numel = part_of[name], param.numel()
         # each routed-expert tensor is [E, ...]: a token uses K of the E slices
-        active_parts[part] += numel * top_k // n_experts if ".mlp.experts." in name else numel
+        active = numel * top_k // n_experts if part == "routed_experts" else numel
+        bucket = "mtp" if name.startswith("mtp.") else part  # the MTP modules are reported as one
+        parts[bucket] += numel
+        active_parts[bucket] += active
     total = sum(n for part, n in parts.items() if part != "mtp")
     active = sum(n for part, n in active_parts.items() if part != "mtp")
     return ParameterCount(total=total, active=active, parts=parts, active_parts=active_parts)
@@ -150,9 +124,8 @@ def routing_summary(config: MoEConfig) -> str:
 
 def format_parameter_report(count: ParameterCount, config: MoEConfig) -> str:
     """A readable table of the count (parts x total/active) followed by a routing/attention/layer summary."""
-    rows = [(part, count.parts[part], count.active_parts[part]) for part in PARTS if part not in ("mtp", "other")]
-    if count.parts.get("other"):
-        rows.append(("other", count.parts["other"], count.active_parts["other"]))
+    rows = [(part, count.parts[part], count.active_parts[part]) for part in PARTS if part not in ("mtp", "lora", "other")]
+    rows += [(part, count.parts[part], count.active_parts[part]) for part in ("lora", "other") if count.parts.get(part)]
     width = 24
     lines = [f"{'part':<{width}}{'total':>10}{'active':>10}", "-" * (width + 20)]
     lines += [f"{part:<{width}}{human_count(total):>10}{human_count(active):>10}" for part, total, active in rows]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_moe import MoEConfig
-from hf_moe.modeling import gemm
+from hf_moe.kernels.cpu import gemm
 
 # tokenizers' thread pool and forked workers (DDP tests) do not mix: keep it single-threaded in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,7 +54,7 @@ def onednn_for_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(params=["aten", "onednn"])
 def cpu_gemm(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test once per fp32 CPU GEMM of `hf_moe.modeling.gemm`, whatever this machine's own choice: torch.mm,
+    """Runs a test once per fp32 CPU GEMM of `hf_moe.kernels.cpu.gemm`, whatever this machine's own choice: torch.mm,
     and oneDNN for every product size."""
     if request.param == "onednn":
         onednn_for_every_size(monkeypatch)

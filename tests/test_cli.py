@@ -50,7 +50,7 @@ def test_upcycle_then_inspect_then_publish(tmp_path, capsys) -> None:
 
 def test_select_experts_writes_the_esft_selection(tmp_path, capsys) -> None:
     from hf_moe import MoEForCausalLM
-    from hf_moe.training.data import stdlib_sources, train_tokenizer
+    from hf_moe.demo.corpus import stdlib_sources, train_tokenizer
     from hf_moe.training.expert_selection import load_expert_selection
     from tests.conftest import tiny_config
 

@@ -304,7 +304,7 @@ def test_a_failed_delta_save_keeps_the_earlier_delta(tmp_path: Path, monkeypatch
     import safetensors.torch
 
     from hf_moe import MoEForCausalLM
-    from hf_moe.training.recipes import save_finetuned_delta
+    from hf_moe.training.delta import save_finetuned_delta
     from tests.conftest import tiny_config
 
     model = MoEForCausalLM(tiny_config())

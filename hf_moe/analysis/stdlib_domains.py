@@ -20,7 +20,7 @@ import os
 import tokenize
 from pathlib import Path
 
-from ..training.data import stdlib_sources
+from ..demo.corpus import stdlib_sources
 from .pipeline import analyze
 from .report import RoutingAnalysis
 

@@ -1,11 +1,15 @@
 """Attention: multi-head latent attention (MLA, DeepSeek-V2 §2.1) and grouped-query attention (GQA).
 
-Both run through transformers' attention interface (`config._attn_implementation`: eager, sdpa, flex, ...)
-and its Cache API; rotary position embeddings come from rotary.py.
+Both run through transformers' attention interface (`config._attn_implementation`) and its Cache API: a name
+transformers defines ("eager", "sdpa", "flash_attention_2", "flex_attention", ...) means exactly what it means
+there. hf_moe's default (`attn_implementation=None` or "auto", see `default_attention`) is "hf_moe_sdpa" once
+`import hf_moe` has registered it: sdpa's semantics with CPU kernels where they win, and, for MLA, the
+"mla_attention" kernel over the token-major projections. Rotary position embeddings come from rotary.py.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -15,12 +19,14 @@ from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration import MoEConfig
-from .fast_paths import plain_linear
-from .gemm import project
-from .mla_attention import mla_attention
+from .kernel_hooks import plain_linear, project, run_kernel
 from .normalization import RMSNorm
 from .rotary import apply_rope
-from .softmax_attention import explicit_wins, sdpa_attention_forward
+
+logger = logging.getLogger(__name__)
+
+HF_MOE_ATTENTION = "hf_moe_sdpa"  # the name hf_moe.kernels registers in transformers' attention interface
+_logged_defaults: set[tuple[str | None, str | None]] = set()
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:
@@ -67,11 +73,22 @@ def eager_attention_forward(
     return output, weights
 
 
+def default_attention(requested: str | None) -> str | None:
+    """`attn_implementation` as hf_moe models resolve it: None and "auto" mean "hf_moe_sdpa" where it is
+    registered (`import hf_moe`), else None (transformers' default: sdpa, or eager where sdpa cannot run); any
+    other name is returned as given. Each automatic choice is logged once per process."""
+    if requested not in (None, "auto"):
+        return requested
+    choice = HF_MOE_ATTENTION if HF_MOE_ATTENTION in ALL_ATTENTION_FUNCTIONS.valid_keys() else None
+    if (requested, choice) not in _logged_defaults:
+        _logged_defaults.add((requested, choice))
+        logger.info("hf_moe attention: attn_implementation=%r -> %r%s", requested, choice or "sdpa (transformers' default)",
+                    " (torch's sdpa with hf_moe's CPU kernels where they win)" if choice else "")
+    return choice
+
+
 def attention_function(config: MoEConfig) -> Callable:
-    """The configured backend from transformers' attention interface; "sdpa" runs our wrapper, which keeps
-    torch's kernels except where the explicit-softmax kernel is faster (CPU, see softmax_attention.py)."""
-    if config._attn_implementation == "sdpa":
-        return sdpa_attention_forward
+    """The configured function of transformers' attention interface (our eager one for "eager")."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
@@ -210,13 +227,9 @@ class MultiHeadLatentAttention(nn.Module):
             q_nope, q_pe = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
             output, weights = self.absorbed_attention(q_nope, apply_rope(q_pe, cos, sin, interleaved), latent, k_pe,
                                                       attention_mask)
-        elif self.config._attn_implementation == "sdpa" and explicit_wins(
-                queries, self.v_head_dim, batch * self.num_heads * length * latent.shape[2], dropout, **kwargs):
-            # token-major kernel: no split/concat/transpose copies of queries, keys, values or output
-            kv = project(self.kv_b_proj, latent.squeeze(1)).view(batch, -1, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-            output = mla_attention(queries.transpose(1, 2), kv, k_pe.squeeze(1), cos, sin, attention_mask,
-                                   self.qk_nope_head_dim, self.scaling, interleaved)
-            weights = None
+        elif (output := run_kernel("mla_attention", self, queries, latent, k_pe, position_embeddings, attention_mask,
+                                   dropout, **kwargs)) is not None:
+            weights = None  # token-major kernel: no split/concat/transpose copies of queries, keys, values, output
         else:  # expanded keys/values through the configured attention backend
             q_nope, q_pe = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
             keys, values = self.expand_kv(latent, k_pe)

@@ -10,65 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
 
 from .configuration import MoEConfig
-from .fast_paths import autocast_active, plain_linear, records_grad
-from .gemm import addmm_into, mm, mm_into
-from .scratch import WORKSPACE
-
-
-def swiglu_backward_into(grad_gate: torch.Tensor, grad_up: torch.Tensor, grad_act: torch.Tensor, gate: torch.Tensor,
-                         up: torch.Tensor) -> None:
-    """grad_gate = da * u * silu'(g) and grad_up = da * silu(g) (each (N, I)) for a = silu(g) * u, with
-    da = grad_act (N, I), which is overwritten."""
-    torch.ops.aten.silu.out(gate, out=grad_up).mul_(grad_act)
-    torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
-
-
-class SwiGLUFunction(torch.autograd.Function):
-    """y = W_d (silu(W_g x) * W_u x) with a hand-written backward (Shazeer 2020, eq. 6):
-
-        a = silu(g) * u            dW_d = dy^T a           da = dy W_d
-        dg = da * u * silu'(g)     du = da * silu(g)       dx = dg W_g + du W_u    dW_g = dg^T x    dW_u = du^T x
-
-    Backward writes dg, du into scratch buffers and accumulates dx in place, instead of autograd's separate
-    silu/mul backward passes and gradient sum. Products run through `gemm` (oneDNN where it is faster).
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, gate_weight: torch.Tensor,  # noqa: D102
-                up_weight: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # (N, H)
-        gate, up = mm(rows, gate_weight.t()), mm(rows, up_weight.t())  # (N, I) each
-        act = F.silu(gate).mul_(up)  # (N, I)
-        ctx.save_for_backward(rows, gate_weight, up_weight, down_weight, gate, up, act)
-        return mm(act, down_weight.t()).view(*x.shape[:-1], -1)
-
-    @staticmethod
-    @once_differentiable  # the hand-written backward is not itself differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
-        rows, gate_weight, up_weight, down_weight, gate, up, act = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])  # (N, H)
-        grad_down = mm(grad_rows.t(), act) if ctx.needs_input_grad[3] else None
-        grad_act = mm_into(grad_rows, down_weight, WORKSPACE.empty("swiglu_i", act.shape, act))  # (N, I)
-        grad_gate = WORKSPACE.empty("swiglu_gate", act.shape, act)  # (N, I) each, contiguous for the products
-        grad_up = WORKSPACE.empty("swiglu_up", act.shape, act)
-        swiglu_backward_into(grad_gate, grad_up, grad_act, gate, up)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = addmm_into(mm(grad_gate, gate_weight), grad_up, up_weight)
-            grad_x = grad_x.view(*grad_output.shape[:-1], -1)
-        grad_gate_w = mm(grad_gate.t(), rows) if ctx.needs_input_grad[1] else None
-        grad_up_w = mm(grad_up.t(), rows) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_gate_w, grad_up_w, grad_down
+from .kernel_hooks import run_kernel
 
 
 class MLP(nn.Module):
-    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU). Plain SiLU layers run `SwiGLUFunction` when autograd
-    records (without a graph the module path is the same math with less overhead)."""
+    """down(act(gate(x)) * up(x)) (Shazeer 2020, SwiGLU). The "swiglu" kernel takes the calls it is eligible for."""
 
     def __init__(self, config: MoEConfig, intermediate_size: int) -> None:
         super().__init__()
@@ -78,13 +28,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
-        self.fused = config.hidden_act in ("silu", "swish")  # False forces the eager module path
+        self.fused = config.hidden_act in ("silu", "swish")  # SwiGLU proper: kernels may fuse it; False forbids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projections = (self.gate_proj, self.up_proj, self.down_proj)
-        if (self.fused and records_grad(x, *(p.weight for p in projections))
-                and all(plain_linear(p) for p in projections) and not autocast_active(x)):
-            return SwiGLUFunction.apply(x, *(p.weight for p in projections))
+        out = run_kernel("swiglu", self, x)
+        if out is not None:
+            return out
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 

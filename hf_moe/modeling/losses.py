@@ -1,4 +1,14 @@
-"""Auxiliary training objectives of MoE routers, computed from what each router decided.
+"""The training loss of an hf_moe model, in one place: `total_loss` adds the next-token loss, the
+multi-token-prediction loss and the routers' balance terms, and returns the total with its named parts.
+
+    loss = L_LM + L_MTP + share * aux,   aux = sum over MoE layers (main and MTP blocks) of
+           aux_loss_alpha * L_expert + device_aux_loss_alpha * L_device + seq_aux_loss_alpha * L_seq
+           + router_z_loss_coef * L_z
+
+`MoEModel.forward` sums its own layers' balance terms into its `aux_loss` (`moe_auxiliary_loss`);
+`MoEForCausalLM.forward` hands that, its LM and MTP losses and the MTP blocks' routings to `total_loss`.
+To add a balancing loss: a function below, a coefficient in MoEConfig (named in `balance_coefficients`) and
+one line in `balance_terms`.
 
 Notation: N routed experts, K chosen per token, T (valid) tokens, s the affinities (softmax or sigmoid),
 s' = s / sum_j s_j (a no-op for softmax). Each loss is computed per MoE layer and summed over layers, as
@@ -7,11 +17,24 @@ DeepSeek-V2/V3 and Megatron-Core apply them. Padding tokens (attention_mask == 0
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .configuration import MoEConfig
-from .routing import RouterOutput
+from .kernel_hooks import run_kernel
+from .routing import RouterOutput, valid_tokens
+
+IGNORE_INDEX = -100  # label of a position that is not a target (transformers' convention)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, **kwargs: object) -> torch.Tensor:
+    """The LM loss: transformers' ForCausalLMLoss; the "causal_lm_loss" kernel takes the calls it is eligible for."""
+    loss = run_kernel("causal_lm_loss", logits, labels, vocab_size, **kwargs)
+    return ForCausalLMLoss(logits, labels, vocab_size, **kwargs) if loss is None else loss
 
 
 def affinities(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -71,36 +94,92 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
-def moe_auxiliary_loss(
-    routings: list[RouterOutput], attention_mask: torch.Tensor | None, batch_shape: tuple[int, int], config: MoEConfig
-) -> torch.Tensor | None:
-    """Weighted sum over MoE layers of every balance loss whose coefficient is non-zero; None if none is."""
-    coefficients = (config.aux_loss_alpha, config.device_aux_loss_alpha, config.seq_aux_loss_alpha,
-                    config.router_z_loss_coef)
-    if not routings or not any(coefficients):
-        return None
-    batch, length = batch_shape
-    valid = attention_mask[:, -length:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-    if valid is None:
-        valid = torch.ones(batch, length, dtype=torch.bool, device=routings[0].logits.device)
+def balance_coefficients(config: MoEConfig) -> tuple[float, float, float, float]:
+    """(aux_loss_alpha, device_aux_loss_alpha, seq_aux_loss_alpha, router_z_loss_coef): no balance loss is
+    computed when all four are zero."""
+    return (config.aux_loss_alpha, config.device_aux_loss_alpha, config.seq_aux_loss_alpha, config.router_z_loss_coef)
+
+
+def balance_terms(routing: RouterOutput, valid: torch.Tensor, config: MoEConfig) -> list[torch.Tensor]:
+    """The weighted balance losses of one MoE layer whose coefficient is non-zero, in a fixed order (expert,
+    device, sequence, z). `routing` covers B*T tokens; `valid` (B, T) bool marks the real ones."""
+    batch, length = valid.shape
     flat_valid = valid.reshape(-1)
     top_k, num_experts = config.num_experts_per_tok, config.n_routed_experts
+    logits = routing.logits  # (B*T, N)
+    probs = affinities(logits, config.scoring_func)
+    terms = []
+    if config.aux_loss_alpha or config.device_aux_loss_alpha:
+        p_valid, chosen_valid = probs[flat_valid], chosen_mask(routing.topk_ids[flat_valid], num_experts)
+        if config.aux_loss_alpha:
+            terms.append(config.aux_loss_alpha * expert_balance_loss(p_valid, chosen_valid, top_k))
+        if config.device_aux_loss_alpha:
+            terms.append(config.device_aux_loss_alpha * device_balance_loss(
+                p_valid, chosen_valid, top_k, config.aux_loss_num_devices))
+    if config.seq_aux_loss_alpha:
+        unbiased_ids = probs.detach().topk(top_k, dim=-1).indices  # TopK of the unbiased scores
+        chosen = chosen_mask(unbiased_ids, num_experts).view(batch, length, num_experts)
+        terms.append(config.seq_aux_loss_alpha * sequence_balance_loss(
+            probs.view(batch, length, num_experts), chosen, valid, top_k))
+    if config.router_z_loss_coef:
+        terms.append(config.router_z_loss_coef * router_z_loss(logits[flat_valid]))
+    return terms
+
+
+def moe_auxiliary_loss(
+    routings: Sequence[RouterOutput], attention_mask: torch.Tensor | None, batch_shape: tuple[int, int],
+    config: MoEConfig,
+) -> torch.Tensor | None:
+    """Sum over MoE layers of every balance loss whose coefficient is non-zero; None if none is. The routings
+    cover `batch_shape` (B, T) tokens; `attention_mask` (2-D, or None: every token is real) marks the real ones."""
+    if not routings or not any(balance_coefficients(config)):
+        return None
+    valid = valid_tokens(attention_mask, batch_shape[1])
+    if valid is None:
+        valid = torch.ones(batch_shape, dtype=torch.bool, device=routings[0].logits.device)
     total = routings[0].logits.new_zeros(())
     for routing in routings:
-        logits = routing.logits  # (B*T, N)
-        probs = affinities(logits, config.scoring_func)
-        if config.aux_loss_alpha or config.device_aux_loss_alpha:
-            p_valid, chosen_valid = probs[flat_valid], chosen_mask(routing.topk_ids[flat_valid], num_experts)
-            if config.aux_loss_alpha:
-                total = total + config.aux_loss_alpha * expert_balance_loss(p_valid, chosen_valid, top_k)
-            if config.device_aux_loss_alpha:
-                total = total + config.device_aux_loss_alpha * device_balance_loss(
-                    p_valid, chosen_valid, top_k, config.aux_loss_num_devices)
-        if config.seq_aux_loss_alpha:
-            unbiased_ids = probs.detach().topk(top_k, dim=-1).indices  # TopK of the unbiased scores
-            chosen = chosen_mask(unbiased_ids, num_experts).view(batch, length, num_experts)
-            total = total + config.seq_aux_loss_alpha * sequence_balance_loss(
-                probs.view(batch, length, num_experts), chosen, valid, top_k)
-        if config.router_z_loss_coef:
-            total = total + config.router_z_loss_coef * router_z_loss(logits[flat_valid])
+        for term in balance_terms(routing, valid, config):
+            total = total + term
     return total
+
+
+def target_count(labels: torch.Tensor) -> torch.Tensor:
+    """Number of next-token targets in `labels` (B, T): positions 1.. that are not IGNORE_INDEX."""
+    return labels[..., 1:].ne(IGNORE_INDEX).sum()
+
+
+@dataclass
+class LossParts:
+    """The training loss and its named parts (each None when it does not apply)."""
+
+    total: torch.Tensor | None  # what backward() gets: lm + mtp + share * aux (None without labels)
+    lm: torch.Tensor | None  # next-token cross-entropy
+    mtp: torch.Tensor | None  # multi-token prediction, already weighted by mtp_loss_weight
+    aux: torch.Tensor | None  # balance terms summed over MoE layers, per batch (not scaled by the share)
+
+
+def total_loss(
+    config: MoEConfig,
+    lm_loss: torch.Tensor | None,
+    mtp_loss: torch.Tensor | None = None,
+    aux_loss: torch.Tensor | None = None,
+    mtp_routings: Sequence[tuple[RouterOutput, torch.Tensor]] = (),
+    labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> LossParts:
+    """Assemble the loss. `aux_loss`: the main layers' balance loss (`MoEModel`'s); `mtp_routings`: (routing,
+    valid (B, T) bool) of each MTP block, whose balance terms are added to it.
+
+    Under the Trainer the LM and MTP losses are sums over this micro-batch / `num_items_in_batch` (the targets
+    of all micro-batches and ranks), so the per-batch aux loss is weighted by this batch's share of them."""
+    if aux_loss is not None:  # the MTP blocks' routers balance too, over the positions that have inputs
+        for routing, valid in mtp_routings:
+            aux_loss = aux_loss + moe_auxiliary_loss([routing], valid, tuple(valid.shape), config)
+    total = lm_loss
+    if total is not None and mtp_loss is not None:
+        total = total + mtp_loss
+    if total is not None and aux_loss is not None:
+        share = 1.0 if num_items_in_batch is None else target_count(labels) / num_items_in_batch
+        total = total + aux_loss * share
+    return LossParts(total=total, lm=lm_loss, mtp=mtp_loss, aux=aux_loss)

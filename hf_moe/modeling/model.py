@@ -18,18 +18,18 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
+from .attention import default_attention
 from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
-from .cross_entropy import causal_lm_loss, lm_head_and_loss
 from .decoder import DecoderLayer
 from .experts import RoutedExperts
-from .fast_paths import autocast_active, plain_linear
 from .inputs import check_inputs
-from .losses import moe_auxiliary_loss
+from .kernel_hooks import get_kernel, run_kernel
+from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
 from .rotary import RotaryEmbedding
-from .routing import Router, RouterOutput
+from .routing import Router, RouterOutput, valid_tokens
 from .speculative import MTPGenerationOutput, mtp_generate
 
 
@@ -60,13 +60,6 @@ def _name_keys(keys: set[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def real_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """(B*T,) bool of the non-padding tokens of the current positions, from a 2-D padding mask (else None)."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    return attention_mask[:, -length:].bool().reshape(-1)
-
-
 class MoEPreTrainedModel(PreTrainedModel):
     config_class = MoEConfig
     config: MoEConfig
@@ -92,6 +85,17 @@ class MoEPreTrainedModel(PreTrainedModel):
         if requested_experts in (None, "auto"):
             requested_experts = "hf_moe_auto" if "hf_moe_auto" in ALL_EXPERTS_FUNCTIONS else None
         return super().get_correct_experts_implementation(requested_experts)
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """None (the default) and "auto" mean hf_moe's choice "hf_moe_sdpa" when `import hf_moe` has registered it
+        (`attention.default_attention`), else transformers' default; every other name means what it means there."""
+        chosen = default_attention(requested_attention)
+        if chosen is not None and chosen != requested_attention:  # our default: fall back like transformers' own
+            try:
+                return super().get_correct_attn_implementation(chosen, is_init_check)
+            except (ValueError, ImportError):
+                chosen = None
+        return super().get_correct_attn_implementation(chosen, is_init_check)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -147,29 +151,25 @@ class MoEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
         """`PreTrainedModel.save_pretrained`, plus a model card (README.md: architecture, total/active
-        parameters, routing, upcycling recipe) when hf_moe is installed and the folder has no card yet."""
-        card = None
-        if kwargs.get("is_main_process", True):
-            try:  # absent where the model runs as remote code without hf_moe: then there is no card
-                from hf_moe.hub import model_card
-            except ImportError:
-                model_card = None
-            if model_card is not None:  # built first: a config the card cannot describe fails before any weights
-                card = model_card(self, remote_code="auto_map" in self.config.to_dict())
-        super().save_pretrained(save_directory, *args, **kwargs)
+        parameters, routing, upcycling recipe) when the folder has none yet and `import hf_moe` registered the
+        "model_card" hook; as remote code without hf_moe no card is written. The card is built before the weights
+        are written, so a config the card cannot describe fails before anything is saved."""
         card_path = os.path.join(save_directory, "README.md")
+        card = None
+        if kwargs.get("is_main_process", True) and not os.path.exists(card_path):
+            card = run_kernel("model_card", self, remote_code="auto_map" in self.config.to_dict())
+        super().save_pretrained(save_directory, *args, **kwargs)
         if card is not None and not os.path.exists(card_path):
-            with open(card_path, "w", encoding="utf-8") as handle:
-                handle.write(card)
+            with open(card_path, "w", encoding="utf-8") as file:
+                file.write(card)
 
     def push_to_hub(self, repo_id: str, **kwargs: object) -> object:
-        """Upload through `hf_moe.hub.push_to_hub` (safetensors shards, model card, modeling code so the repo
-        loads with trust_remote_code where hf_moe is not installed); transformers' upload without hf_moe."""
-        try:
-            from hf_moe.hub import push_to_hub
-        except ImportError:
+        """Upload through hf_moe's "push_to_hub" hook (`hf_moe.hub.push_to_hub`: safetensors shards, model card,
+        modeling code so the repo loads with trust_remote_code); transformers' upload where it is not registered."""
+        publish = get_kernel("push_to_hub")
+        if publish is None:
             return super().push_to_hub(repo_id, **kwargs)
-        return push_to_hub(self, repo_id, **kwargs)
+        return publish(self, repo_id, **kwargs)
 
 
 class MoEModel(MoEPreTrainedModel):
@@ -229,7 +229,8 @@ class MoEModel(MoEPreTrainedModel):
 
         mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        token_mask = real_tokens(attention_mask, inputs_embeds.shape[1])
+        valid = valid_tokens(attention_mask, inputs_embeds.shape[1])  # (B, T) or None: only these count as load
+        token_mask = None if valid is None else valid.reshape(-1)
         hidden_states = inputs_embeds
         all_hidden, all_attn, routings = [], [], []
         for layer in self.layers:
@@ -280,7 +281,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     @property
     def loss_function(self) -> Callable:
         """The LM loss: one set with `model.loss_function = fn` or a `loss_type` other than "ForCausalLM" is used
-        as in transformers; by default `causal_lm_loss` (ForCausalLMLoss's semantics, fewer logits-sized tensors)."""
+        as in transformers; by default `causal_lm_loss` (transformers' ForCausalLMLoss, or its kernels)."""
         if hasattr(self, "_loss_function"):
             return self._loss_function
         if getattr(self, "loss_type", None) in (None, "ForCausalLM"):
@@ -301,19 +302,6 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         if cache is not given and type(cache) is DynamicCache and not cache.offloading:
             use_growable_layers(cache)
 
-    def fuses_lm_loss(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> bool:
-        """Whether the LM head and the default loss run as one `lm_head_and_loss` (same loss and logits, no
-        logits-sized gradient): a CPU fp32 training forward over all positions with a plain bias-free head."""
-        return (
-            torch.is_grad_enabled()
-            and hidden_states.device.type == "cpu"
-            and hidden_states.dtype == torch.float32 and self.lm_head.weight.dtype == torch.float32
-            and isinstance(logits_to_keep, int) and logits_to_keep == 0
-            and self.loss_function is causal_lm_loss
-            and plain_linear(self.lm_head)
-            and not autocast_active(hidden_states)
-        )
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -331,54 +319,49 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs: object,
     ) -> MoECausalLMOutputWithPast | tuple:
+        """Decoder -> LM head (+ LM loss) -> MTP modules (+ MTP loss, training with labels only) -> total loss
+        (`losses.total_loss`: LM + MTP + the balance terms of every router)."""
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, kwargs.get("shift_labels"))
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.model.embed_tokens(input_ids)
+            inputs_embeds = self.model.embed_tokens(input_ids)  # the MTP modules read the embeddings too
         outputs = self.model(
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             output_router_logits=output_router_logits, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        loss = lm_loss = mtp_loss = None
-        if labels is not None and self.fuses_lm_loss(hidden_states, logits_to_keep):
-            lm_loss, logits = lm_head_and_loss(hidden_states, self.lm_head.weight, labels,
-                                               num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                               shift_labels=kwargs.get("shift_labels"))
-        else:
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, keep, :])
-            if labels is not None:
-                lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
-                                             **kwargs)
-
-        routings = list(outputs.routings or ())
-        if labels is not None:
-            loss = lm_loss
-            if self.mtp is not None and self.config.mtp_loss_weight > 0:
-                mtp_loss, mtp_routings = self.multi_token_prediction_loss(
-                    hidden_states, inputs_embeds, labels, attention_mask, position_ids,
-                    num_items_in_batch=kwargs.get("num_items_in_batch"))
-                routings.extend(mtp_routings)
-                loss = loss + mtp_loss
-        aux_loss = outputs.aux_loss
-        if aux_loss is not None:  # the MTP blocks' routers balance too, over the positions that have inputs
-            for depth, routing in enumerate(routings[len(outputs.routings):], start=1):
-                aux_loss = aux_loss + moe_auxiliary_loss(
-                    [routing], mtp_positions(attention_mask, inputs_embeds, depth), tuple(inputs_embeds.shape[:2]),
-                    self.config)
-        if loss is not None and aux_loss is not None:
-            # Trainer: the LM loss is a sum over this micro-batch / `num_items_in_batch` (all micro-batches and
-            # ranks); weight the per-batch aux loss by this batch's share of those tokens to match
-            num_items = kwargs.get("num_items_in_batch")
-            share = 1.0 if num_items is None else labels[..., 1:].ne(-100).sum() / num_items
-            loss = loss + aux_loss * share
+        num_items = kwargs.get("num_items_in_batch")
+        logits, lm_loss = self.logits_and_lm_loss(hidden_states, labels, logits_to_keep, **kwargs)
+        mtp_loss, mtp_routings = None, []
+        if labels is not None and self.mtp is not None and self.config.mtp_loss_weight > 0:
+            mtp_loss, mtp_routings = self.multi_token_prediction_loss(
+                hidden_states, inputs_embeds, labels, attention_mask, position_ids, num_items_in_batch=num_items)
+        loss = total_loss(self.config, lm_loss, mtp_loss, outputs.aux_loss, mtp_routings, labels, num_items)
         result = MoECausalLMOutputWithPast(
-            loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, router_logits=outputs.router_logits, mtp_loss=mtp_loss, lm_loss=lm_loss,
-            routings=tuple(routings),
+            loss=loss.total, aux_loss=loss.aux, logits=logits, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
+            mtp_loss=loss.mtp, lm_loss=loss.lm, routings=(*(outputs.routings or ()), *(r for r, _ in mtp_routings)),
         )
         return result if return_dict is not False else result.to_tuple()
+
+    def logits_and_lm_loss(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's logits (of the last `logits_to_keep` positions, 0 = all, or those of an index tensor)
+        and, given labels, the LM loss. The default loss may run with the head as the "lm_head_loss" kernel."""
+        if labels is not None and self.loss_function is causal_lm_loss:
+            fused = run_kernel("lm_head_loss", self.lm_head, hidden_states, labels, logits_to_keep,
+                               num_items_in_batch=kwargs.get("num_items_in_batch"),
+                               shift_labels=kwargs.get("shift_labels"))
+            if fused is not None:
+                lm_loss, logits = fused
+                return logits, lm_loss
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        if labels is None:
+            return logits, None
+        return logits, self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
     def generate_with_mtp(
         self,
@@ -407,11 +390,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> tuple[torch.Tensor, list[RouterOutput]]:
+    ) -> tuple[torch.Tensor, list[tuple[RouterOutput, torch.Tensor]]]:
         """lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25): depth k reads tokens i+k and predicts t_{i+k+1}.
-        Padding (attention_mask == 0) is never a target; `num_items_in_batch` normalises like the LM loss."""
-        if attention_mask is not None and attention_mask.dim() == 2:
-            labels = labels.masked_fill(attention_mask[:, -labels.shape[1]:] == 0, -100)
+        Padding (attention_mask == 0) is never a target; `num_items_in_batch` normalises like the LM loss.
+        Also returns each MTP block's routing with its valid positions (B, T) bool (`mtp_positions`)."""
+        real = valid_tokens(attention_mask, labels.shape[1])
+        if real is not None:
+            labels = labels.masked_fill(~real, IGNORE_INDEX)
         if position_ids is None:
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         mask = self.model.attention_mask_for(inputs_embeds, attention_mask, None, position_ids)
@@ -424,9 +409,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             previous, routing = module(previous, shift_left(inputs_embeds, k, 0.0), mask, position_embeddings,
                                        token_mask=valid.reshape(-1))
             if routing is not None:
-                routings.append(routing)
+                routings.append((routing, valid))
             logits_k = self.lm_head(module.norm(previous))
-            labels_k = shift_left(labels, k, -100)  # logits_k[i] is scored against labels[i + k + 1]
+            labels_k = shift_left(labels, k, IGNORE_INDEX)  # logits_k[i] is scored against labels[i + k + 1]
             total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size,
                                                num_items_in_batch=num_items_in_batch)
         return self.config.mtp_loss_weight / len(self.mtp) * total, routings
@@ -436,9 +421,9 @@ def mtp_positions(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tens
     """(B, T) bool: positions i whose MTP input at `depth` is a real token t_{i+depth} (not padding, not the
     filler past the end of the sequence)."""
     batch, length = inputs_embeds.shape[:2]
-    real = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
-    if attention_mask is not None and attention_mask.dim() == 2:
-        real = attention_mask[:, -length:].bool()
+    real = valid_tokens(attention_mask, length)
+    if real is None:
+        real = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
     return shift_left(real, depth, False) & real
 
 

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
-from .gemm import project
+from .kernel_hooks import project
 from .normalization import RMSNorm
 
 

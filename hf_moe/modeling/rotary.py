@@ -1,5 +1,5 @@
-"""Rotary position embeddings (RoPE, Su et al. 2021): cos/sin tables and the rotation, with a hand-written
-backward. Frequencies come from transformers' `ROPE_INIT_FUNCTIONS` (default, yarn, llama3...).
+"""Rotary position embeddings (RoPE, Su et al. 2021): cos/sin tables and the rotation. Frequencies come from
+transformers' `ROPE_INIT_FUNCTIONS` (default, yarn, llama3...).
 
 For rotary pairs (x1, x2) at angle theta (RoFormer eq. 13-14):
 
@@ -8,18 +8,19 @@ For rotary pairs (x1, x2) at angle theta (RoFormer eq. 13-14):
 
 Pairs are the two halves of the rotary width (Llama, Qwen, "half-split") or neighbours (x0, x1), (x2, x3)...
 (DeepSeek checkpoints, "interleaved"); the output is always written half-split, which leaves every q.k dot
-product unchanged because queries and keys are permuted alike.
+product unchanged because queries and keys are permuted alike. Without a graph the rotation is written into
+one output tensor; the "rope" kernel (hf_moe.kernels, a hand-written backward) takes the training calls it is
+eligible for.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
 from .configuration import MoEConfig
-from .fast_paths import records_grad
+from .kernel_hooks import run_kernel
 
 
 class RotaryEmbedding(nn.Module):
@@ -69,41 +70,11 @@ def rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torc
     torch.mul(x2, cos, out=y2).addcmul_(x1, sin)
 
 
-def unrotate_into(out: torch.Tensor, grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  interleaved: bool) -> None:
-    """The backward of `rotate_into`: out (x's layout) = grad (half-split) rotated by minus the angles."""
-    dy1, dy2 = rotary_pairs(grad, False)
-    dx1, dx2 = rotary_pairs(out, interleaved)
-    torch.mul(dy1, cos, out=dx1).addcmul_(dy2, sin)
-    torch.mul(dy2, cos, out=dx2).addcmul_(dy1, sin, value=-1)
-
-
 def rotated_like(x: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     """The output tensor of rotating x: x's shape broadcast against the angles, and the dtype x * cos has (as in
     the reference x * cos + rotate_half(x) * sin, e.g. fp32 for bf16 queries under autocast)."""
     shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], x.shape[-1]))
     return torch.empty(shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
-
-
-class RotaryFunction(torch.autograd.Function):
-    """y = rotate(x) by the angles whose cos/sin (half width) are given; backward rotates by minus the angles."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, cos: torch.Tensor,  # noqa: D102
-                sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-        out = rotated_like(x, cos)
-        rotate_into(out, x, cos, sin, interleaved)
-        ctx.save_for_backward(cos, sin)
-        ctx.interleaved, ctx.input_dtype = interleaved, x.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable  # the hand-written backward is not itself differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
-        cos, sin = ctx.saved_tensors
-        grad_x = torch.empty_like(grad_output, memory_format=torch.contiguous_format)
-        unrotate_into(grad_x, grad_output, cos, sin, ctx.interleaved)
-        return grad_x.to(ctx.input_dtype), None, None, None
 
 
 def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +87,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs)."""
     cos, sin = half_angles(cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2)
-    if records_grad(x):
-        return RotaryFunction.apply(x, cos, sin, interleaved)
-    out = rotated_like(x, cos)  # no graph: no Function
+    out = run_kernel("rope", x, cos, sin, interleaved)
+    if out is not None:
+        return out
+    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+        x1, x2 = rotary_pairs(x, interleaved)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = rotated_like(x, cos)  # no graph: one output, no temporaries
     rotate_into(out, x, cos, sin, interleaved)
     return out

@@ -28,6 +28,15 @@ class RouterOutput:
     topk_weights: torch.Tensor  # (T, K) fp32 gate values (dropped slots have weight 0)
 
 
+def valid_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(B, length) bool, True for the real (non-padding) tokens among the last `length` positions of a 2-D
+    padding mask (B, past + length); None when there is no 2-D mask (every token is real). Padding is routed
+    like any token but never counts: not as expert load, not in a balance loss, not as a target."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -length:].bool()
+
+
 def inside_backward() -> bool:
     """True while autograd's engine runs a backward pass (e.g. the recompute of gradient checkpointing)."""
     return torch._C._current_graph_task_id() != -1

@@ -19,10 +19,11 @@ from .balancing import (
     update_router_biases,
 )
 from .callbacks import MoECallback
+from .delta import apply_finetuned_delta, save_finetuned_delta
 from .expert_selection import expert_scores, load_expert_selection, save_expert_selection, select_experts
 from .frozen_experts import freeze_experts, restore_frozen_experts
 from .metrics import RouterLoadRecorder, dead_experts, expert_load, load_percentiles, routing_entropy
-from .recipes import RECIPES, RecipeReport, apply_finetuned_delta, apply_recipe, save_finetuned_delta
+from .recipes import RECIPES, RecipeReport, apply_recipe
 
 __all__ = [
     "ExpertLoads",

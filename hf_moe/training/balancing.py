@@ -17,7 +17,6 @@ batches, e.g. tensor parallel) gives the same update as summing over data-parall
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,19 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..modeling.routing import Router
-
-_MTP_NAME = re.compile(r"(?:^|\.)mtp\.(\d+)\.")
-_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_label(router_name: str) -> str:
-    """Short label of a router from its module name: "model.layers.3.mlp.gate" -> "layer_3",
-    "mtp.0.block.mlp.gate" -> "mtp_0" (multi-token-prediction depth 1); anything else: the name itself."""
-    if match := _MTP_NAME.search(router_name):
-        return f"mtp_{match.group(1)}"
-    if match := _LAYER_NAME.search(router_name):
-        return f"layer_{match.group(1)}"
-    return router_name
+from .parts import layer_label
 
 
 def find_routers(model: nn.Module) -> list[tuple[str, Router]]:

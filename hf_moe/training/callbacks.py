@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..modeling.losses import target_count
 from ..modeling.model import MoEPreTrainedModel
 from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
 from .metrics import RouterLoadRecorder
@@ -119,7 +120,7 @@ class MoECallback(TrainerCallback):
                 continue
             value = value.detach().float()
             # tensors all the way (no host sync per micro-batch); read once per log
-            tokens = labels[..., 1:].ne(-100).sum().float() if isinstance(labels, torch.Tensor) else value.new_ones(())
+            tokens = target_count(labels).float() if isinstance(labels, torch.Tensor) else value.new_ones(())
             tokens = tokens.to(value.device)
             scale = tokens if key == "aux_loss" or num_items is None else torch.as_tensor(
                 num_items, dtype=torch.float32, device=value.device)

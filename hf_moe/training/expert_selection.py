@@ -22,18 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.moe import MoEBlock
+from ..modeling.routing import valid_tokens
 
 logger = logging.getLogger(__name__)
 
 CRITERIA = ("gate", "token")
 DEFAULT_THRESHOLDS = {"gate": 0.1, "token": 0.2}
-
-
-def moe_layer_indices(model: nn.Module) -> list[int]:
-    """Decoder-layer indices that hold an MoE block, in the order the model returns their routings."""
-    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    return [i for i, layer in enumerate(base.layers) if isinstance(layer.mlp, MoEBlock)]
 
 
 @torch.no_grad()
@@ -56,7 +50,7 @@ def expert_scores(
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is invalid: allowed values are {CRITERIA}.")
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    layers = moe_layer_indices(model)
+    layers = base.config.moe_layer_indices  # in the order the model returns their routings
     if not layers:
         raise ValueError("The model has no MoE layer to select experts from.")
     num_experts = base.config.n_routed_experts
@@ -70,7 +64,7 @@ def expert_scores(
         for input_ids, attention_mask in _batches(dataset, batch_size, tokenizer, max_length):
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             routings = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).routings
-            valid = attention_mask.reshape(-1).bool()  # (B*T,) the routers see tokens flattened
+            valid = valid_tokens(attention_mask, input_ids.shape[1]).reshape(-1)  # (B*T,) as the routers see them
             for row, routing in zip(totals, routings[: len(layers)]):
                 ids, weights = routing.topk_ids[valid], routing.topk_weights[valid].double()  # (T', K)
                 if criterion == "gate":

@@ -10,28 +10,34 @@ decoupled weight decay (Loshchilov & Hutter 2019) scales the whole tensor, and m
    clipping, the DDP all-reduce and the optimizer's moments see only the trained experts. The hook is
    (re)attached in a forward pre-hook to whatever tensor the module holds at that moment (FSDP2 swaps in its
    unsharded parameter for the forward).
-2. Values: two *global* optimizer step hooks (`torch.optim.optimizer.register_optimizer_step_pre_hook` /
-   `..._post_hook`) run around every `step()` of every torch optimizer. Before a step they zero the frozen
-   slices' gradient again (a safety net for wrappers that write `.grad` directly) and, the first time they
-   see a parameter, copy its frozen slices; after the step they copy them back.
+2. Values: step hooks on each optimizer that holds a partially frozen weight (`Optimizer.register_step_pre_hook`
+   / `register_step_post_hook`). Before a step they zero the frozen slices' gradient again (a safety net for
+   wrappers that write `.grad` directly) and, the first time they see a parameter, copy its frozen slices;
+   after the step they copy them back. Other optimizers get no hook and are never touched.
 
-Because the hooks are global and look the parameters up when a step runs, nothing has to be attached to an
-optimizer: it works for plain loops, HF `Trainer` and accelerate (which create or wrap the optimizer later),
-DDP (same parameter objects) and FSDP2 (DTensor shards: each rank keeps and restores its local rows). The
-copy is taken at the first step (so on the final device, after DDP's broadcast) and costs the memory of the
-frozen slices. Optimizers whose `step` is not a `torch.optim.Optimizer.step` (e.g. DeepSpeed ZeRO) are not
-covered: call `restore_frozen_experts(model)` after each step there.
+Optimizers are often created after the freeze and out of sight (HF `Trainer`, accelerate), so they are found
+at their first step: while a partially frozen module exists, one process-wide step pre-hook looks at each
+optimizer once (again after a freeze, an unfreeze or a new parameter group) and gives the step hooks to those
+that hold frozen weights. When the last partially frozen module is unfrozen or garbage-collected, that hook
+and every optimizer's hooks are removed: the protection goes away with the model.
+
+This works for plain loops, HF `Trainer` and accelerate (which create or wrap the optimizer later), DDP (same
+parameter objects) and FSDP2 (DTensor shards: each rank keeps and restores its local rows). The copy is taken
+at the first step (so on the final device, after DDP's broadcast) and costs the memory of the frozen slices.
+Optimizers whose `step` is not a `torch.optim.Optimizer.step` (e.g. DeepSpeed ZeRO) are not covered: call
+`restore_frozen_experts(model)` after each step there.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..modeling.experts import RoutedExperts
 
@@ -50,15 +56,86 @@ class FrozenExperts:
     hooked: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
 
 
-_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_HOOKS: list = []
+_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the partially frozen modules alive in the process
+# the code object of torch's `Optimizer.step` wrapper, which iterates the step-hook dicts
+_STEP_WRAPPER_CODE = torch.optim.Optimizer.profile_hook_step(lambda *args, **kwargs: None).__code__
 
 
-def _ensure_optimizer_hooks() -> None:
-    """Register the two global optimizer hooks once per process."""
-    if not _HOOKS:
-        _HOOKS.append(register_optimizer_step_pre_hook(_before_step))
-        _HOOKS.append(register_optimizer_step_post_hook(_after_step))
+def _inside_optimizer_step() -> bool:
+    """Whether an optimizer step is running further up the stack (its hook dicts may be being iterated, so
+    removing a hook now would break that loop: a garbage collection can finalize a model anywhere)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_WRAPPER_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _Protection:
+    """The step hooks that protect frozen slices, and how they are found and removed.
+
+    `guards[optimizer]`: the pre/post step hooks of an optimizer that holds partially frozen weights.
+    `handle`: the process-wide step pre-hook that finds those optimizers (`discover`), registered only while
+    a partially frozen module is alive. Everything is removed when the last one is unfrozen or collected.
+    """
+
+    def __init__(self) -> None:
+        self.handle = None
+        self.generation = 0  # bumped on every freeze / unfreeze / collection: optimizers are looked at again
+        self.seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (generation, params)
+        self.guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> hook handles
+
+    def refresh(self) -> None:
+        """A freeze changed: look at every optimizer again; with nothing frozen, remove every hook."""
+        self.generation += 1
+        if _frozen_modules():
+            if self.handle is None:
+                self.handle = register_optimizer_step_pre_hook(self.discover)
+        elif not _inside_optimizer_step():  # else the next freeze, unfreeze or frozen forward finishes it
+            self.remove_guards()
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+    def remove_guards(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Remove the step hooks of `optimizer` (None: of every optimizer)."""
+        for key in list(self.guards) if optimizer is None else [optimizer]:
+            for handle in self.guards.pop(key, ()):
+                handle.remove()
+        if optimizer is None:
+            self.seen.clear()
+
+    def discover(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        """Global step pre-hook: look at `optimizer` once per freeze change (and per new parameter group); give
+        it the step hooks if it holds partially frozen weights, take them away if it no longer does. (It runs
+        before the optimizer's own pre-hooks, whose dict it may therefore change.)"""
+        key = (self.generation, sum(len(group["params"]) for group in optimizer.param_groups))
+        if self.seen.get(optimizer) == key:
+            return
+        self.seen[optimizer] = key
+        holds = next(iter(_frozen_params(optimizer)), None) is not None
+        if holds and optimizer not in self.guards:
+            self.guards[optimizer] = [optimizer.register_step_pre_hook(_before_step),
+                                      optimizer.register_step_post_hook(_after_step)]
+            _before_step(optimizer, args, kwargs)  # for this step already (a second run changes nothing)
+        elif not holds:
+            self.remove_guards(optimizer)
+
+
+_PROTECTION = _Protection()
+
+
+def _frozen_modules() -> list[nn.Module]:
+    return [module for module in _MODULES if getattr(module, _ATTRIBUTE, None) is not None]
+
+
+def _track(module: nn.Module) -> None:
+    """Count `module` among the partially frozen ones; unfreezing or collecting it updates the hooks."""
+    if module not in _MODULES:
+        _MODULES.add(module)
+        weakref.finalize(module, _PROTECTION.refresh)
+    _PROTECTION.refresh()
 
 
 def freeze_experts(module: RoutedExperts, expert_ids: Iterable[int]) -> None:
@@ -81,8 +158,7 @@ def freeze_experts(module: RoutedExperts, expert_ids: Iterable[int]) -> None:
         getattr(module, name).requires_grad_(True)
     setattr(module, _ATTRIBUTE, FrozenExperts(torch.tensor(ids, dtype=torch.long)))
     module._hf_moe_frozen_hook = module.register_forward_pre_hook(_attach_grad_hooks)
-    _MODULES.add(module)
-    _ensure_optimizer_hooks()
+    _track(module)
 
 
 def unfreeze_experts(module: RoutedExperts) -> None:
@@ -94,6 +170,7 @@ def unfreeze_experts(module: RoutedExperts) -> None:
     if handle is not None:
         handle.remove()
     _MODULES.discard(module)
+    _PROTECTION.refresh()
 
 
 def frozen_experts(model: nn.Module) -> dict[str, list[int]]:
@@ -103,6 +180,11 @@ def frozen_experts(model: nn.Module) -> dict[str, list[int]]:
         for name, module in model.named_modules()
         if getattr(module, _ATTRIBUTE, None) is not None
     }
+
+
+def experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
+    """{module name: fused-experts module} of `model` (MTP blocks included)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, RoutedExperts)}
 
 
 def trainable_experts(module: nn.Module) -> list[int]:
@@ -130,7 +212,8 @@ def _attach_grad_hooks(module: nn.Module, args: object) -> None:
     state = getattr(module, _ATTRIBUTE, None)
     if state is None:
         return
-    _MODULES.add(module)  # a deep copy of the module re-registers itself here
+    if module not in _MODULES:  # a deep copy of the module registers itself here
+        _track(module)
     for name in FUSED_EXPERT_WEIGHTS:
         tensor = module._parameters[name]
         if tensor.requires_grad and state.hooked.get(id(tensor)) is not tensor and not _is_dtensor(tensor):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..modeling.model import MoEPreTrainedModel
-from ..modeling.routing import Router, RouterOutput
+from ..modeling.routing import Router, RouterOutput, valid_tokens
 from .balancing import ExpertLoads, find_routers
 
 
@@ -87,7 +87,7 @@ class RouterLoadRecorder:
         if self._mask is not None and topk_ids.shape[0] % self._mask.shape[0] == 0:
             length = topk_ids.shape[0] // self._mask.shape[0]
             if self._mask.shape[1] >= length:
-                valid = self._mask[:, -length:].reshape(-1).bool().to(topk_ids.device)  # (B*T,)
+                valid = valid_tokens(self._mask, length).reshape(-1).to(topk_ids.device)  # (B*T,)
                 topk_ids = topk_ids[valid]
         kept = topk_ids if router.config.capacity_factor is None else topk_ids[output.topk_weights.detach() != 0]
         counts = torch.bincount(kept.reshape(-1), minlength=router.num_experts).float().cpu()

@@ -14,14 +14,13 @@ MoE models overfit small finetuning sets and forget; the field's answers train a
 
 A recipe sets `requires_grad` for every parameter (so recipes do not stack) and freezes expert slices through
 `hf_moe.training.frozen_experts` (bit-exact under any torch optimizer, Trainer, accelerate, DDP, FSDP2). Apply it
-before wrapping the model (DDP, FSDP) and before creating the optimizer.
+before wrapping the model (DDP, FSDP) and before creating the optimizer. What a recipe trained is saved apart
+with `hf_moe.training.delta.save_finetuned_delta`.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,22 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
-from ..modeling.experts import MLP, RoutedExperts
-from ..modeling.moe import MoEBlock
-from ..modeling.mtp import MTPModule
-from ..modeling.normalization import RMSNorm
-from ..modeling.routing import Router
-from .delta_checks import base_fingerprint, prepare_delta
-from .expert_selection import empty_selection_notes, load_expert_selection, moe_layer_indices, validate_selection
-from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, freeze_experts, trainable_experts, unfreeze_experts
+from .expert_selection import empty_selection_notes, load_expert_selection, validate_selection
+from .frozen_experts import FUSED_EXPERT_WEIGHTS, experts_modules, freeze_experts, trainable_experts, unfreeze_experts
+from .parts import PARTS, layer_index, module_parts, parameter_parts
 
-#: Parts of a model, in report order.
-PARTS = ("embeddings", "attention", "norms", "dense_ffn", "router", "routed_experts", "shared_experts", "head",
-         "mtp", "lora", "other")
-NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "head", "mtp", "other"})
-DELTA_WEIGHTS, DELTA_MANIFEST = "delta.safetensors", "delta.json"
-logger = logging.getLogger(__name__)
+#: What ESFT's `train_non_expert=True` trains besides the experts.
+NON_EXPERT_PARTS = frozenset({"embeddings", "attention", "norms", "dense_ffn", "lm_head", "mtp", "other"})
 
 
 @dataclass
@@ -87,57 +76,11 @@ class RecipeReport:
     __str__ = table
 
 
-# ------------------------------------------------------------------------------------------- parts
-def _own_part(name: str, module: nn.Module) -> str | None:
-    """The part a module's parameters belong to, or None to inherit its parent's."""
-    if isinstance(module, RoutedExperts):
-        return "routed_experts"
-    if isinstance(module, Router):
-        return "router"
-    if isinstance(module, MLP):
-        return "shared_experts" if name.endswith("shared_experts") else "dense_ffn"
-    if isinstance(module, MoEBlock):
-        return "shared_experts"  # its own leftovers: the shared-expert gate
-    if isinstance(module, (MultiHeadLatentAttention, GroupedQueryAttention)):
-        return "attention"
-    if isinstance(module, RMSNorm):
-        return "norms"
-    if isinstance(module, nn.Embedding):
-        return "embeddings"
-    if isinstance(module, MTPModule):
-        return "mtp"
-    if name.rsplit(".", 1)[-1] in ("lm_head", "score"):
-        return "head"
-    return None
-
-
-def module_parts(model: nn.Module) -> dict[str, str]:
-    """{module name: part} (a module inherits its parent's part unless its type names one)."""
-    parts: dict[str, str] = {}
-    for name, module in model.named_modules():
-        parent = parts.get(name.rsplit(".", 1)[0] if "." in name else "", "other")
-        parts[name] = _own_part(name, module) or parent
-    return parts
-
-
-def parameter_parts(model: nn.Module) -> dict[str, str]:
-    """{parameter name: part}; adapter weights (peft's lora_A / lora_B ...) are "lora"."""
-    modules = module_parts(model)
-    parts = {}
-    for name, _ in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        parts[name] = "lora" if ".lora_" in f".{name}" else modules.get(owner, "other")
-    return parts
-
-
-def _experts_modules(model: nn.Module) -> dict[str, RoutedExperts]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, RoutedExperts)}
-
-
+# ----------------------------------------------------------------------------------------- freezing
 def _train_parts(model: nn.Module, trainable: set[str]) -> None:
     """requires_grad = (part in `trainable`) for every parameter; no expert slice stays frozen. Frozen tensors
     also lose any stale `.grad` (an optimizer skips a parameter only while its grad is None)."""
-    for module in _experts_modules(model).values():
+    for module in experts_modules(model).values():
         unfreeze_experts(module)
     parts = parameter_parts(model)
     for name, param in model.named_parameters():
@@ -155,23 +98,14 @@ def recipe_report(model: nn.Module, recipe: str, notes: list[str] | None = None)
         counts[parts[name]][1] += param.numel()
         counts[parts[name]][0] += param.numel() if param.requires_grad else 0
     experts: dict[int, list[int]] = {}
-    for name, module in _experts_modules(model).items():
+    for name, module in experts_modules(model).items():
         trained = trainable_experts(module)
         if module.gate_up_proj.requires_grad and len(trained) < module.num_experts:
             per_expert = sum(getattr(module, w).numel() for w in FUSED_EXPERT_WEIGHTS) // module.num_experts
             counts["routed_experts"][0] -= per_expert * (module.num_experts - len(trained))
-            experts[_layer_of(name)] = trained
+            experts[layer_index(name)] = trained
     kept = {part: (t, n) for part, (t, n) in counts.items() if n}
     return RecipeReport(recipe=recipe, model=model, parts=kept, experts=experts, notes=list(notes or []))
-
-
-def _layer_of(module_name: str) -> int:
-    """Decoder-layer index in a module name like 'model.layers.3.mlp.experts' (-1 outside decoder layers)."""
-    pieces = module_name.split(".")
-    for before, after in zip(pieces, pieces[1:]):
-        if before == "layers" and after.isdigit():
-            return int(after)
-    return -1
 
 
 def _bias_update(model: nn.Module, enabled: bool | None) -> list[str]:
@@ -223,14 +157,14 @@ def _esft(
     source = str(experts) if isinstance(experts, (str, os.PathLike)) else None
     selection = load_expert_selection(experts) if source else experts
     selection = validate_selection(selection, getattr(model.config, "n_routed_experts", None),
-                                   moe_layer_indices(model), source)
+                                   model.config.moe_layer_indices, source)
     notes = empty_selection_notes(selection, train_shared_experts or train_non_expert)
     parts = {"routed_experts"}
     parts |= {"shared_experts"} if train_shared_experts else set()
     parts |= NON_EXPERT_PARTS if train_non_expert else set()
     _train_parts(model, parts)
-    for name, module in _experts_modules(model).items():
-        chosen = set(selection.get(_layer_of(name), [])) if ".mtp." not in f".{name}" else set()
+    for name, module in experts_modules(model).items():
+        chosen = set(selection.get(layer_index(name), []))  # MTP blocks (-1) train none
         freeze_experts(module, [e for e in range(module.num_experts) if e not in chosen])
     return notes + _bias_update(model, bias_update)
 
@@ -310,73 +244,3 @@ def apply_recipe(model: nn.Module, name: str, verbose: bool = True, **options: A
     if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(report.table())
     return report
-
-
-# -------------------------------------------------------------------------------- saving the delta
-def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metadata: Any) -> dict:
-    """Save only what training could change: trainable tensors, the trained rows of partially frozen expert
-    tensors, and the router biases, plus a manifest (`delta.json`). Returns the manifest.
-
-    Re-apply with `apply_finetuned_delta(base_model, directory)`. Call it on every rank under FSDP2
-    (DTensors are gathered); only rank 0 writes.
-    """
-    from safetensors.torch import save_file
-
-    experts_of = {f"{name}.{w}": m for name, m in _experts_modules(model).items() for w in FUSED_EXPERT_WEIGHTS}
-    tensors, entries = {}, {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        value = param.full_tensor() if _is_dtensor(param) else param
-        module = experts_of.get(name)
-        trained = trainable_experts(module) if module is not None else None
-        if trained is not None and len(trained) < module.num_experts:
-            tensors[name] = value.detach().index_select(0, torch.tensor(trained, device=value.device)).cpu()
-            entries[name] = {"experts": trained}
-        else:
-            tensors[name] = value.detach().cpu().contiguous()
-            entries[name] = {}
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            tensors[name] = (buffer.full_tensor() if _is_dtensor(buffer) else buffer).detach().cpu().contiguous()
-            entries[name] = {}
-    config = getattr(model, "config", None)
-    manifest = {
-        "format": "hf_moe.finetuned_delta", "version": 2, "recipe": getattr(model, "hf_moe_recipe", None),
-        "base_model": getattr(config, "_name_or_path", None) or None, "base": base_fingerprint(model),
-        "tensors": entries, **metadata,
-    }
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        from ..files import atomic_files
-
-        os.makedirs(directory, exist_ok=True)
-        # both files written aside, then renamed together: a failure leaves an earlier delta whole
-        with atomic_files(os.path.join(directory, DELTA_WEIGHTS), os.path.join(directory, DELTA_MANIFEST)) as tmps:
-            save_file(tensors, tmps[0], metadata={"format": "pt"})
-            tmps[1].write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
-
-
-@torch.no_grad()
-def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike, check_base: bool = True) -> nn.Module:
-    """Write a delta saved by `save_finetuned_delta` into its base model (in place); returns the model.
-
-    Everything is checked before anything is written (names, shapes, expert rows, and that `model` is the base
-    the delta was finetuned from: architecture fields and sampled frozen values, see `delta_checks`), so a
-    refused delta leaves the model as it was. `check_base=False` skips the base check only."""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, DELTA_MANIFEST)) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != "hf_moe.finetuned_delta":
-        raise ValueError(f"{directory} holds no hf_moe finetuned delta (format={manifest.get('format')!r}).")
-    if check_base and "base" not in manifest:
-        logger.warning("The delta in %s records no base fingerprint (saved by an older hf_moe): it cannot be checked "
-                       "against its base model.", directory)
-    tensors = load_file(os.path.join(directory, DELTA_WEIGHTS))
-    for target, index, value in prepare_delta(model, manifest, tensors, directory, check_base=check_base):
-        if index is None:
-            target.copy_(value)
-        else:
-            target.index_copy_(0, index, value)
-    return model

@@ -92,7 +92,7 @@ SAMPLE_PROSE = "The quick brown fox jumps over the lazy dog while the cat sleeps
 @pytest.fixture(scope="session")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny hf_moe model (MLA, sigmoid, group-limited routing) with a byte-level BPE tokenizer."""
-    from hf_moe.training.data import train_tokenizer
+    from hf_moe.demo.corpus import train_tokenizer
 
     from ..conftest import tiny_config
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from hf_moe.analysis.stdlib_domains import analyze_demo_run, split_source, write_stdlib_domains
-from hf_moe.training.data import stdlib_sources
+from hf_moe.demo.corpus import stdlib_sources
 
 SOURCE = '''"""Module docstring."""
 import os  # an inline comment

@@ -137,16 +137,6 @@ def test_sequence_classification_uses_last_real_token() -> None:
     torch.testing.assert_close(model(ids[:1, :3]).logits, logits[:1])
 
 
-def test_router_state_stays_fp32_when_the_model_is_cast() -> None:
-    model = MoEForCausalLM(tiny_config()).to(torch.bfloat16)
-    router = model.model.layers[1].mlp.gate
-    assert router.e_score_correction_bias.dtype == torch.float32
-    assert router.tokens_per_expert.dtype == torch.float32
-    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
-    out = model(torch.randint(3, 97, (1, 4)))
-    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
-
-
 def test_grouped_mm_backend_really_switches_and_matches_eager() -> None:
     model = MoEForCausalLM(tiny_config()).eval()
     randomize(model)
@@ -193,3 +183,37 @@ def test_bf16_autocast_runs_every_backend_close_to_fp32(backend: str) -> None:
         logits = model(ids).logits
     assert logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_modeling_never_imports_hf_moe() -> None:
+    """The Hub bundle is self-contained: no file of hf_moe/modeling imports hf_moe (inside functions neither)."""
+    import ast
+    from pathlib import Path
+
+    import hf_moe.modeling
+
+    problems = []
+    for path in sorted(Path(hf_moe.modeling.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = ["hf_moe" if node.level > 1 else (node.module or "")]
+            problems += [f"{path.name}:{node.lineno}" for name in names if name.split(".")[0] == "hf_moe"]
+    assert problems == []
+
+
+def test_save_pretrained_writes_a_card_only_through_the_model_card_hook(tmp_path) -> None:
+    """`import hf_moe` registers the "model_card" hook; without it (remote code alone) no card is written."""
+    from hf_moe.modeling import kernel_hooks
+
+    model = MoEForCausalLM(tiny_config())
+    hook = kernel_hooks.unregister_kernel("model_card")
+    assert hook is not None
+    try:
+        model.save_pretrained(tmp_path / "bare")
+    finally:
+        kernel_hooks.register_kernel("model_card", hook)
+    assert not (tmp_path / "bare" / "README.md").exists()
+    assert (tmp_path / "bare" / "model.safetensors").is_file()
+    model.save_pretrained(tmp_path / "carded")
+    assert "mixture-of-experts" in (tmp_path / "carded" / "README.md").read_text()

@@ -96,7 +96,7 @@ def run_loop(out: str, rank: int, world: int) -> dict[str, torch.Tensor]:
 def use_gemm(name: str) -> None:
     """Every fp32 product of the fast paths on `name` ("onednn": size thresholds at zero, so that this tiny
     model's products take it too)."""
-    from hf_moe.modeling import gemm
+    from hf_moe.kernels.cpu import gemm
 
     if name == "onednn":
         gemm.MIN_MACS = gemm.MIN_MACS_BUCKETED = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_moe.modeling import gemm
+from hf_moe.kernels.cpu import gemm
 from tests.training.ddp_worker import SELECTION
 
 WORKER = Path(__file__).with_name("ddp_worker.py")

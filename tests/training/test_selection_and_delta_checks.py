@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_moe import MoEForCausalLM
+from hf_moe.training.delta import apply_finetuned_delta, save_finetuned_delta
 from hf_moe.training.expert_selection import load_expert_selection, save_expert_selection, validate_selection
-from hf_moe.training.recipes import apply_finetuned_delta, apply_recipe, save_finetuned_delta
+from hf_moe.training.recipes import apply_recipe
 from tests.conftest import tiny_config
 
 SELECTION = {1: [0, 3], 2: [6]}

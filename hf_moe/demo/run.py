@@ -1,7 +1,7 @@
 """`hf-moe demo`: the README's main job, offline on a laptop CPU.
 
 1. pretrain a small DeepSeek-V3-style MoE (MLA, sigmoid group-limited routing, bias balancing, MTP) from
-   scratch on Python's standard-library sources with transformers' Trainer (`hf_moe.training.pretrain`);
+   scratch on Python's standard-library sources with transformers' Trainer (`hf_moe.demo.recipe`);
 2. save it, reload it through `AutoModelForCausalLM` / `AutoTokenizer` and check the logits are identical;
 3. generate with the KV cache and with MTP self-speculation, and check both give the same greedy text;
 4. print the parameter report and where everything was written;
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .inspection import count_parameters, format_parameter_report
-from .training.pretrain import run_pretraining
+from ..inspection import count_parameters, format_parameter_report
+from .recipe import run_pretraining
 
 PROMPT = "def fibonacci(n):\n    "
 
@@ -59,7 +59,7 @@ def run_demo(
     if (output_dir / "expert_load.png").exists():
         print(f"plots: {output_dir / 'expert_load.png'}, {output_dir / 'max_vio.png'}")
     if analyze:
-        from .analysis.stdlib_domains import analyze_demo_run
+        from ..analysis.stdlib_domains import analyze_demo_run
 
         print("== 5. routing analysis: code vs prose, early routing learning over the checkpoints")
         analyze_demo_run(output_dir, max_tokens=2_000 if quick else 20_000)

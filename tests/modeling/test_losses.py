@@ -165,3 +165,34 @@ def test_trainer_token_normalisation_weights_aux_by_the_batch_share() -> None:
     # the MTP loss is normalised like the LM loss: a sum over its (fewer) targets / num_items
     mtp_targets = 2 * (9 - 2)  # depth 1 has T - 2 targets per sequence
     torch.testing.assert_close(scaled.mtp_loss, plain.mtp_loss * mtp_targets / 64)
+
+
+def test_total_loss_adds_the_parts_and_weights_aux_by_the_batch_share() -> None:
+    """loss = lm + mtp + share * aux, share = this batch's targets / num_items_in_batch (1 without it)."""
+    from hf_moe.modeling.losses import total_loss
+
+    config = tiny_config(n_routed_experts=N, num_experts_per_tok=K, n_group=1, topk_group=1, topk_method="greedy",
+                         aux_loss_alpha=0.01)
+    lm, mtp, aux_value = torch.tensor(2.0), torch.tensor(0.5), torch.tensor(0.1)
+    labels = torch.tensor([[5, 6, -100, 7], [5, -100, -100, 8]])  # targets at positions 1.. : 6, 7 and 8
+    parts = total_loss(config, lm, mtp, aux_value, labels=labels)
+    assert parts.total.item() == pytest.approx(2.0 + 0.5 + 0.1)
+    assert (parts.lm, parts.mtp, parts.aux) == (lm, mtp, aux_value)
+    parts = total_loss(config, lm, mtp, aux_value, labels=labels, num_items_in_batch=12)
+    assert parts.total.item() == pytest.approx(2.0 + 0.5 + 0.1 * 3 / 12)
+    assert total_loss(config, None, None, aux_value).total is None  # no labels: no loss, aux still reported
+    assert total_loss(config, None, None, aux_value).aux is aux_value
+
+
+def test_total_loss_adds_the_mtp_routers_balance_over_their_valid_positions() -> None:
+    from hf_moe.modeling.losses import total_loss
+
+    config = tiny_config(n_routed_experts=N, num_experts_per_tok=K, n_group=1, topk_group=1, topk_method="greedy",
+                         router_z_loss_coef=1e-3)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    lm = torch.tensor(1.0)
+    parts = total_loss(config, lm, None, torch.tensor(0.25), mtp_routings=[(routing(), valid)])
+    tokens = [LOGITS[b][t] for b in range(2) for t in range(3) if valid[b][t]]
+    z = 1e-3 * sum(math.log(sum(math.exp(x) for x in logits)) ** 2 for logits in tokens) / len(tokens)
+    assert parts.aux.item() == pytest.approx(0.25 + z, rel=1e-6)
+    assert parts.total.item() == pytest.approx(1.0 + 0.25 + z, rel=1e-6)

@@ -1,4 +1,4 @@
-"""The fp32 CPU GEMM switch (`hf_moe.modeling.gemm`): oneDNN's products equal torch.mm's for every operand layout
+"""The fp32 CPU GEMM setting (`hf_moe.kernels.cpu.gemm`): oneDNN's products equal torch.mm's for every operand layout
 the fast paths pass, LinearFunction's gradients equal autograd's through F.linear, small products and wrapped,
 hooked, autocast or non-fp32 layers keep torch's path, and the choice (environment, probe) is explicit and logged."""
 
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_moe.modeling import gemm
+from hf_moe.kernels.cpu import gemm
+from hf_moe.modeling.kernel_hooks import project
 from tests.conftest import onednn_for_every_size
 
 needs_onednn = pytest.mark.skipif(not gemm.onednn_available(), reason="this torch build has no oneDNN linear")
@@ -102,7 +103,7 @@ def test_linear_function_gradients_equal_autograd(bias: bool, frozen_weight: boo
     x = torch.randn(3, 5, 16, requires_grad=True)
     grad = torch.randn(5, 3, 24).transpose(0, 1)  # a non-contiguous upstream gradient
     params = [p for p in layer.parameters() if p.requires_grad]
-    out = gemm.project(layer, x)
+    out = project(layer, x)
     assert type(out.grad_fn).__name__ == "LinearFunctionBackward"
     got = [out, *torch.autograd.grad(out, [x, *params], grad)]
     reference = F.linear(x, layer.weight, layer.bias)
@@ -116,7 +117,7 @@ def test_project_without_grad_is_linear(onednn_everywhere: None, monkeypatch: py
     layer = nn.Linear(16, 24)
     x = torch.randn(2, 6, 16)
     with torch.no_grad():
-        out = gemm.project(layer, x)
+        out = project(layer, x)
     assert out.grad_fn is None and len(calls) == 1
     torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5)
 
@@ -131,35 +132,35 @@ def test_project_keeps_the_module_path_where_it_must(onednn_everywhere: None, mo
     hooked = nn.Linear(16, 8)
     seen = []
     hooked.register_forward_hook(lambda module, args, out: seen.append(out.shape))
-    gemm.project(hooked, x)
+    project(hooked, x)
     assert seen == [torch.Size([4, 8])]
 
     wrapper = nn.Sequential()
     wrapper.add_module("proj", nn.Linear(16, 8))
     lora = get_peft_model(wrapper, LoraConfig(target_modules=["proj"], r=2, init_lora_weights=False))
-    torch.testing.assert_close(gemm.project(lora.base_model.model.proj, x), lora(x))
+    torch.testing.assert_close(project(lora.base_model.model.proj, x), lora(x))
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert gemm.project(nn.Linear(16, 8), x).dtype == torch.bfloat16
-    gemm.project(nn.Linear(16, 8).double(), x.double())
+        assert project(nn.Linear(16, 8), x).dtype == torch.bfloat16
+    project(nn.Linear(16, 8).double(), x.double())
 
     backward_hooked = nn.Linear(16, 8)
     backward_hooked.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append("backward"))
-    gemm.project(backward_hooked, x).sum().backward()
+    project(backward_hooked, x).sum().backward()
     assert seen[-1] == "backward"
     replaced = nn.Linear(16, 8)
     replaced.forward = lambda inputs: seen.append("replaced") or nn.functional.linear(inputs, replaced.weight)
-    gemm.project(replaced, x)
+    project(replaced, x)
     assert seen[-1] == "replaced"
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append("global"))
-    gemm.project(nn.Linear(16, 8), x)
+    project(nn.Linear(16, 8), x)
     handle.remove()
     assert seen[-1] == "global"
     with monkeypatch.context() as patch:
         patch.setattr(torch.backends.mkldnn, "enabled", False)
-        gemm.project(nn.Linear(16, 8), x)
+        project(nn.Linear(16, 8), x)
     assert calls == []
-    gemm.project(nn.Linear(16, 8), x)
+    project(nn.Linear(16, 8), x)
     assert len(calls) == 1
 
 
@@ -190,7 +191,7 @@ def test_linear_function_saves_only_what_backward_needs(weight_trains: bool, one
     layer = nn.Linear(32, 48, bias=False).requires_grad_(weight_trains)
     x = torch.randn(6, 32, requires_grad=True) * 2  # a non-leaf input, as activations are
     saved: dict[str, list[int]] = {}
-    for name, fn in (("ours", lambda: gemm.project(layer, x)), ("autograd", lambda: F.linear(x, layer.weight))):
+    for name, fn in (("ours", lambda: project(layer, x)), ("autograd", lambda: F.linear(x, layer.weight))):
         sizes: list[int] = []  # autograd keeps W^T, we keep W: compare sizes
         with torch.autograd.graph.saved_tensors_hooks(lambda t, sizes=sizes: sizes.append(t.numel()) or t,
                                                       lambda t: t):
@@ -203,7 +204,7 @@ def test_linear_function_saves_only_what_backward_needs(weight_trains: bool, one
 def test_probe_is_not_misled_by_autocast_or_the_default_dtype(monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """The first fast-path call, which runs the probe, may come under autocast or another default dtype."""
-    with caplog.at_level(logging.INFO, logger="hf_moe.modeling.gemm"):
+    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.cpu.gemm"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             monkeypatch.setattr(gemm, "_choice", None)
             gemm.set_cpu_gemm("auto")
@@ -221,14 +222,14 @@ def test_probe_is_not_misled_by_autocast_or_the_default_dtype(monkeypatch: pytes
 def test_auto_probe_logs_its_choice_and_refuses_wrong_results(monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(gemm, "_choice", None)
-    with caplog.at_level(logging.INFO, logger="hf_moe.modeling.gemm"):
+    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.cpu.gemm"):
         choice = gemm.set_cpu_gemm("auto")
     assert choice in ("onednn", "aten")
     assert f"hf_moe CPU GEMM: {choice}" in caplog.text and "torch.mm" in caplog.text
     real = gemm._ONEDNN
     monkeypatch.setattr(gemm, "_ONEDNN", lambda x, w, *args: real(x, w, *args) + 1.0)  # fast but wrong
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="hf_moe.modeling.gemm"):
+    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.cpu.gemm"):
         assert gemm.set_cpu_gemm("auto") == "aten"
     assert "results disagree" in caplog.text
 
@@ -249,7 +250,7 @@ def test_model_training_on_onednn_equals_torch_mm(make_config: str, monkeypatch:
 
     onednn_for_every_size(monkeypatch)
     make = tiny_config if make_config == "mla" else tiny_gqa_config
-    model = MoEForCausalLM(make(num_nextn_predict_layers=1, mtp_loss_weight=0.3, attn_implementation="sdpa"))
+    model = MoEForCausalLM(make(num_nextn_predict_layers=1, mtp_loss_weight=0.3, attn_implementation="hf_moe_sdpa"))
     model.set_experts_implementation("hf_moe_fused")
     ids = torch.randint(3, 97, (3, 19))
     mask = torch.ones_like(ids)

@@ -12,16 +12,24 @@ views, the rotary part of the score is a second product against the one shared k
 gradients of q and kv are written once, in the layout the projections produce and consume. (Products are
 written to fresh blocks and then copied into those strided layouts: torch's CPU bmm multiplies one matrix at
 a time when its output is not contiguous.) Causal queries run
-in the row blocks of `softmax_attention.attention_blocks`.
+in the row blocks of `attention.attention_blocks`.
+
+Selected by name only: the "mla_attention" kernel takes MLA's expanded (non-absorbed) calls when the model's
+attention implementation is "hf_moe_sdpa" (hf_moe's default) and the explicit kernel wins
+(`attention.explicit_wins`); "sdpa", "eager" and every other name run transformers' function.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .rotary import half_angles, rotate_into, unrotate_into
-from .softmax_attention import additive_mask, attention_blocks, block_scores, mask_causal_block_
+from ...modeling.attention import HF_MOE_ATTENTION
+from ...modeling.kernel_hooks import project
+from ...modeling.rotary import half_angles, rotate_into
+from .attention import additive_mask, attention_blocks, block_scores, explicit_wins, mask_causal_block_
+from .rope import unrotate_into
 
 
 class MLAAttentionFunction(torch.autograd.Function):
@@ -121,3 +129,22 @@ def mla_attention(
     cos, sin = half_angles(cos, sin)
     return MLAAttentionFunction.apply(q, kv, k_rope, cos.unsqueeze(2), sin.unsqueeze(2), bias, nope_dim, scale,
                                       interleaved)
+
+
+def mla_attention_kernel(
+    module: nn.Module, queries: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor | None, dropout: float,
+    **kwargs: object,
+) -> torch.Tensor | None:
+    """The "mla_attention" kernel: queries (B, h, T, dn + dr) un-rotated, latent (B, 1, S, r), rotated k_pe
+    (B, 1, S, dr) -> O (B, T, h, dv) through `mla_attention` (kv_b_proj applied token-major), or None where it is
+    not selected (see the module docstring)."""
+    batch, heads, length, _ = queries.shape
+    if module.config._attn_implementation != HF_MOE_ATTENTION or not explicit_wins(
+            queries, module.v_head_dim, batch * heads * length * latent.shape[2], dropout, **kwargs):
+        return None
+    nope = module.qk_nope_head_dim
+    kv = project(module.kv_b_proj, latent.squeeze(1)).view(batch, -1, heads, nope + module.v_head_dim)
+    cos, sin = position_embeddings
+    return mla_attention(queries.transpose(1, 2), kv, k_pe.squeeze(1), cos, sin, attention_mask, nope,
+                         module.scaling, module.config.rope_interleave)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..eligible import eligible
 from .fused import fused_experts, supports_fused
 
 logger = logging.getLogger(__name__)
@@ -112,9 +113,10 @@ def phase_of(experts: nn.Module, hidden_states: torch.Tensor) -> str:
 def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) -> str:
     """The backend `hf_moe_auto` runs for this device, dtype and phase.
 
-    CPU: `hf_moe_fused` for every phase (per-expert matmuls on the faster fp32 GEMM, see `modeling.gemm`; on
-    torch.mm as fast as torch's CPU grouped_mm, which loops over groups too, with no alignment rules; decode
-    touches only the chosen experts).
+    CPU: `hf_moe_fused` for every phase where the one eligibility rule allows (fp32, no autocast: what was
+    measured; per-expert matmuls on the process's fp32 GEMM, see `kernels.cpu.gemm`; on torch.mm as fast as
+    torch's CPU grouped_mm, which loops over groups too, with no alignment rules; decode touches only the chosen
+    experts), the experts' own eager forward otherwise.
     CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
     path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise.
     The Triton backend is chosen only by name until GPU timings show it ahead. Layouts these kernels do not
@@ -123,6 +125,8 @@ def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) 
     device = hidden_states.device
     if not supports_fused(experts):
         return "grouped_mm"
+    if device.type == "cpu" and not eligible(hidden_states, experts.gate_up_proj, experts.down_proj):
+        return "eager"
     if device.type == "cuda":
         if phase != "decode" and hidden_states.dtype in (torch.bfloat16, torch.float16) and hub_kernel_available(device):
             return "hf_moe_hub"
@@ -146,6 +150,8 @@ def auto_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    if name == "eager":  # the class's own forward, which `@use_experts_implementation` wraps (functools.wraps)
+        return type(experts).forward.__wrapped__(experts, hidden_states, top_k_index, top_k_weights)
     return BACKENDS[name](experts, hidden_states, top_k_index, top_k_weights)
 
 

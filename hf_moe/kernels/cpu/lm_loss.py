@@ -13,17 +13,23 @@ logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through 
 owns the LM-head matmul, so the logits' gradient is formed chunk by chunk in scratch and multiplied into the
 hidden-state and weight gradients at once, never as a whole. The logits are still returned (and may feed
 other losses: their gradient is added).
+
+Two kernels, both for fp32 CPU calls that autograd records (elsewhere the model runs transformers'
+`ForCausalLMLoss` on its LM head's logits): "causal_lm_loss" (`causal_lm_loss_kernel`, the logits-input loss:
+MTP heads, `logits_to_keep`) and "lm_head_loss" (`lm_head_loss_kernel`, head and loss in one Function). Whether
+the upstream gradient is non-negative is read once per backward (one host read, never per chunk).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .fast_paths import records_grad
+from ..eligible import eligible
 from .gemm import addmm_into, mm, mm_into
-from .scratch import WORKSPACE
+from .scratch import scratch
 
 CHUNK_ELEMENTS = 8 * 2**20  # logits per chunk (32 MB in fp32): the scratch block's size
 MIN_CHUNK_ROWS = 256  # fewer rows would starve the chunked gradient matmuls (their inner dimension)
@@ -36,12 +42,14 @@ def chunks(rows: int, vocab: int) -> list[slice]:
 
 
 def row_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the last dimension of (N, V), chunk by chunk through a scratch block. Returns (N,)."""
+    """logsumexp over the last dimension of (N, V), chunk by chunk through one scratch block. Returns (N,)."""
     lse = logits.new_empty(logits.shape[0])
-    for rows in chunks(*logits.shape):
+    row_chunks = chunks(*logits.shape)
+    buffer = scratch((row_chunks[0].stop - row_chunks[0].start, logits.shape[1]), logits) if row_chunks else None
+    for rows in row_chunks:
         block = logits[rows]
         row_max = block.amax(dim=-1, keepdim=True)  # (rows, 1)
-        shifted = WORKSPACE.empty("ce_rows", block.shape, block)
+        shifted = buffer[: block.shape[0]]  # this chunk's exp(z - max), dead after the sum
         torch.sub(block, row_max, out=shifted).exp_()
         torch.add(shifted.sum(dim=-1).log_(), row_max.squeeze(1), out=lse[rows])
     return lse
@@ -53,11 +61,11 @@ def summed_loss(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
 
 
 def logit_gradient_into(out: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
-                        row_scale: torch.Tensor) -> torch.Tensor:
+                        row_scale: torch.Tensor, nonnegative: bool) -> torch.Tensor:
     """out (rows, V) = row_scale * (softmax(logits) - onehot(targets)) for one chunk of rows. A non-negative
-    scale s goes into the exponent, exp(z - lse + log s) = s softmax(z) (s = 0 gives exp(-inf) = 0): one pass
-    over the logits fewer."""
-    if bool((row_scale >= 0).all()):
+    scale s (`nonnegative`: every row's) goes into the exponent, exp(z - lse + log s) = s softmax(z) (s = 0
+    gives exp(-inf) = 0): one pass over the logits fewer."""
+    if nonnegative:
         torch.sub(logits, lse[:, None] - row_scale.log(), out=out).exp_()
         return out.scatter_add_(1, targets[:, None], -row_scale)
     torch.sub(logits, lse[:, None], out=out).exp_()
@@ -93,9 +101,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor) -> tuple:  # noqa: D102
         logits, lse, targets, valid, scale = ctx.saved_tensors
         row_scale = rows_scale(valid, scale, grad_loss, logits.dtype)
+        nonnegative = bool((row_scale >= 0).all())  # once per backward
         grad = torch.empty_like(logits)
         for rows in chunks(*logits.shape):
-            logit_gradient_into(grad[rows], logits[rows], lse[rows], targets[rows], row_scale[rows])
+            logit_gradient_into(grad[rows], logits[rows], lse[rows], targets[rows], row_scale[rows], nonnegative)
         return grad, None, None, None
 
 
@@ -124,12 +133,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None
         row_scale = None if grad_loss is None else rows_scale(valid, scale, grad_loss, logits.dtype)
-        for rows in chunks(*logits.shape):
-            block = WORKSPACE.empty("ce_rows", logits[rows].shape, logits)  # dz for these rows, scratch
+        nonnegative = row_scale is not None and bool((row_scale >= 0).all())  # once per backward
+        row_chunks = chunks(*logits.shape)
+        buffer = scratch((row_chunks[0].stop - row_chunks[0].start, logits.shape[1]), logits) if row_chunks else None
+        for rows in row_chunks:
+            block = buffer[: rows.stop - rows.start]  # dz for these rows, dead after the two products
             if row_scale is None:
                 block.zero_()
             else:
-                logit_gradient_into(block, logits[rows], lse[rows], targets[rows], row_scale[rows])
+                logit_gradient_into(block, logits[rows], lse[rows], targets[rows], row_scale[rows], nonnegative)
             if grad_logits is not None:
                 block += grad_logits[rows]
             if need_hidden:
@@ -163,13 +175,18 @@ def causal_lm_loss(
     logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100, shift_labels: torch.Tensor | None = None, **_: object,
 ) -> torch.Tensor:
-    """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (shifted here unless `shift_labels`)."""
+    """Next-token cross-entropy of logits (B, T, V) against labels (B, T) (shifted here unless `shift_labels`),
+    with `CrossEntropyFunction`'s backward: transformers' ForCausalLMLoss semantics."""
     logits = logits.float().reshape(-1, vocab_size)
     targets = next_token_targets(labels, ignore_index, shift_labels).to(logits.device)
     scale = loss_scale(targets, num_items_in_batch, ignore_index, logits.dtype)
-    if not records_grad(logits):
-        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") * scale
     return CrossEntropyFunction.apply(logits, targets, scale, ignore_index)
+
+
+def causal_lm_loss_kernel(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                          **kwargs: object) -> torch.Tensor | None:
+    """The "causal_lm_loss" kernel: `causal_lm_loss` for fp32 CPU logits that autograd records, else None."""
+    return causal_lm_loss(logits, labels, vocab_size, **kwargs) if eligible(logits, training=True) else None
 
 
 def lm_head_and_loss(
@@ -184,3 +201,16 @@ def lm_head_and_loss(
     loss, logits = LinearCrossEntropyFunction.apply(hidden_states.reshape(-1, hidden), weight, targets, scale,
                                                     ignore_index)
     return loss, logits.view(batch, length, -1)
+
+
+def lm_head_loss_kernel(
+    lm_head: nn.Module, hidden_states: torch.Tensor, labels: torch.Tensor, logits_to_keep: int | torch.Tensor = 0,
+    num_items_in_batch: torch.Tensor | int | None = None, shift_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The "lm_head_loss" kernel: (loss, logits) of a plain bias-free LM head and the default causal-LM loss
+    over all positions (`logits_to_keep` 0) for an fp32 CPU call that autograd records, else None."""
+    if (not isinstance(logits_to_keep, int) or logits_to_keep != 0
+            or not eligible(hidden_states, lm_head.weight, training=True, modules=(lm_head,))):
+        return None
+    return lm_head_and_loss(hidden_states, lm_head.weight, labels, num_items_in_batch=num_items_in_batch,
+                            shift_labels=shift_labels)

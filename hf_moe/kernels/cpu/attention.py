@@ -13,10 +13,12 @@ head width 96, measured on the 2-core CPU of benchmarks/: against the math path 
 tokens and 3.1x at 1024; against flash (value width 96) 1.4x at 256, even at 1024, 0.5x at 2048, hence the
 size limit below for same-width attention. (MLA itself runs `mla_attention`, which builds on these blocks.)
 
-`sdpa_attention_forward` is what hf_moe models run for `attn_implementation="sdpa"`: it takes this kernel
-where it wins (CPU, fp32/fp64, no dropout, and either an MLA-style value width that keeps torch on its math
-path or a probability tensor small enough that storing it beats re-computing it) and hands every other call
-to the `sdpa` function registered in transformers' attention interface, unchanged.
+`hf_moe_sdpa_attention` is registered in transformers' attention interface as "hf_moe_sdpa" (hf_moe models'
+default, `attn_implementation=None` or "auto"): sdpa's signature and semantics; it takes this kernel where it
+wins (CPU, fp32/fp64, no autocast, no dropout, and either an MLA-style value width that keeps torch on its
+math path or a probability tensor small enough that storing it beats re-computing it) and hands every other
+call to the "sdpa" function registered in transformers' attention interface, unchanged. An explicit
+`attn_implementation="sdpa"` never comes here: it is transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .fast_paths import autocast_active
+from ..eligible import eligible
 
 EXPLICIT_MAX_PROBS = 16 * 2**20  # elements of P (batch * heads * T * S) above which same-width attention uses flash
 CAUSAL_BLOCK = 128  # query rows per block of causal attention: block i reads keys [0, end of block i) only
@@ -150,20 +152,20 @@ def explicit_wins(query: torch.Tensor, value_dim: int, probs: int, dropout: floa
     """Where the explicit kernel is the faster exact choice (see the module docstring): CPU, fp32/fp64, no dropout
     or extras, and either a value width that keeps torch on its math path or at most `EXPLICIT_MAX_PROBS`
     probabilities (batch * heads * T * S) to store."""
-    if (query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64) or dropout > 0
-            or autocast_active(query)
+    if (not eligible(query, dtypes=(torch.float32, torch.float64)) or dropout > 0
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
             or kwargs.get("output_attentions")):
         return False
     return value_dim != query.shape[-1] or probs <= EXPLICIT_MAX_PROBS
 
 
-def sdpa_attention_forward(
+def hf_moe_sdpa_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
     is_causal: bool | None = None, **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' `sdpa` attention signature and semantics; returns (B, T, heads, dv) and no weights."""
+    """"hf_moe_sdpa": transformers' `sdpa` attention signature and semantics, the explicit kernel where it wins
+    (see the module docstring); returns (B, T, heads, dv) and no weights."""
     probs = query.shape[0] * query.shape[1] * query.shape[2] * key.shape[2]
     if not explicit_wins(query, value.shape[-1], probs, dropout, **kwargs):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -11,8 +11,8 @@ import torch
 
 import hf_moe.kernels  # noqa: F401  registers the backends
 from hf_moe import MoEForCausalLM
-from hf_moe.kernels.backends import BACKENDS, choose_backend
-from hf_moe.kernels.fused import SlotPlan, padded_count
+from hf_moe.kernels.experts.backends import BACKENDS, choose_backend
+from hf_moe.kernels.experts.fused import SlotPlan, padded_count
 from hf_moe.modeling.experts import RoutedExperts
 from tests.conftest import tiny_config
 
@@ -187,12 +187,12 @@ def test_default_and_auto_resolve_to_hf_moe_auto() -> None:
 
 
 def test_auto_logs_choice_once(caplog: pytest.LogCaptureFixture) -> None:
-    from hf_moe.kernels import backends
+    from hf_moe.kernels.experts import backends
 
     backends._logged_choices.clear()
     experts = make_experts(implementation="hf_moe_auto")
     ids, weights = random_routing(3, 6, 2)
-    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.backends"):
+    with caplog.at_level(logging.INFO, logger="hf_moe.kernels.experts.backends"):
         with torch.no_grad():
             experts(torch.randn(3, 24), ids, weights)
             experts(torch.randn(3, 24), ids, weights)
@@ -205,8 +205,24 @@ def test_auto_choices_per_phase_on_cpu() -> None:
     x = torch.randn(4, 24)
     for phase in ("training", "prefill", "decode"):
         assert choose_backend(experts, x, phase) == "hf_moe_fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the eligibility rule: the experts' own eager forward
+        assert choose_backend(experts, x, "training") == "eager"
+    assert choose_backend(experts.to(torch.bfloat16), x.bfloat16(), "training") == "eager"
     experts.config.hidden_act = "gelu"  # a layout our kernels do not cover: transformers' grouped_mm
     assert choose_backend(experts, x, "training") == "grouped_mm"
+
+
+def test_auto_runs_the_eager_reference_where_the_fused_kernel_is_not_eligible(monkeypatch: pytest.MonkeyPatch) -> None:
+    experts = make_experts(dtype=torch.bfloat16)
+    ids, weights = random_routing(8, 6, 2)
+    x = torch.randn(8, 24, dtype=torch.bfloat16)
+    fused = []
+    monkeypatch.setitem(BACKENDS, "hf_moe_fused", lambda *args: fused.append(1))
+    reference = run(experts, "eager", x, ids, weights.bfloat16(), torch.ones(8, 24, dtype=torch.bfloat16))
+    result = run(experts, "hf_moe_auto", x, ids, weights.bfloat16(), torch.ones(8, 24, dtype=torch.bfloat16))
+    assert fused == []
+    for got, want in zip(result, reference):
+        assert torch.equal(got, want)
 
 
 def test_named_backends_that_cannot_run_raise() -> None:
@@ -233,7 +249,7 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch: pytest.Monk
 def test_decode_forward_matches_eager(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without autograd, up to FEW_SLOTS token-slots take the slot-by-slot path (T=3, K=3 does not): the same
     output as eager, also with a slot dropped (weight 0) and an expert chosen by two tokens."""
-    from hf_moe.kernels import fused
+    from hf_moe.kernels.experts import fused
 
     calls = []
     original = fused._few_slots_forward
@@ -307,7 +323,7 @@ def test_pad_rows_are_never_added_into_a_token() -> None:
 
 def test_small_experts_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Padding is for oneDNN's kernel cache: where no expert product is large enough for oneDNN, none is made."""
-    from hf_moe.modeling import gemm
+    from hf_moe.kernels.cpu import gemm
 
     if not gemm.onednn_available():
         pytest.skip("this torch build has no oneDNN linear")

@@ -17,9 +17,9 @@ Backward (dy = upstream gradient, gathered per slot: dy_s = dy_t(s)):
 
 Only the expert-width activations gu (S, 2I) and a (S, I) are saved; the token gather x_t(s) (S, H) is
 recomputed in backward instead of stored. The slot bookkeeping costs one stable argsort, one bincount and
-a single host sync (`.tolist()`) per forward. On CPU the transient slot-sized tensors live in reusable
-scratch buffers (`hf_moe.modeling.scratch`): fresh multi-megabyte allocations cost page faults that rival the
-matmuls.
+a single host sync (`.tolist()`) per forward. On CPU the transient slot-sized tensors live in scratch memory
+(`hf_moe.kernels.cpu.scratch`: fresh multi-megabyte allocations cost page faults that rival the matmuls), each
+its own buffer for as long as it lives.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ..modeling import gemm
-from ..modeling.experts import swiglu_backward_into
-from ..modeling.fast_paths import autocast_active, records_grad
-from ..modeling.scratch import WORKSPACE
+from ..cpu import gemm
+from ..cpu.scratch import scratch
+from ..cpu.swiglu import swiglu_backward_into
+from ..eligible import records_grad
 
 MATMUL_MODES = ("loop", "grouped_mm")
 FEW_SLOTS = 8  # token-slots (T * K) up to which a CPU forward without autograd runs slot by slot
@@ -207,13 +207,13 @@ def _unsort_sum(sorted_rows: torch.Tensor, plan: SlotPlan, num_tokens: int, top_
 
 
 def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, transpose: bool, mode: str,
-                     num_tokens: int, top_k: int, scratch: str) -> torch.Tensor:
+                     num_tokens: int, top_k: int) -> torch.Tensor:
     """Per-token sums over the K slots of the per-expert products (`_mm_segments` then `_unsort_sum`), (S, in) ->
     (T, out). On CPU each expert's product is added into its tokens' rows as it is made (no slot-sized buffer)."""
     if mode == "grouped_mm" or inputs.device.type != "cpu":
         mm = _grouped if mode == "grouped_mm" else _mm_segments
         out_dim = weight.shape[1] if transpose else weight.shape[2]
-        rows = mm(inputs, weight, plan, transpose, out=WORKSPACE.get(scratch, (inputs.shape[0], out_dim), inputs))
+        rows = mm(inputs, weight, plan, transpose, out=scratch((inputs.shape[0], out_dim), inputs))
         return _unsort_sum(rows, plan, num_tokens, top_k)
     weight = weight.transpose(1, 2) if transpose else weight
     out = inputs.new_zeros(num_tokens, weight.shape[2])
@@ -225,19 +225,14 @@ def _summed_products(inputs: torch.Tensor, weight: torch.Tensor, plan: SlotPlan,
     return out
 
 
-def _scaled_rows(rows: torch.Tensor, scale: torch.Tensor, scratch: str) -> torch.Tensor:
-    """rows (S, D) * scale (S,) per row, into a scratch buffer on CPU."""
-    out = WORKSPACE.get(scratch, rows.shape, rows)
-    return rows * scale[:, None] if out is None else torch.mul(rows, scale[:, None], out=out)
+def _scaled_rows(rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """rows (S, D) * scale (S,) per row, into scratch memory."""
+    return torch.mul(rows, scale[:, None], out=scratch(rows.shape, rows))
 
 
-def _gather_rows(source: torch.Tensor, plan: SlotPlan, scratch: str) -> torch.Tensor:
-    """source (T, D) -> rows source[t(s)] in row order (R, D), pad rows zero, into a scratch buffer on CPU."""
-    out = WORKSPACE.get(scratch, (plan.num_rows, source.shape[1]), source)
-    if out is None:
-        out = source.index_select(0, plan.row_tokens)
-    else:
-        torch.index_select(source, 0, plan.row_tokens, out=out)
+def _gather_rows(source: torch.Tensor, plan: SlotPlan) -> torch.Tensor:
+    """source (T, D) -> rows source[t(s)] in row order (R, D), pad rows zero, into scratch memory."""
+    out = torch.index_select(source, 0, plan.row_tokens, out=scratch((plan.num_rows, source.shape[1]), source))
     return out if plan.pad_rows is None else out.index_fill_(0, plan.pad_rows, 0)
 
 
@@ -250,12 +245,13 @@ def _experts_forward(
     num_tokens, top_k = top_k_weights.shape
     mm = _grouped if mode == "grouped_mm" else _mm_segments
     slot_weights = plan.to_rows(top_k_weights.reshape(-1).index_select(0, plan.order).to(hidden_states.dtype))  # (R,)
-    x_slots = _gather_rows(hidden_states, plan, "slots_h")  # (R, H) scratch
+    x_slots = _gather_rows(hidden_states, plan)  # (R, H) scratch
     gate_up = mm(x_slots, gate_up_proj, plan, transpose=True)  # (R, 2I)
+    del x_slots  # dead: its scratch memory may be reused
     gate, up = gate_up.chunk(2, dim=-1)
     act = F.silu(gate).mul_(up)  # (R, I)
-    weighted = _scaled_rows(act, slot_weights, "slots_i")  # routing weight before the down projection
-    output = _summed_products(weighted, down_proj, plan, True, mode, num_tokens, top_k, "slots_h")  # (T, H)
+    weighted = _scaled_rows(act, slot_weights)  # routing weight before the down projection
+    output = _summed_products(weighted, down_proj, plan, True, mode, num_tokens, top_k)  # (T, H)
     return output, gate_up, act, slot_weights
 
 
@@ -290,30 +286,29 @@ class FusedExpertsFunction(torch.autograd.Function):
         weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
         need_x, need_gu, need_d, need_w = ctx.needs_input_grad[:4]
 
-        dy_slots = _gather_rows(grad_output, plan, "slots_h")  # (S, H); strided grads are fine here
-        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=WORKSPACE.get("slots_i", act.shape, act))
+        dy_slots = _gather_rows(grad_output, plan)  # (S, H); strided grads are fine here
+        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=scratch(act.shape, act))
         grad_down = None
         if need_d:
-            grad_down = weight_grads(dy_slots, _scaled_rows(act, slot_weights, "slots_i2"), plan, num_experts)
+            grad_down = weight_grads(dy_slots, _scaled_rows(act, slot_weights), plan, num_experts)
         grad_weights = None
         if need_w:
-            product = WORKSPACE.get("slots_i2", act.shape, act)
-            product = d_weighted * act if product is None else torch.mul(d_weighted, act, out=product)
+            product = torch.mul(d_weighted, act, out=scratch(act.shape, act))
             d_slot_weights = plan.from_rows(product.sum(dim=-1))  # (S,)
             grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
+        del dy_slots  # dead: its scratch memory may serve the token gather below (never while it is alive)
         grad_x = grad_gate_up = None
         if need_x or need_gu:
             d_act = d_weighted.mul_(slot_weights[:, None])  # (R, I)
-            d_gate_up = WORKSPACE.empty("slots_2i", gate_up.shape, gate_up)
+            d_gate_up = scratch(gate_up.shape, gate_up)
             inter = act.shape[1]
             swiglu_backward_into(d_gate_up[:, :inter], d_gate_up[:, inter:], d_act, gate_up[:, :inter],
                                  gate_up[:, inter:])
             if need_x:
-                grad_x = _summed_products(d_gate_up, gate_up_proj, plan, False, ctx.mode, num_tokens, top_k,
-                                          "slots_h")
+                grad_x = _summed_products(d_gate_up, gate_up_proj, plan, False, ctx.mode, num_tokens, top_k)
             if need_gu:
-                x_slots = _gather_rows(hidden_states, plan, "slots_h")  # recomputed, not stored
+                x_slots = _gather_rows(hidden_states, plan)  # recomputed, not stored
                 grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)
         return grad_x, grad_gate_up, grad_down, grad_weights, None, None
 
@@ -339,7 +334,8 @@ def fused_experts(
            and mean_rows * hidden * inter >= gemm.MIN_MACS_BUCKETED)
     if records_grad(*inputs):
         return FusedExpertsFunction.apply(*inputs, SlotPlan.build(top_k_index, num_experts, pad), mode)
-    if hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS and not autocast_active(hidden_states):
+    if (hidden_states.device.type == "cpu" and top_k_index.numel() <= FEW_SLOTS
+            and not torch.is_autocast_enabled("cpu")):
         return _few_slots_forward(*inputs, top_k_index)
     return _experts_forward(*inputs, SlotPlan.build(top_k_index, num_experts, pad), mode)[0]
 

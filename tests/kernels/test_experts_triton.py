@@ -14,8 +14,8 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when triton and the kernels are first imported
 
-from hf_moe.kernels import triton_experts as kernels  # noqa: E402
-from tests.kernels.test_backends import assert_matches_eager, make_experts, random_routing, run  # noqa: E402
+from hf_moe.kernels.experts import triton_experts as kernels  # noqa: E402
+from tests.kernels.test_experts_backends import assert_matches_eager, make_experts, random_routing, run  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and type(kernels._segment_gemm_kernel).__name__ != "InterpretedFunction",

@@ -1,22 +1,26 @@
-"""fp32 matrix products on CPU: torch's default GEMM (MKL's sgemm) or oneDNN's, whichever this CPU runs faster.
+"""fp32 matrix products on CPU: torch's default GEMM (MKL's sgemm) or oneDNN's, an explicit process setting.
 
 torch multiplies fp32 matrices on CPU with MKL, which on AMD processors runs a narrower code path: on a 2-core
 AMD EPYC (Zen 5) we measured 195-210 GFLOP/s for a 2048^3 `torch.mm` against 400-465 GFLOP/s for the same
 product through oneDNN (`torch.ops.mkldnn._linear_pointwise`, which ships with every x86 CPU build of torch and reads
-ordinary strided tensors). On Intel CPUs both reach about the same speed. The choice is made once per process:
+ordinary strided tensors). On Intel CPUs both reach about the same speed. The setting, one per process:
 
-- `HF_MOE_CPU_GEMM=auto` (default): time both on one 512^3 product, keep oneDNN only if it is >= 1.2x faster
-  and agrees with torch's result; the choice is logged.
-- `HF_MOE_CPU_GEMM=onednn` / `aten`: force one (onednn raises where torch has no oneDNN).
+- `hf_moe.kernels.set_cpu_gemm("onednn" | "aten" | "auto")`, or the environment variable `HF_MOE_CPU_GEMM`
+  read at the first product when nothing was set; `cpu_gemm()` says which GEMM is in use.
+- "auto" (the default): time both on one 512^3 product, keep oneDNN only if it is >= 1.2x faster and agrees
+  with torch's result. Where the setting comes from and what was chosen is logged (logger
+  `hf_moe.kernels.cpu.gemm`, INFO); "onednn" raises where torch has no oneDNN.
 
-Only the CPU fast paths (hand-written autograd Functions) call these helpers; everything else, every other
-device and dtype, and products too small to pay oneDNN's ~15 us call overhead (fewer than 4 rows or 2^21
-multiply-adds) run `torch.mm` as before. oneDNN has no `out=`: `mm_into` copies its result.
+Only the CPU kernels of hf_moe.kernels call these helpers; everything else, every other device and dtype, and
+products too small to pay oneDNN's ~15 us call overhead (fewer than 4 rows or 2^21 multiply-adds) run
+`torch.mm`. oneDNN has no `out=`: `mm_into` copies its result. The model (hf_moe.modeling, the Hub bundle)
+knows nothing of this: it calls its Linear layers, and the "linear" kernel (`linear_kernel`) takes the calls
+that oneDNN runs faster.
 
 oneDNN compiles a kernel per product shape (~0.2-0.4 ms here) and caches 1024 of them. Products whose shapes
 vary from call to call (token counts of variable-length batches) take oneDNN only from 2^26 multiply-adds on,
 where it wins even when it compiles on every call; callers that keep their shapes to a small recurring set
-(the fused experts round each expert's row count, see `kernels.fused.padded_count`) pass `bucketed=True` and
+(the fused experts round each expert's row count, see `kernels.experts.fused.padded_count`) pass `bucketed=True` and
 take it from 2^21 on.
 """
 
@@ -32,8 +36,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .fast_paths import autocast_active, plain_linear, records_grad
-from .scratch import WORKSPACE
+from ..eligible import eligible, records_grad
+from .scratch import scratch
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +69,9 @@ def onednn_available() -> bool:
 
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b through oneDNN, which takes the right operand with any strides but copies a non-contiguous left
-    one: that copy goes to a reused scratch buffer (a fresh one page-faults, see scratch.py)."""
+    one: that copy goes to scratch memory (a fresh tensor page-faults, see scratch.py)."""
     if not a.is_contiguous():
-        a = WORKSPACE.empty("gemm_left", a.shape, a).copy_(a)
+        a = scratch(a.shape, a).copy_(a)
     return _ONEDNN(a, b.t(), None, "none", [], "")
 
 
@@ -106,11 +110,14 @@ def _timed_probe() -> str:
 
 
 def cpu_gemm() -> str:
-    """The fp32 CPU GEMM in use, "onednn" or "aten", decided on first call (see the module docstring)."""
+    """The fp32 CPU GEMM in use, "onednn" or "aten": the last `set_cpu_gemm`, else `HF_MOE_CPU_GEMM` (default
+    "auto"), resolved at the first call and logged (see the module docstring)."""
     global _choice
     if _choice is None:
         requested = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        _choice = _resolve(requested, source=f"{ENV_VAR}={requested!r}")
+        source = f"{ENV_VAR}={requested!r}" if ENV_VAR in os.environ else f"default ({ENV_VAR} unset)"
+        _choice = _resolve(requested, source=source)
+        logger.info("hf_moe CPU GEMM in use: %s (%s; change with hf_moe.kernels.set_cpu_gemm)", _choice, source)
     return _choice
 
 
@@ -127,7 +134,8 @@ def _resolve(requested: str, source: str) -> str:
 
 
 def set_cpu_gemm(name: str) -> str:
-    """Choose the fp32 CPU GEMM for this process ("auto" probes again); returns the one now in use."""
+    """Choose the fp32 CPU GEMM for this process: "onednn", "aten" or "auto" (probes again); returns the one now
+    in use."""
     global _choice
     _choice = _resolve(name, source=f"set_cpu_gemm({name!r})")
     return _choice
@@ -163,7 +171,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, bucketed: bool = False) -> torch.Tensor
     `bucketed`: the caller multiplies few distinct shapes (see the module docstring)."""
     if _use_onednn(a, b, bucketed):
         return onednn_mm(a, b)
-    if autocast_active(a):
+    if torch.is_autocast_enabled(a.device.type):
         with torch.autocast(a.device.type, enabled=False):
             return torch.mm(a, b)
     return torch.mm(a, b)
@@ -216,14 +224,12 @@ class LinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) for a Linear layer, through `mm` where oneDNN is in use for x (CPU fp32, no autocast, a plain
-    nn.Linear, a product large enough for oneDNN); the module call everywhere else, so LoRA layers, hooks and
-    quantized linears behave as they always do."""
-    if (not onednn_active(x) or not plain_linear(module, allow_bias=True) or autocast_active(x)
-            or module.weight.dtype != torch.float32
+def linear_kernel(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The "linear" kernel: module(x) through `mm` where oneDNN is in use for x and the product is large enough
+    for it (CPU fp32, a plain nn.Linear, see `eligible`); None everywhere else (the module runs)."""
+    if (not onednn_active(x) or not eligible(x, module.weight, modules=(module,), allow_bias=True)
             or x.numel() // x.shape[-1] * module.in_features * module.out_features < MIN_MACS):
-        return module(x)
+        return None
     if records_grad(x, module.weight, *(() if module.bias is None else (module.bias,))):
         return LinearFunction.apply(x, module.weight, module.bias)
     return _linear(x, module.weight, module.bias)

@@ -3,7 +3,7 @@
 The recipe of DeepSeek-V3 at toy scale: MLA attention, sigmoid router with group-limited top-k and
 auxiliary-loss-free bias balancing (gamma = 1e-3), a tiny sequence-wise balance loss (alpha = 1e-4), one shared
 expert, a first dense layer, and one MTP module (lambda = 0.3). Data: Python's own standard-library sources
-(`hf_moe.training.data`), a byte-level BPE tokenizer trained on them. Training: `transformers.Trainer` with
+(`hf_moe.demo.corpus`), a byte-level BPE tokenizer trained on them. Training: `transformers.Trainer` with
 `MoECallback`. Afterwards: eval loss, the eval set's expert load and MaxVio, and the MTP modules' draft
 acceptance in self-speculative greedy decoding (`MoEForCausalLM.generate_with_mtp`).
 
@@ -25,10 +25,10 @@ from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCall
 
 from ..modeling.configuration import MoEConfig
 from ..modeling.model import MoEForCausalLM
-from .balancing import ExpertLoads
-from .callbacks import MoECallback
-from .data import build_lm_datasets, stdlib_sources, train_tokenizer
-from .metrics import expert_load
+from ..training.balancing import ExpertLoads
+from ..training.callbacks import MoECallback
+from ..training.metrics import expert_load
+from .corpus import build_lm_datasets, stdlib_sources, train_tokenizer
 
 
 def demo_config(vocab_size: int, gamma: float = 1e-3, **overrides: Any) -> MoEConfig:
