@@ -3,7 +3,7 @@
 - an hf_moe folder (`model_type: hf_moe`: trained, converted or upcycled with hf_moe; a Trainer checkpoint
   folder of one), loaded with `from_pretrained`;
 - a folder of one of the MoE families hf_moe converts (DeepSeek-V3/V2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE:
-  `hf_moe.conversion.family_configs.FAMILIES`), converted in memory (config mapping and key table of
+  `hf_moe.conversion.families.MOE_FAMILIES`), converted in memory (config mapping and key table of
   `hf_moe.convert`, nothing written; it needs the memory of the whole model, in fp32);
 - anything else is refused in one line: dense families (no experts: upcycle them first), other model types.
 """
@@ -67,8 +67,7 @@ def _convert_in_memory(path: Path, family: str) -> MoEForCausalLM:
     from transformers import AutoConfig
 
     from ..conversion.checkpoint_io import SourceCheckpoint
-    from ..conversion.families import state_dict_to_moe
-    from ..conversion.family_configs import config_to_moe
+    from ..conversion.families import config_to_moe, state_dict_to_moe
 
     config = config_to_moe(AutoConfig.from_pretrained(path))
     with SourceCheckpoint(path) as source:
@@ -90,8 +89,8 @@ def _convert_in_memory(path: Path, family: str) -> MoEForCausalLM:
 
 def _model_type(path: Path) -> str:
     """The folder's model_type if hf_moe loads it, else a ModelLoadError saying why not."""
-    from ..conversion.dense import DENSE_FAMILIES
-    from ..conversion.family_configs import FAMILIES
+    from ..conversion.families import DENSE_FAMILIES
+    from ..conversion.families import MOE_FAMILIES as FAMILIES
 
     model_type = _read_config(path).get("model_type")
     if model_type in DENSE_FAMILIES:
@@ -122,7 +121,7 @@ def load_moe_config(path: str | os.PathLike) -> MoEConfig:
         return _loading(path, lambda: MoEConfig.from_pretrained(path))
     from transformers import AutoConfig
 
-    from ..conversion.family_configs import config_to_moe
+    from ..conversion.families import config_to_moe
 
     return _loading(path, lambda: config_to_moe(AutoConfig.from_pretrained(path)))
 

@@ -17,13 +17,13 @@ from hf_moe.analysis import (
 )
 from hf_moe.conversion.upcycle import upcycle
 
-from ..conversion.test_families import family_model
+from ..conversion.families.oracle import cases, family_model
 from ..conversion.test_upcycle import dense_checkpoint
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "deepseek_v3_qlora_yarn"])
 def test_family_folder_is_converted_in_memory_with_the_same_routing(case: str, tmp_path) -> None:
-    reference, config = family_model(case)
+    reference, config = family_model(cases()[case])
     reference.save_pretrained(tmp_path / case)
     files = sorted(p.name for p in (tmp_path / case).iterdir())
     loaded = load_moe_model(tmp_path / case)
