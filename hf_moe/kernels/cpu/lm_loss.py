@@ -8,8 +8,8 @@ else 1 / (number of valid targets); targets equal to `ignore_index` contribute n
 Why: autograd's cross-entropy allocates the log-probabilities, a zero-filled gradient for the gather and the
 log-softmax gradient, each as large as the logits (tokens x vocabulary); on CPU every fresh multi-megabyte
 tensor is page-faulted in, which for a 4096-token vocabulary cost as much as the LM head's matmuls. Here the
-logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through one reused scratch block
-(`scratch.WORKSPACE`). `LinearCrossEntropyFunction` goes further when the model computes the loss itself: it
+logits are read in row chunks (all rows at once below `CHUNK_ELEMENTS`) through one scratch block per call
+(`scratch.scratch`). `LinearCrossEntropyFunction` goes further when the model computes the loss itself: it
 owns the LM-head matmul, so the logits' gradient is formed chunk by chunk in scratch and multiplied into the
 hidden-state and weight gradients at once, never as a whole. The logits are still returned (and may feed
 other losses: their gradient is added).
