@@ -10,10 +10,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from . import (
     kernels,  # noqa: F401  registers the experts backends, "hf_moe_sdpa" attention and the seam kernels
+    presets,  # noqa: F401  registers the published systems for MoEConfig.from_preset
     training,  # noqa: F401  so that hf_moe.training.MoECallback works after `import hf_moe`
 )
 from .conversion.convert import convert
 from .conversion.upcycle import upcycle
+from .conversion.upcycle_recipe import UpcycleRecipe
 from .hub import push_to_hub, save_for_hub
 from .modeling.cache import MoECache
 from .modeling.configuration import MoEConfig
@@ -32,6 +34,7 @@ __all__ = [
     "MoEForSequenceClassification",
     "MoECache",
     "upcycle",
+    "UpcycleRecipe",
     "convert",
     "save_for_hub",
     "push_to_hub",

@@ -35,6 +35,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .kernel_hooks import get_kernel
+
 ATTENTION_TYPES = ("mla", "gqa")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -494,9 +496,13 @@ class MoEConfig(PreTrainedConfig):
     # --------------------------------------------------------------------------------------- presets
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MoEConfig:
-        """A configuration of a published system (see `hf_moe.modeling.presets.PRESETS`), with overrides."""
-        from .presets import PRESETS
-
+        """A configuration of a published system (`hf_moe.presets.PRESETS`, registered by `import hf_moe` as the
+        "presets" hook), with overrides. Where the model runs as remote code without hf_moe there are no presets."""
+        presets = get_kernel("presets")
+        if presets is None:
+            raise ImportError("MoEConfig.from_preset needs the hf_moe package (`pip install hf-moe`, then "
+                              "`import hf_moe`): the presets do not travel with the remote code.")
+        PRESETS = presets()
         if name not in PRESETS:
             raise ValueError(f"Unknown preset name={name!r}; allowed values are {sorted(PRESETS)}.")
         known = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)

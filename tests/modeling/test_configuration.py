@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hf_moe.modeling.configuration import MoEConfig
-from hf_moe.modeling.presets import PRESETS
+from hf_moe.presets import PRESETS
 
 GQA = {"attention_type": "gqa", "num_attention_heads": 16, "num_key_value_heads": 4}
 

@@ -12,7 +12,7 @@ import pytest
 
 from hf_moe.inspection import PARTS, ParameterCount, count_parameters, format_parameter_report
 from hf_moe.modeling.configuration import MoEConfig
-from hf_moe.modeling.presets import PRESETS
+from hf_moe.presets import PRESETS
 
 B = 1e9
 

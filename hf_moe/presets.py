@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .modeling.kernel_hooks import register_kernel
+
 
 def _yarn(factor: float, original: int, mscale: float, theta: float = 10000.0) -> dict[str, Any]:
     """DeepSeek's YaRN `rope_scaling` (beta_fast 32, beta_slow 1) in transformers' rope_parameters form."""
@@ -294,3 +296,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 __all__ = ["PRESETS"]
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    """The table, for `MoEConfig.from_preset` through the model's seam (modeling/ never imports hf_moe)."""
+    return PRESETS
+
+
+register_kernel("presets", _presets)
