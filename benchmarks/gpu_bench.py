@@ -3,8 +3,9 @@ and its software are, and which third-party MoE kernels could have run.
 
 MFU (model FLOPs utilisation) = model FLOPs of a training step (6 x active parameters x tokens + attention,
 `run.train_flops`) / step time / the GPU's dense peak. The peaks are the vendor datasheet's dense (no sparsity)
-tensor-core rates of the SXM parts: H100 SXM and H200 SXM 989 TFLOP/s bf16/fp16, 67 TFLOP/s fp32 without TF32.
-Other GPUs get no MFU unless `--peak-flops` names the peak.
+tensor-core rates of the SXM parts: H100 SXM and H200 SXM 989 TFLOP/s bf16/fp16, 67 TFLOP/s fp32 without TF32
+(nvidia-smi names them "NVIDIA H100 80GB HBM3" and "NVIDIA H200"; PCIe and NVL parts have lower peaks). Other GPUs
+get no MFU unless `--peak-flops` names the peak.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override: float | None 
     if device.type != "cuda":
         return None, "no GPU"
     name = torch.cuda.get_device_name(device)
+    if "PCIe" in name or "NVL" in name:  # lower clocks and power than the SXM parts: other peaks
+        return None, f"no datasheet peak known for {name} (pass --peak-flops)"
     for (fragment, peak_dtype), peak in DATASHEET_PEAKS.items():
         if fragment in name and peak_dtype == dtype:
             return peak, (f"{fragment} SXM datasheet dense {str(dtype).removeprefix('torch.')} peak "

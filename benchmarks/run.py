@@ -222,12 +222,23 @@ def select_gemm(contender: str) -> None:
 PROCESS_GEMM: list[str] = []
 
 
-def with_triton(fn: Callable[[], None], like: torch.Tensor) -> dict[str, Callable[[], None]]:
-    """{"ours_triton": fn} on a GPU with Triton (that contender runs our layer with `hf_moe_triton` experts),
-    else nothing."""
+def with_triton(fn: Callable[[], None], like: torch.Tensor, ours: MoEForCausalLM, errors: dict) -> dict[str, Callable[[], None]]:
+    """{"ours_triton": fn} on a GPU with Triton (that contender runs our layer with `hf_moe_triton` experts) if
+    one call of it runs (its error goes to `errors` otherwise), else nothing."""
     import importlib.util
 
-    return {"ours_triton": fn} if like.device.type == "cuda" and importlib.util.find_spec("triton") else {}
+    if like.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return {}
+    try:
+        select_experts(ours, "ours_triton")
+        fn()
+    except Exception as error:  # noqa: BLE001 - a finding to report, not a reason to lose the other contenders
+        errors["ours_triton"] = f"{type(error).__name__}: {error}"
+        print(f"ours_triton left out: {errors['ours_triton']}", flush=True)
+        return {}
+    finally:
+        select_experts(ours, "ours")
+    return {"ours_triton": fn}
 
 
 def select_experts(ours: MoEForCausalLM, contender: str) -> None:
@@ -260,7 +271,8 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
         their_block(x).backward(grad)
 
     implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
-    contenders = {"ours": ours_step, **with_torch_gemm(ours_step, x), **with_triton(ours_step, x),
+    errors: dict[str, str] = {}
+    contenders = {"ours": ours_step, **with_torch_gemm(ours_step, x), **with_triton(ours_step, x, ours, errors),
                   "transformers_grouped_mm": theirs_step, "transformers_eager": theirs_step}
 
     def setup(name: str) -> None:
@@ -300,6 +312,8 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
                                                                                       "transformers_grouped_mm")
     if "ours_triton" in contenders:
         result["speedup_triton_vs_transformers_grouped_mm"] = timings.speedup("ours_triton", "transformers_grouped_mm")
+    if errors:
+        result["errors"] = errors
     return result
 
 
@@ -659,6 +673,10 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "gpu" in results:
         lines += [f"GPU: {results['gpu']}", ""]
+    for part, error in results.get("failed_parts", {}).items():
+        lines += [f"FAILED {part}: {error}", ""]
+    for name, error in results.get("moe_layer", {}).get("errors", {}).items():
+        lines += [f"Left out of the MoE layer part, {name}: {error}", ""]
     if results.get("skipped_for_time"):
         lines += [f"Skipped, the time budget being spent: {', '.join(results['skipped_for_time'])}.", ""]
     return "\n".join(lines)
@@ -745,21 +763,45 @@ def main() -> None:
             others[part] = wait_for_quiet(args.max_busy, args.quiet_timeout)
         return True
 
+    failed = results["failed_parts"] = {}
+
+    def guarded(part: str, fn: Callable[[], object]) -> object | None:
+        """fn(), or None with the error kept in results["failed_parts"] (one part failing, on a GPU lent for a few
+        minutes, must not lose the others); the process then exits with status 1."""
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - reported, then the next part runs
+            import traceback
+
+            failed[part] = f"{type(error).__name__}: {error}"
+            print(f"{part} FAILED: {failed[part]}\n{traceback.format_exc()}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     if "moe" in parts and quiet("moe"):
-        results["moe_layer"] = bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
-                                               device, dtype, peak)
-        print(f"moe: {results['moe_layer']['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
-              f"{results['moe_layer']['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
+        moe = guarded("moe", lambda: bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
+                                                     device, dtype, peak))
+        if moe is not None:
+            results["moe_layer"] = moe
+            print(f"moe: {moe['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
+                  f"{moe['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
         save()
     if "train" in parts and quiet("train"):
-        results["train_step"] = bench_train(ours, theirs, config, args.batch, args.length, args.rounds, device, peak)
-        mfu = results["train_step"].get("mfu", {}).get("ours")
-        print(f"train: {results['train_step']['speedup_vs_fastest_transformers']:.2f}x"
-              + (f", MFU {mfu:.3f}" if mfu is not None else ""), flush=True)
+        train = guarded("train", lambda: bench_train(ours, theirs, config, args.batch, args.length, args.rounds,
+                                                     device, peak))
+        if train is not None:
+            results["train_step"] = train
+            mfu = train.get("mfu", {}).get("ours")
+            print(f"train: {train['speedup_vs_fastest_transformers']:.2f}x"
+                  + (f", MFU {mfu:.3f}" if mfu is not None else ""), flush=True)
         save()
     if "prefill" in parts and quiet("prefill"):
-        results["prefill"] = bench_prefill(ours, theirs, config, args.prefill_length, max(args.rounds // 2, 2), device)
-        print(f"prefill: {results['prefill']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+        prefill = guarded("prefill", lambda: bench_prefill(ours, theirs, config, args.prefill_length,
+                                                           max(args.rounds // 2, 2), device))
+        if prefill is not None:
+            results["prefill"] = prefill
+            print(f"prefill: {prefill['speedup_vs_fastest_transformers']:.2f}x", flush=True)
         save()
     if "decode" in parts:
         bandwidth = copy_bandwidth(device)
@@ -769,13 +811,17 @@ def main() -> None:
             if not quiet(f"decode {context}"):
                 continue
             rounds = args.decode_rounds if context <= 2048 else max(args.decode_rounds // 2, 2)
-            entry = bench_decode(ours, theirs, config, context, rounds, device, dtype, bandwidth)
-            results["decode"][str(context)] = entry
-            print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x, "
-                  f"{entry['ours_over_memory_bound']:.1f}x the memory bound", flush=True)
+            entry = guarded(f"decode {context}", lambda c=context, r=rounds: bench_decode(
+                ours, theirs, config, c, r, device, dtype, bandwidth))
+            if entry is not None:
+                results["decode"][str(context)] = entry
+                print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x, "
+                      f"{entry['ours_over_memory_bound']:.1f}x the memory bound", flush=True)
             save()
     save()
     print(markdown(results))
+    if failed:
+        sys.exit(f"failed parts: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,27 @@
 #
 #   bash scripts/gpu_check.sh                 # logs and results to $OUT (default benchmarks/results)
 #   OUT=/tmp/x GPU_CHECK_BUDGET=400 PYTHON=python3 bash scripts/gpu_check.sh
+#   bash scripts/gpu_check.sh fetch-wheels    # on a machine with pip access: download into .whl/ (git-ignored)
+#                                             # the wheels a Python 3.12 GPU image with transformers 5.17 lacks
 #
 # hf_moe is imported from this checkout (PYTHONPATH), nothing is pip-installed into the system, and no step
 # needs the `hf-moe` console script or the network (HF_HUB_OFFLINE=1).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
+# transformers >= 5.24 and what it needs that the lent H200 image (torch 2.11, transformers 5.17, hub 1.33) lacks
+WHEELS="transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 accelerate==1.16.0 peft==0.21.2
+regex==2026.11.19 tqdm==4.70.1 click==8.5.1 truststore==0.10.5 idna==3.20 anyio==4.16.0 h11==0.16.0
+typing_extensions==4.16.0"
+if [ "${1:-}" = "fetch-wheels" ]; then
+    EXCLUDE=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$EXCLUDE")" .whl
+    grep -qx '/.whl/' "$EXCLUDE" 2>/dev/null || echo '/.whl/' >> "$EXCLUDE"
+    # shellcheck disable=SC2086  # one argument per requirement
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $WHEELS
+fi
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-400}  # seconds for the whole script; each step gets what is left
 OUT=${OUT:-$REPO/benchmarks/results}
