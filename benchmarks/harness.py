@@ -199,33 +199,47 @@ def machine(device: torch.device) -> dict[str, object]:
     except (OSError, subprocess.CalledProcessError):
         info["cpu"] = platform.processor()
     if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
+        from gpu_bench import gpu_facts
+
+        info.update(gpu_facts(device))
     return info
 
 
-def matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048) -> tuple[dict[str, Callable[[], object]], float]:
-    """Plain square matmuls and their FLOP count: torch.mm and, on CPU fp32 where torch has it, the same product
-    through oneDNN (on some CPUs, AMD's among them, far faster than torch.mm's MKL path). The faster of the two
-    is the machine's practical GEMM ceiling."""
+def matmul_size(device: torch.device) -> int:
+    """Side of the plain square matmul that gives the GEMM ceiling: 2048 on CPU, 8192 on a GPU (a 2048^3
+    product takes ~20 us there, too little to fill the chip past launch overhead)."""
+    return 8192 if device.type == "cuda" else 2048
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, size: int | None = None) -> tuple[dict[str, Callable[[], object]], float]:
+    """Plain square matmuls ("matmul_<size>") and their FLOP count: torch.mm and, on CPU fp32 where torch has it,
+    the same product through oneDNN (on some CPUs, AMD's among them, far faster than torch.mm's MKL path). The
+    faster of the two is the machine's practical GEMM ceiling. Random operands (zeros run faster on GPUs)."""
     from hf_moe.kernels.cpu import gemm
 
+    size = size or matmul_size(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    contenders: dict[str, Callable[[], object]] = {"matmul_2048": lambda: torch.mm(a, b)}
+    contenders: dict[str, Callable[[], object]] = {f"matmul_{size}": lambda: torch.mm(a, b)}
     if device.type == "cpu" and dtype == torch.float32 and gemm.onednn_available():
-        contenders["matmul_2048_onednn"] = lambda: gemm.onednn_mm(a, b)
+        contenders[f"matmul_{size}_onednn"] = lambda: gemm.onednn_mm(a, b)
     return contenders, 2.0 * size**3
 
 
 def matmul_ceiling(timings: Timings, flops: float) -> tuple[float, str]:
-    """(FLOP/s, name) of the fastest plain matmul timed in `timings`."""
-    names = [name for name in ("matmul_2048", "matmul_2048_onednn") if name in timings.seconds]
+    """(FLOP/s, name) of the fastest plain matmul ("matmul_<size>[_onednn]") timed in `timings`."""
+    names = [name for name in timings.seconds if name.startswith("matmul_")]
     best = min(names, key=timings.median)
     return flops / timings.median(best), best
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, rounds: int = 5) -> float:
-    """Bytes/s of a large tensor copy (read + write): the practical memory-bandwidth ceiling."""
+    """Bytes/s of a large tensor copy (read + write): the practical memory-bandwidth ceiling. On a GPU: 1 GiB,
+    timed with CUDA events (`gpu_bench.copy_bandwidth_cuda`)."""
+    if device.type == "cuda":
+        from gpu_bench import copy_bandwidth_cuda
+
+        return copy_bandwidth_cuda(device)
     src = torch.empty(megabytes * 2**20 // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
     best = float("inf")

@@ -9,7 +9,10 @@ markdown table next to it.
     python benchmarks/run.py                              # everything: the issue's config, CPU fp32, ~5-8 min
     python benchmarks/run.py --parts moe,train --rounds 5
     python benchmarks/run.py --quick                      # smoke run: fewer rounds, shorter contexts
-    python benchmarks/run.py --device cuda --dtype bfloat16 --name gpu
+    python benchmarks/run.py --device cuda --dtype bfloat16 --config gpu --batch 4 --length 2048 --name gpu
+
+On CUDA the training step also reports MFU (model FLOPs / time / the GPU's dense datasheet peak, see
+gpu_bench.py), and decode its distance to the HBM bound (bytes a step must read / measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_bench import GPU_CONFIG, peak_flops, third_party_kernels  # noqa: E402
 from harness import (  # noqa: E402
     PeakMemory,
     copy_bandwidth,
@@ -65,8 +69,14 @@ def bench_config(**overrides: object) -> MoEConfig:
 
 
 def build_models(config: MoEConfig, device: torch.device, dtype: torch.dtype) -> tuple[MoEForCausalLM, DeepseekV3ForCausalLM]:
-    """Ours with random weights, and transformers' DeepseekV3 loaded with exactly those weights."""
+    """Ours with random weights, and transformers' DeepseekV3 loaded with exactly those weights. On a GPU both are
+    built there (initialising billions of parameters on the host would take minutes)."""
     torch.manual_seed(0)
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        return _build_models(config, device, dtype)
+
+
+def _build_models(config: MoEConfig, device: torch.device, dtype: torch.dtype) -> tuple[MoEForCausalLM, DeepseekV3ForCausalLM]:
     ours = MoEForCausalLM(config)
     with torch.no_grad():  # a non-zero balancing bias, so routing differences would show
         for layer in ours.model.layers:
@@ -77,6 +87,18 @@ def build_models(config: MoEConfig, device: torch.device, dtype: torch.dtype) ->
     theirs = DeepseekV3ForCausalLM(their_config)
     theirs.load_state_dict(state_dict_from_moe("deepseek_v3", ours.state_dict(), config), strict=True)
     return ours.to(device=device, dtype=dtype), theirs.to(device=device, dtype=dtype)
+
+
+def config_summary(config: MoEConfig, model: torch.nn.Module) -> str:
+    """One line: the widths that set the cost, total and active parameters."""
+    active, _ = active_matmul_params(config)
+    total = sum(p.numel() for p in model.parameters())
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    return (f"vocab {config.vocab_size}, hidden {config.hidden_size}, {config.num_hidden_layers} layers "
+            f"({config.num_hidden_layers - moe_layers} dense), {config.num_attention_heads} heads, "
+            f"{config.n_routed_experts} routed experts top-{config.num_experts_per_tok} of width "
+            f"{config.moe_intermediate_size}, {config.n_shared_experts} shared; {total / 1e9:.2f}B parameters, "
+            f"{active / 1e9:.3f}B active per token (embeddings aside)")
 
 
 def set_experts(model: torch.nn.Module, implementation: str) -> None:
@@ -199,9 +221,34 @@ def select_gemm(contender: str) -> None:
 PROCESS_GEMM: list[str] = []
 
 
+def with_triton(fn: Callable[[], None], like: torch.Tensor, ours: MoEForCausalLM, errors: dict) -> dict[str, Callable[[], None]]:
+    """{"ours_triton": fn} on a GPU with Triton (that contender runs our layer with `hf_moe_triton` experts) if
+    one call of it runs (its error goes to `errors` otherwise), else nothing."""
+    import importlib.util
+
+    if like.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return {}
+    try:
+        select_experts(ours, "ours_triton")
+        fn()
+    except Exception as error:  # noqa: BLE001 - a finding to report, not a reason to lose the other contenders
+        errors["ours_triton"] = f"{type(error).__name__}: {error}"
+        print(f"ours_triton left out: {errors['ours_triton']}", flush=True)
+        return {}
+    finally:
+        select_experts(ours, "ours")
+    return {"ours_triton": fn}
+
+
+def select_experts(ours: MoEForCausalLM, contender: str) -> None:
+    """Our experts backend for a contender: `hf_moe_triton` for "ours_triton", the default `hf_moe_auto` else."""
+    set_experts(ours, "hf_moe_triton" if contender == "ours_triton" else "hf_moe_auto")
+
+
 # ---------------------------------------------------------------------------------------------- parts
 def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, batch: int,
-                    length: int, rounds: int, device: torch.device, dtype: torch.dtype) -> dict:
+                    length: int, rounds: int, device: torch.device, dtype: torch.dtype,
+                    flops_peak: float | None = None) -> dict:
     layer = config.first_k_dense_replace  # the first MoE layer
     our_block, their_block = ours.model.layers[layer].mlp, theirs.model.layers[layer].mlp
     our_block.train()
@@ -223,14 +270,16 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
         their_block(x).backward(grad)
 
     implementation = {"transformers_grouped_mm": "grouped_mm", "transformers_eager": "eager"}
-    contenders = {"ours": ours_step, **with_torch_gemm(ours_step, x), "transformers_grouped_mm": theirs_step,
-                  "transformers_eager": theirs_step}
+    errors: dict[str, str] = {}
+    contenders = {"ours": ours_step, **with_torch_gemm(ours_step, x), **with_triton(ours_step, x, ours, errors),
+                  "transformers_grouped_mm": theirs_step, "transformers_eager": theirs_step}
 
     def setup(name: str) -> None:
         x.grad = None
         our_block.zero_grad(set_to_none=True)
         their_block.zero_grad(set_to_none=True)
         select_gemm(name)
+        select_experts(ours, name)
         if name in implementation:
             set_experts(theirs, implementation[name])
 
@@ -239,6 +288,7 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
     timings = interleaved({**contenders, "matmuls_only": matmuls_only, **matmuls}, rounds, device,
                           setup=setup, lead_in=LEAD_IN, new_round=new_inputs)
     select_gemm("ours")
+    select_experts(ours, "ours")
     flops = moe_flops(config, batch * length)
     mm_rate, ceiling = matmul_ceiling(timings, mm_flops)
     result = {
@@ -246,21 +296,29 @@ def bench_moe_layer(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config:
         "speedup_vs_transformers_grouped_mm": timings.speedup("ours", "transformers_grouped_mm"),
         "speedup_vs_transformers_eager": timings.speedup("ours", "transformers_eager"),
         "matmul_flops_per_s": mm_rate, "matmul_ceiling": ceiling,
-        "torch_mm_flops_per_s": mm_flops / timings.median("matmul_2048"), "cpu_gemm": gemm_in_use(x),
+        "torch_mm_flops_per_s": mm_flops / timings.median(next(iter(matmuls))), "cpu_gemm": gemm_in_use(x),
+        "matmul_size": round((mm_flops / 2) ** (1 / 3)), "peak_flops_per_s": flops_peak,
     }
     for name in (*contenders, "matmuls_only"):
         result[f"flops_per_s_{name}"] = flops / timings.median(name)
+        if flops_peak:
+            result[f"fraction_of_peak_{name}"] = flops / timings.median(name) / flops_peak
         result[f"fraction_of_matmul_{name}"] = flops / timings.median(name) / mm_rate
         result[f"fraction_of_torch_mm_{name}"] = flops / timings.median(name) / result["torch_mm_flops_per_s"]
     result["ours_over_matmuls_only"] = timings.speedup("matmuls_only", "ours")
     if "ours_torch_gemm" in contenders:
         result["speedup_vs_transformers_grouped_mm_with_torch_gemm"] = timings.speedup("ours_torch_gemm",
                                                                                       "transformers_grouped_mm")
+    if "ours_triton" in contenders:
+        result["speedup_triton_vs_transformers_grouped_mm"] = timings.speedup("ours_triton", "transformers_grouped_mm")
+    if errors:
+        result["errors"] = errors
     return result
 
 
 def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoEConfig, batch: int, length: int,
-                rounds: int, device: torch.device) -> dict:
+                rounds: int, device: torch.device, flops_peak: float | None = None) -> dict:
+    """Forward+backward of the whole model on a new batch each round; `flops_peak` (dense FLOP/s) adds MFU."""
     ours.train()
     theirs.train()
     batches = [torch.randint(0, config.vocab_size, (batch, length), device=device)]
@@ -303,6 +361,9 @@ def bench_train(ours: MoEForCausalLM, theirs: DeepseekV3ForCausalLM, config: MoE
     extra = {}
     if "ours_torch_gemm" in contenders:
         extra["speedup_vs_fastest_transformers_with_torch_gemm"] = timings.speedup("ours_torch_gemm", fastest)
+    if flops_peak:
+        extra["peak_flops_per_s"] = flops_peak
+        extra["mfu"] = {name: flops / timings.median(name) / flops_peak for name in contenders}
     return {
         "batch": batch, "length": length, "timings": timings.summary(), "cpu_gemm": gemm_in_use(like),
         "matmul_ceiling": ceiling, **extra,
@@ -499,6 +560,11 @@ def goals(results: dict) -> list[dict]:
         entry = decode[max(decode, key=int)]
         ratio = entry["kv_cache_bytes_per_token"]["ours"] / entry["kv_cache_bytes_per_token"]["transformers"]
         add("KV-cache bytes/token, ours / transformers", ratio, 1.0, higher_is_better=False)
+    if results["settings"]["device"].startswith("cuda"):  # the GPU goals (issue 18)
+        add("GPU training step MFU (ours, model FLOPs / dense peak)", train and train.get("mfu", {}).get("ours"), 0.30)
+        for context, entry in sorted(decode.items(), key=lambda kv: int(kv[0])):
+            add(f"GPU decode at {context} context (batch 1): ours / HBM bound", entry["ours_over_memory_bound"], 2.0,
+                higher_is_better=False)
     return rows
 
 
@@ -506,10 +572,19 @@ def markdown(results: dict) -> str:
     lines = [f"# hf_moe vs transformers DeepseekV3 ({results['settings']['device']}, {results['settings']['dtype']})", ""]
     m = results["machine"]
     others = ", ".join(f"{part} {busy:.0%}" for part, busy in results.get("others_cpu_use_before_part", {}).items())
-    lines += [f"Machine: {m.get('lscpu Model name', m.get('gpu', '?'))}, {m.get('cpu_count')} CPUs, "
-              f"{m['torch_threads']} torch threads, torch {m['torch']}, transformers {m.get('transformers')}. "
-              "Speed-ups are medians of per-round ratios of interleaved runs. Other jobs share these CPUs; their "
-              f"CPU use just before each part: {others or 'not measured'}.", ""]
+    if "gpu" in m:
+        lines += [f"Machine: {m['gpu']} (compute capability {m.get('gpu_capability')}, {m.get('gpu_sms')} SMs, "
+                  f"{m.get('gpu_memory_bytes', 0) / 2**30:.0f} GiB; nvidia-smi driver, max SM/memory clocks, power "
+                  f"limit: {m.get('nvidia_smi')}), host {m.get('lscpu Model name', '?')} with {m.get('cpu_count')} "
+                  f"CPUs; torch {m['torch']} (CUDA {m.get('torch_cuda')}), triton {m.get('triton', '-')}, "
+                  f"transformers {m.get('transformers')}. Speed-ups are medians of per-round ratios of interleaved "
+                  "runs.", ""]
+    else:
+        lines += [f"Machine: {m.get('lscpu Model name', '?')}, {m.get('cpu_count')} CPUs, "
+                  f"{m['torch_threads']} torch threads, torch {m['torch']}, transformers {m.get('transformers')}. "
+                  "Speed-ups are medians of per-round ratios of interleaved runs. Other jobs share these CPUs; their "
+                  f"CPU use just before each part: {others or 'not measured'}.", ""]
+    lines += [f"Config: {results.get('config_name', 'issue')} ({results.get('config_summary', '')}).", ""]
     lines += ["| goal | target | measured | met |", "|---|---|---|---|"]
     for row in results["goals"]:
         measured = "-" if row["measured"] is None else f"{row['measured']:.3g}"
@@ -534,16 +609,19 @@ def markdown(results: dict) -> str:
         lines += [f"## MoE layer forward+backward ({r['tokens']} tokens, {r['flops_per_call'] / 1e9:.2f} GFLOP)", "",
                   "| implementation | median ms | GFLOP/s | fraction of matmul | fraction of torch.mm |",
                   "|---|---|---|---|---|"]
-        for name in ("ours", "ours_torch_gemm", "transformers_grouped_mm", "transformers_eager", "matmuls_only"):
+        for name in ("ours", "ours_torch_gemm", "ours_triton", "transformers_grouped_mm", "transformers_eager",
+                     "matmuls_only"):
             if name not in r["timings"]:
                 continue
-            lines.append(f"| {name} | {r['timings'][name]['median_s'] * 1e3:.1f} | "
+            lines.append(f"| {name} | {r['timings'][name]['median_s'] * 1e3:.2f} | "
                          f"{r[f'flops_per_s_{name}'] / 1e9:.1f} | {r[f'fraction_of_matmul_{name}']:.2f} | "
                          f"{r.get(f'fraction_of_torch_mm_{name}', float('nan')):.2f} |")
-        for name, label in (("matmul_2048", "plain 2048^3 torch.mm"), ("matmul_2048_onednn", "plain 2048^3 oneDNN")):
+        size = r.get("matmul_size", 2048)
+        for name, label in ((f"matmul_{size}", f"plain {size}^3 torch.mm"),
+                            (f"matmul_{size}_onednn", f"plain {size}^3 oneDNN")):
             if name in r["timings"]:
-                rate = 2.0 * 2048**3 / r["timings"][name]["median_s"]
-                lines.append(f"| {label} | {r['timings'][name]['median_s'] * 1e3:.1f} | {rate / 1e9:.1f} | "
+                rate = 2.0 * size**3 / r["timings"][name]["median_s"]
+                lines.append(f"| {label} | {r['timings'][name]['median_s'] * 1e3:.2f} | {rate / 1e9:.1f} | "
                              f"{rate / r['matmul_flops_per_s']:.2f} | {rate / r['torch_mm_flops_per_s']:.2f} |")
         lines += ["", f"Our fast paths ran their fp32 products on {r.get('cpu_gemm', 'torch.mm')}; \"fraction of "
                   "matmul\" is against the faster plain matmul (the machine's GEMM ceiling), \"ours_torch_gemm\" is our "
@@ -551,34 +629,55 @@ def markdown(results: dict) -> str:
     for key, title in (("train_step", "Training step (forward+backward)"), ("prefill", "Prefill")):
         if key in results:
             r = results[key]
-            lines += [f"## {title}", "", "| implementation | median s | tokens/s | model FLOP/s as a fraction of "
-                      "matmul | peak memory MB |", "|---|---|---|---|---|"]
+            mfu = r.get("mfu", {})
+            lines += [f"## {title}", ""]
+            if key == "train_step":
+                lines += [f"Batch {r['batch']} x {r['length']} tokens, {r['model_flops_per_step'] / 1e12:.2f} TFLOP "
+                          "per step (6 x active parameters x tokens + causal attention)."
+                          + (f" MFU against {r['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({results.get('peak_source')})."
+                             if mfu else ""), ""]
+            lines += ["| implementation | median s | tokens/s | model FLOP/s as a fraction of matmul | "
+                      + ("MFU | " if mfu else "") + "peak memory MB |", "|---|---|---|---|" + ("---|" if mfu else "") + "---|"]
             for name, rate in r["tokens_per_s"].items():
                 peak = r.get("peak_memory_bytes", {}).get(name)
                 fraction = r.get("fraction_of_matmul", {}).get(name)
-                lines.append(f"| {name} | {r['timings'][name]['median_s']:.3f} | {rate:.0f} | "
+                lines.append(f"| {name} | {r['timings'][name]['median_s']:.4f} | {rate:.0f} | "
                              f"{'-' if fraction is None else f'{fraction:.2f}'} | "
-                             f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
+                             + (f"{mfu[name]:.3f} | " if mfu else "")
+                             + f"{'-' if peak is None else f'{peak / 2**20:.0f}'} |")
             lines.append("")
     if results.get("decode"):
         lines += ["## Decode (batch 1, seconds per token)", "",
                   "\"ours\": absorbed MLA with MoECache (our default cache); \"with DynamicCache\": the same with "
                   "transformers' cache; \"expanded\": absorption off. KV bytes are per cached token; \"allocated\" "
-                  "counts MoECache's spare capacity too.", "",
+                  "counts MoECache's spare capacity too. Memory bound: the bytes a step must read (active weights and "
+                  f"the latent cache) over the measured copy bandwidth, "
+                  f"{results.get('memory_copy_bytes_per_s', float('nan')) / 1e9:.0f} GB/s (read + write).", "",
                   "| context | ours | ours with DynamicCache | ours expanded | transformers grouped_mm | "
-                  "transformers eager | speed-up | KV bytes/token ours / theirs (allocated) | ours / memory bound |",
+                  "transformers eager | speed-up | KV bytes/token ours / theirs (allocated) | ours / memory bound "
+                  "(bound) |",
                   "|---|---|---|---|---|---|---|---|---|"]
+
+        def ms(seconds: float) -> str:
+            return f"{seconds * 1e3:.2f} ms" if seconds < 0.01 else f"{seconds * 1e3:.1f} ms"
+
         for context, r in sorted(results["decode"].items(), key=lambda kv: int(kv[0])):
             s, kv = r["seconds_per_token"], r["kv_cache_bytes_per_token"]
             allocated = r["kv_cache_allocated_bytes_per_token"]["ours"]
-            lines.append(f"| {context} | {s['ours'] * 1e3:.1f} ms | {s['ours_dynamic_cache'] * 1e3:.1f} ms | "
-                         f"{s['ours_expanded'] * 1e3:.1f} ms | {s['transformers_grouped_mm'] * 1e3:.1f} ms | "
-                         f"{s['transformers_eager'] * 1e3:.1f} ms | {r['speedup_vs_fastest_transformers']:.2f}x | "
+            lines.append(f"| {context} | {ms(s['ours'])} | {ms(s['ours_dynamic_cache'])} | "
+                         f"{ms(s['ours_expanded'])} | {ms(s['transformers_grouped_mm'])} | "
+                         f"{ms(s['transformers_eager'])} | {r['speedup_vs_fastest_transformers']:.2f}x | "
                          f"{kv['ours']:.0f} / {kv['transformers']:.0f} ({allocated:.0f}) | "
-                         f"{r['ours_over_memory_bound']:.1f}x |")
+                         f"{r['ours_over_memory_bound']:.1f}x ({ms(r['memory_bound_seconds'])}) |")
         lines.append("")
     if "gpu" in results:
         lines += [f"GPU: {results['gpu']}", ""]
+    for part, error in results.get("failed_parts", {}).items():
+        lines += [f"FAILED {part}: {error}", ""]
+    for name, error in results.get("moe_layer", {}).get("errors", {}).items():
+        lines += [f"Left out of the MoE layer part, {name}: {error}", ""]
+    if results.get("skipped_for_time"):
+        lines += [f"Skipped, the time budget being spent: {', '.join(results['skipped_for_time'])}.", ""]
     return "\n".join(lines)
 
 
@@ -599,6 +698,13 @@ def main() -> None:
     parser.add_argument("--max-busy", type=float, default=0.25,
                         help="before each part, wait until other jobs use at most this fraction of the CPUs")
     parser.add_argument("--quiet-timeout", type=float, default=60.0, help="longest wait for a quiet machine (s)")
+    parser.add_argument("--config", default="issue", choices=("issue", "gpu"),
+                        help="issue: the speed issue's small config; gpu: the larger one of gpu_bench.GPU_CONFIG")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="dense peak FLOP/s for MFU (default: the datasheet peak of an H100/H200 SXM)")
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where <name>.json and <name>.md go")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which the remaining parts and decode contexts are skipped")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.decode_rounds, args.contexts, args.prefill_length = 2, 2, "128,512", 256
@@ -611,10 +717,13 @@ def main() -> None:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
 
     PROCESS_GEMM.append(gemm.cpu_gemm())  # decided after the thread count is set: the probe times both GEMMs
-    config = bench_config()
+    config = bench_config(**(GPU_CONFIG if args.config == "gpu" else {}))
     ours, theirs = build_models(config, device, dtype)
     started = time.time()
+    peak, peak_source = peak_flops(device, dtype, args.peak_flops)
     results: dict = {
+        "config_name": args.config, "config_summary": config_summary(config, ours),
+        "peak_flops_per_s": peak, "peak_source": peak_source,
         "machine": machine(device),
         "load_average_at_start": os.getloadavg(),
         "settings": {"device": str(device), "dtype": args.dtype, "threads": args.threads, "rounds": args.rounds,
@@ -625,45 +734,93 @@ def main() -> None:
     }
     print(f"parity: {results['parity']}", flush=True)
     others = results["others_cpu_use_before_part"] = {}
+    skipped = results["skipped_for_time"] = []
+    if device.type == "cuda":
+        results["third_party_kernels"] = third_party_kernels(device)
+        results["gpu"] = (f"measured on {results['machine']['gpu']}; MFU against {peak_source}; "
+                          + "; ".join(f"{k}: {v}" for k, v in results["third_party_kernels"].items()))
+    else:
+        results["gpu"] = "not measured: no GPU was available for this run (bf16 MFU and HBM-bound decode need one)"
+    stem = args.name or device.type
 
-    def quiet(part: str) -> None:
+    def save() -> None:  # after every part, so that a run cut short keeps what it measured
+        results["goals"] = goals(results)
+        results["seconds"] = time.time() - started
+        results["load_average_at_end"] = os.getloadavg()
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(markdown(results) + "\n")
+
+    def quiet(part: str) -> bool:
+        """Wait for a quiet CPU; False (and the part noted as skipped) once the time budget is spent."""
+        if args.time_budget is not None and time.time() - started > args.time_budget:
+            skipped.append(part)
+            print(f"{part}: skipped, the time budget of {args.time_budget:.0f} s is spent", flush=True)
+            return False
         if device.type == "cpu":
             others[part] = wait_for_quiet(args.max_busy, args.quiet_timeout)
+        return True
 
-    if "moe" in parts:
-        quiet("moe")
-        results["moe_layer"] = bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
-                                               device, dtype)
-        print(f"moe: {results['moe_layer']['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
-              f"{results['moe_layer']['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
-    if "train" in parts:
-        quiet("train")
-        results["train_step"] = bench_train(ours, theirs, config, args.batch, args.length, args.rounds, device)
-        print(f"train: {results['train_step']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
-    if "prefill" in parts:
-        quiet("prefill")
-        results["prefill"] = bench_prefill(ours, theirs, config, args.prefill_length, max(args.rounds // 2, 2), device)
-        print(f"prefill: {results['prefill']['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+    failed = results["failed_parts"] = {}
+
+    def guarded(part: str, fn: Callable[[], object]) -> object | None:
+        """fn(), or None with the error kept in results["failed_parts"] (one part failing, on a GPU lent for a few
+        minutes, must not lose the others); the process then exits with status 1."""
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - reported, then the next part runs
+            import traceback
+
+            failed[part] = f"{type(error).__name__}: {error}"
+            print(f"{part} FAILED: {failed[part]}\n{traceback.format_exc()}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    if "moe" in parts and quiet("moe"):
+        moe = guarded("moe", lambda: bench_moe_layer(ours, theirs, config, args.batch, args.length, args.rounds * 2,
+                                                     device, dtype, peak))
+        if moe is not None:
+            results["moe_layer"] = moe
+            print(f"moe: {moe['speedup_vs_transformers_grouped_mm']:.2f}x vs grouped_mm, "
+                  f"{moe['fraction_of_matmul_ours']:.2f} of matmul", flush=True)
+        save()
+    if "train" in parts and quiet("train"):
+        train = guarded("train", lambda: bench_train(ours, theirs, config, args.batch, args.length, args.rounds,
+                                                     device, peak))
+        if train is not None:
+            results["train_step"] = train
+            mfu = train.get("mfu", {}).get("ours")
+            print(f"train: {train['speedup_vs_fastest_transformers']:.2f}x"
+                  + (f", MFU {mfu:.3f}" if mfu is not None else ""), flush=True)
+        save()
+    if "prefill" in parts and quiet("prefill"):
+        prefill = guarded("prefill", lambda: bench_prefill(ours, theirs, config, args.prefill_length,
+                                                           max(args.rounds // 2, 2), device))
+        if prefill is not None:
+            results["prefill"] = prefill
+            print(f"prefill: {prefill['speedup_vs_fastest_transformers']:.2f}x", flush=True)
+        save()
     if "decode" in parts:
         bandwidth = copy_bandwidth(device)
         results["memory_copy_bytes_per_s"] = bandwidth
         results["decode"] = {}
         for context in (int(c) for c in args.contexts.split(",")):
-            quiet(f"decode {context}")
+            if not quiet(f"decode {context}"):
+                continue
             rounds = args.decode_rounds if context <= 2048 else max(args.decode_rounds // 2, 2)
-            entry = bench_decode(ours, theirs, config, context, rounds, device, dtype, bandwidth)
-            results["decode"][str(context)] = entry
-            print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x", flush=True)
-    if device.type != "cuda":
-        results["gpu"] = "not measured: no GPU was available for this run (bf16 MFU and HBM-bound decode need one)"
-    results["goals"] = goals(results)
-    results["seconds"] = time.time() - started
-    results["load_average_at_end"] = os.getloadavg()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = args.name or device.type
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(results) + "\n")
+            entry = guarded(f"decode {context}", lambda c=context, r=rounds: bench_decode(
+                ours, theirs, config, c, r, device, dtype, bandwidth))
+            if entry is not None:
+                results["decode"][str(context)] = entry
+                print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x, "
+                      f"{entry['ours_over_memory_bound']:.1f}x the memory bound", flush=True)
+            save()
+    save()
     print(markdown(results))
+    if failed:
+        sys.exit(f"failed parts: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
