@@ -17,6 +17,22 @@ if not torch.cuda.is_available():
 from hf_moe.kernels.experts import triton_experts as kernels  # noqa: E402
 from tests.kernels.test_experts_backends import assert_matches_eager, make_experts, random_routing, run  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled on a GPU, interpreted on CPU
+
+
+def experts_of(**sizes: object) -> torch.nn.Module:
+    return make_experts(**sizes).to(DEVICE)
+
+
+def routing(tokens: int, num_experts: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, weights = random_routing(tokens, num_experts, top_k)
+    return ids.to(DEVICE), weights.to(DEVICE)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype).to(DEVICE)
+
+
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and type(kernels._segment_gemm_kernel).__name__ != "InterpretedFunction",
     reason="no GPU, and the kernels were defined before TRITON_INTERPRET=1 was set",
@@ -24,26 +40,26 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_random_inputs_match_eager() -> None:
-    experts = make_experts(num_experts=4, hidden=40, inter=24)  # widths not multiples of the block sizes
-    ids, weights = random_routing(21, 4, 2)
-    assert_matches_eager(experts, "hf_moe_triton", torch.randn(21, 40), ids, weights, grad=torch.randn(21, 40))
+    experts = experts_of(num_experts=4, hidden=40, inter=24)  # widths not multiples of the block sizes
+    ids, weights = routing(21, 4, 2)
+    assert_matches_eager(experts, "hf_moe_triton", randn(21, 40), ids, weights, grad=randn(21, 40))
 
 
 def test_edge_cases_match_eager() -> None:
-    experts = make_experts(num_experts=4, hidden=16, inter=16)
-    x = torch.randn(18, 16)
-    one_expert = torch.zeros(18, 1, dtype=torch.long)  # all tokens on expert 0, three experts empty
-    assert_matches_eager(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1), grad=torch.randn(18, 16))
-    ids, weights = random_routing(1, 4, 2)  # a single token
+    experts = experts_of(num_experts=4, hidden=16, inter=16)
+    x = randn(18, 16)
+    one_expert = torch.zeros(18, 1, dtype=torch.long, device=DEVICE)  # all tokens on expert 0, three experts empty
+    assert_matches_eager(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1, device=DEVICE), grad=randn(18, 16))
+    ids, weights = routing(1, 4, 2)  # a single token
     assert_matches_eager(experts, "hf_moe_triton", x[:1], ids, weights, grad=None)  # non-contiguous grad
-    grads = run(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1), None)
+    grads = run(experts, "hf_moe_triton", x, one_expert, torch.rand(18, 1, device=DEVICE), None)
     assert grads[2][1:].abs().sum() == 0 and grads[3][1:].abs().sum() == 0
 
 
 def test_bf16_close_to_eager() -> None:
-    experts = make_experts(num_experts=4, hidden=16, inter=16, dtype=torch.bfloat16)
-    ids, weights = random_routing(6, 4, 2)
-    x, grad = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(6, 16, dtype=torch.bfloat16)
+    experts = experts_of(num_experts=4, hidden=16, inter=16, dtype=torch.bfloat16)
+    ids, weights = routing(6, 4, 2)
+    x, grad = randn(6, 16, dtype=torch.bfloat16), randn(6, 16, dtype=torch.bfloat16)
     reference = run(experts, "eager", x, ids, weights.bfloat16(), grad)
     result = run(experts, "hf_moe_triton", x, ids, weights.bfloat16(), grad)
     for got, want in zip(result, reference):  # output and the four gradients
