@@ -415,6 +415,14 @@ def test_publish_copies_weights_config_and_tokenizer_only(tmp_path: Path) -> Non
         hub.save_for_hub(src, tmp_path / "repo2")
     assert not (tmp_path / "repo2").exists()
 
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    for planted in (".env", "optimizer.PT", "notes.txt"):  # inside the folder, but no visible safetensors shard
+        weight_map = {**dict.fromkeys(["model.norm.weight"], "stray.safetensors"), "extra.secret": planted}
+        (src / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=rf"entry 'extra.secret' names '{planted}'"):
+            hub.save_for_hub(src, tmp_path / "repo3")
+        assert not (tmp_path / "repo3").exists()
+
 
 def test_publish_overwrite_keeps_the_old_folder_when_writing_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                    ) -> None:  # fmt: skip

@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..files import atomic_output_dir, check_output_dir, copy_inside, read_json, resolve_inside
+from ..files import UnsafePathError, atomic_output_dir, check_output_dir, copy_inside, read_json, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,9 @@ class SourceCheckpoint:
             for file in dict.fromkeys(weight_map.values()):  # names outside the folder are refused, as transformers does
                 key = next(k for k, f in weight_map.items() if f == file)
                 resolve_inside(self.folder, file, source=f"{index_path} entry {key!r}")
+                if not file.endswith(".safetensors") or os.path.basename(file).startswith("."):
+                    raise UnsafePathError(f"{index_path} entry {key!r} names {file!r}: shards must be visible "
+                                          "'.safetensors' files (nothing else is read, copied or published).")
             return dict(weight_map)
         single = self.folder / SAFE_WEIGHTS_NAME
         if single.is_file():

@@ -59,7 +59,8 @@ def _sample(tensor: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
     if rows is not None:
         value = value.index_select(0, torch.tensor(rows, device=value.device))
     flat = value.reshape(-1)
-    index = torch.linspace(0, max(flat.numel() - 1, 0), steps=min(SAMPLES, flat.numel())).round().long()
+    count = min(SAMPLES, flat.numel())  # evenly spaced, in integers (float32 steps overrun past 2^24 values)
+    index = torch.arange(count, dtype=torch.int64) * max(flat.numel() - 1, 0) // max(count - 1, 1)
     return flat[index.to(flat.device)].cpu()
 
 

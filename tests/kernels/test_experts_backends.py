@@ -208,8 +208,15 @@ def test_auto_choices_per_phase_on_cpu() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the eligibility rule: the experts' own eager forward
         assert choose_backend(experts, x, "training") == "eager"
     assert choose_backend(experts.to(torch.bfloat16), x.bfloat16(), "training") == "eager"
+    experts = make_experts()  # (fp32 again: `.to` above converted it in place)
     experts.config.hidden_act = "gelu"  # a layout our kernels do not cover: transformers' grouped_mm
     assert choose_backend(experts, x, "training") == "grouped_mm"
+    unaligned = make_experts(hidden=10, inter=6)  # rows of 40 and 24 bytes: torch's CPU grouped GEMM refuses them
+    unaligned.config.hidden_act = "gelu"
+    assert choose_backend(unaligned, torch.randn(4, 10), "training") == "eager"
+    ids, weights = random_routing(4, 4, 2)
+    out = BACKENDS["hf_moe_auto"](unaligned, torch.randn(4, 10), ids, weights)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
 
 
 def test_auto_runs_the_eager_reference_where_the_fused_kernel_is_not_eligible(monkeypatch: pytest.MonkeyPatch) -> None:

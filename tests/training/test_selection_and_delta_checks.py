@@ -185,3 +185,13 @@ def test_delta_without_fingerprint_still_applies_with_a_warning(delta: Path, cap
     with caplog.at_level(logging.WARNING, logger="hf_moe.training.recipes"):
         apply_finetuned_delta(tiny_model(seed=5), delta)
     assert "records no base fingerprint" in caplog.text
+
+
+def test_fingerprint_samples_stay_in_range_past_float32_integers() -> None:
+    """Tensors of more than 2^24 values (any real embedding or head): evenly spaced sample indices computed in
+    integers, not float32 steps that round past the last element."""
+    from hf_moe.training.delta_checks import _sample
+
+    big = torch.arange(2**24 + 4, dtype=torch.float32)
+    samples = _sample(big, None)
+    assert samples[0] == 0 and samples[-1] == big.numel() - 1 and bool((samples[1:] > samples[:-1]).all())

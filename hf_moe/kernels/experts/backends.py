@@ -117,21 +117,30 @@ def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) 
     measured; per-expert matmuls on the process's fp32 GEMM, see `kernels.cpu.gemm`; on torch.mm as fast as
     torch's CPU grouped_mm, which loops over groups too, with no alignment rules; decode touches only the chosen
     experts), the experts' own eager forward otherwise.
-    CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise our fused
-    path on torch's grouped GEMM for bf16 (no per-expert launches or host sync); `hf_moe_fused` otherwise.
-    The Triton backend is chosen only by name until GPU timings show it ahead. Layouts these kernels do not
-    cover use transformers' `grouped_mm`.
+    CUDA: the Hub's sonic-moe kernel for bf16/fp16 training and prefill when it loads; otherwise transformers'
+    own `grouped_mm` (no host sync). On an H200 our fused path on torch's grouped GEMM measured 1.01x of it for
+    the MoE layer and 0.96x for the training step (benchmarks/results/gpu.md), not faster, and our per-expert
+    path syncs with the host: so transformers' kernel runs until a GPU measurement says otherwise. The Triton
+    backend is chosen only by name (4.3x slower than grouped_mm there).
+    Layouts the fused kernels do not cover use transformers' `grouped_mm` where torch's grouped GEMM can take
+    their strides (16-byte aligned rows on CPU), the experts' eager forward otherwise.
     """
     device = hidden_states.device
     if not supports_fused(experts):
-        return "grouped_mm"
+        return "grouped_mm" if device.type != "cpu" or _rows_aligned(experts) else "eager"
     if device.type == "cpu" and not eligible(hidden_states, experts.gate_up_proj, experts.down_proj):
         return "eager"
     if device.type == "cuda":
         if phase != "decode" and hidden_states.dtype in (torch.bfloat16, torch.float16) and hub_kernel_available(device):
             return "hf_moe_hub"
-        return "hf_moe_grouped_mm" if grouped_mm_available(device, experts.gate_up_proj.dtype) else "hf_moe_fused"
+        return "grouped_mm"
     return "hf_moe_fused"
+
+
+def _rows_aligned(experts: nn.Module) -> bool:
+    """Every expert weight's rows start on a 16-byte boundary, as torch's CPU grouped GEMM requires."""
+    weights = [w for w in (getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)) if w is not None]
+    return all(w.shape[-1] * w.element_size() % 16 == 0 for w in weights)
 
 
 _logged_choices: set[tuple] = set()
