@@ -82,7 +82,7 @@ def test_upcycle_flags_are_the_recipe_fields() -> None:
     actions = {a.dest: a for a in _subparser("upcycle")._actions if a.dest != "help"}
     hints = typing.get_type_hints(UpcycleRecipe)
     recipe_fields = dataclasses.fields(UpcycleRecipe)
-    io_options = {"src", "out", "probe_text", "no_probe", "max_shard_size", "base_model", "overwrite"}
+    io_options = {"src", "out", "probe_text", "no_probe", "max_shard_size", "base_model", "overwrite", "debug"}
     assert set(actions) == {f.name for f in recipe_fields} | io_options
     for field in recipe_fields:
         action = actions[field.name]
