@@ -73,10 +73,6 @@ def _finite(test: Callable[[float], bool]) -> Callable[[float], bool]:
     return lambda value: math.isfinite(value) and test(value)
 
 
-def _token_ids(value: int | list[int]) -> bool:
-    return all(i >= 0 for i in (value if isinstance(value, list) else [value]))
-
-
 def _activation(value: str) -> bool:
     from transformers.activations import ACT2FN
 
@@ -100,7 +96,7 @@ _AT_LEAST_1: Rule = (lambda v: v >= 1, "must be >= 1")
 _FINITE_POSITIVE: Rule = (_finite(lambda v: v > 0), "must be a finite number > 0")
 _FINITE_NON_NEGATIVE: Rule = (_finite(lambda v: v >= 0), "must be a finite number >= 0")
 _PROBABILITY: Rule = (lambda v: 0 <= v < 1, "must be a probability in [0, 1)")  # NaN fails both comparisons
-_TOKEN_ID: Rule = (_token_ids, "must be None or token ids in [0, vocab_size)")
+_TOKEN_ID: Rule = (lambda v: v >= 0, "must be None or a token id in [0, vocab_size)")
 
 
 def _one_of(options: tuple) -> Rule:
@@ -115,7 +111,10 @@ FIELD_RULES: dict[str, Rule | None] = {
     "num_hidden_layers": _POSITIVE, "num_attention_heads": _POSITIVE, "max_position_embeddings": _POSITIVE,
     "hidden_act": (_activation, "allowed values are transformers' activations (transformers.activations.ACT2FN)"),
     "initializer_range": _FINITE_NON_NEGATIVE, "rms_norm_eps": _FINITE_POSITIVE, "use_cache": _ANY,
-    "pad_token_id": _TOKEN_ID, "bos_token_id": _TOKEN_ID, "eos_token_id": _TOKEN_ID, "tie_word_embeddings": _ANY,
+    # pad_token_id is the embedding's padding_idx (-1 would silently freeze the last row); bos/eos only steer
+    # generation, and out of the vocabulary transformers warns (validate_token_ids) as Hub configs carry such
+    # ids (and a preset shrunk to a small vocab_size keeps its eos): type-checked only
+    "pad_token_id": _TOKEN_ID, "bos_token_id": _ANY, "eos_token_id": _ANY, "tie_word_embeddings": _ANY,
     # attention
     "attention_type": _one_of(ATTENTION_TYPES), "q_lora_rank": _POSITIVE, "kv_lora_rank": _POSITIVE,
     "qk_rope_head_dim": _POSITIVE, "qk_nope_head_dim": _POSITIVE, "v_head_dim": _POSITIVE, "rope_interleave": _ANY,
@@ -424,10 +423,8 @@ class MoEConfig(PreTrainedConfig):
 
         for field in FIELD_RULES:  # again: values may have been changed in place (e.g. rope_parameters' dict)
             check_field(field, getattr(self, field))
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None and any(i >= self.vocab_size for i in (value if isinstance(value, list) else [value])):
-                fail(name, f"must be None or token ids in [0, vocab_size={self.vocab_size})")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            fail("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size})")
         if self.attention_type == "mla":
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", "must be even (rotary dims come in pairs)")
