@@ -57,6 +57,10 @@ class BadFileError(ValueError):
     """A file that exists but cannot be parsed (invalid JSON, binary data where text was expected)."""
 
 
+class SwapError(OSError):
+    """Neither the new output could take its place nor the previous one be put back: both are kept, named."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM received while an output was being written (raised like Ctrl-C, so the same cleanup runs)."""
 
@@ -328,10 +332,10 @@ def swap_in(tmp: Path, out: Path) -> None:
                 try:
                     os.replace(old, out)
                 except OSError as restore_error:
-                    raise OSError(error.errno if isinstance(error, OSError) else errno.EIO,
-                                  f"Could not rename the new output {tmp} to {out} ({error}) nor put the previous "
-                                  f"output back from {old} ({restore_error}): both are kept, rename the one you "
-                                  f"want to {out.name}") from error  # fmt: skip
+                    raise SwapError(error.errno if isinstance(error, OSError) else errno.EIO,
+                                    f"Could not rename the new output {tmp} to {out} ({error}) nor put the previous "
+                                    f"output back from {old} ({restore_error}): both are kept, rename the one you "
+                                    f"want to {out.name}") from error  # fmt: skip
                 raise
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(out.parent)
@@ -359,6 +363,8 @@ def atomic_output_dir(
             (tmp / OWNER_FILE).unlink()
             fsync_tree(tmp)
             swap_in(tmp, out)
+        except SwapError:
+            raise  # the new output is one of the two folders the error names: keep it
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -438,6 +444,7 @@ __all__ = [
     "OWNER_FILE",
     "BadFileError",
     "OverlappingFoldersError",
+    "SwapError",
     "Terminated",
     "UnsafePathError",
     "atomic_file",

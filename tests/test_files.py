@@ -192,9 +192,10 @@ def test_when_rollback_fails_too_both_outputs_are_kept_and_named(tmp_path: Path,
     with pytest.raises(OSError, match="both are kept") as caught:
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("new")
-    kept = sorted(p.name for p in tmp_path.iterdir())
-    assert len(kept) == 1 and kept[0].startswith(".out.old-")  # the old output, named in the error
-    assert kept[0] in str(caught.value) and (tmp_path / kept[0] / "a.txt").read_text() == "old"
+    old, new = sorted(p.name for p in tmp_path.iterdir())  # the old and the new output, both named in the error
+    assert old.startswith(".out.old-") and new.startswith(".out.tmp-")
+    assert old in str(caught.value) and new in str(caught.value)
+    assert (tmp_path / old / "a.txt").read_text() == "old" and (tmp_path / new / "a.txt").read_text() == "new"
 
 
 def test_stale_leftovers_of_dead_runs_are_tidied(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
