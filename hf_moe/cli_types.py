@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 
 #: Exceptions that mean "the input is wrong" (a bad file, folder, value or option): exit code 2, one line.
 #: Anything else is unexpected (exit code 1, still one line; `--debug` shows the traceback).
@@ -23,26 +24,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (a capacity factor, a rate)."""
+def _number(text: str, allowed: str, ok: Callable[[float], bool]) -> float:
+    """`text` as a finite float for which `ok` holds, else argparse's error naming the value and `allowed`."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a positive number is needed)") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be a finite number > 0")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number ({allowed} is needed)") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be {allowed}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a capacity factor, a rate)."""
+    return _number(text, "a finite number > 0", lambda value: value > 0)
 
 
 def fraction(text: str) -> float:
     """A number in (0, 1] (a cumulative share or probability)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a value in (0, 1] is needed)") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be a number in (0, 1]")
-    return value
+    return _number(text, "a number in (0, 1]", lambda value: 0 < value <= 1)
 
 
 def shard_size(text: str) -> str:
