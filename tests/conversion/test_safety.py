@@ -25,6 +25,7 @@ from hf_moe.conversion import checkpoint_io
 from hf_moe.conversion.checkpoint_io import SAFE_WEIGHTS_INDEX_NAME, CheckpointError, SourceCheckpoint
 from hf_moe.files import OverlappingFoldersError, UnsafePathError
 from tests.conftest import tiny_config
+from tests.test_cli import error_line
 
 UPCYCLE = dict(num_experts=4, top_k=2, probe=False, progress=False, max_shard_size="20KB")
 CLI_UPCYCLE = ["--experts", "4", "--top-k", "2", "--no-probe", "--max-shard-size", "20KB"]
@@ -53,14 +54,6 @@ def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def copy_of(folder: Path, to: Path) -> Path:
     shutil.copytree(folder, to, symlinks=True)
     return to
-
-
-def error_line(capsys: pytest.CaptureFixture) -> str:
-    """The CLI's one error line (progress bars aside), checked to be one line without a traceback."""
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("hf-moe")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, bytes]:
