@@ -288,20 +288,25 @@ def publishable_files(folder: str | os.PathLike) -> list[str]:
     (checked to lie inside the folder) or `model.safetensors`, the index, and `PUBLISHED_SIDE_FILES` that exist.
     Everything else is left out (and logged)."""
     folder = Path(folder)
-    _read_config(folder)
-    has_weights = (folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()
-    if not has_weights:
-        others = sorted(p.name for p in folder.glob("*.safetensors"))
-        hint = f" (it has {others[:3]}, but no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})" if others else ""
-        raise ValueError(f"{folder} holds no *.safetensors weights{hint}; hf_moe publishes safetensors only.")
-    with SourceCheckpoint(folder) as checkpoint:
-        weights = list(checkpoint.files)
+    weights = _weight_files(folder)
     index = [SAFE_WEIGHTS_INDEX_NAME] if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() else []
     names = [*weights, *index, *(n for n in PUBLISHED_SIDE_FILES if (folder / n).exists() or (folder / n).is_symlink())]
     left_out = sorted(p.name for p in folder.iterdir() if p.name not in names and p.name != "README.md")
     if left_out:
         logger.warning("Not published from %s (not weights, config or tokenizer files): %s", folder, left_out)
     return names
+
+
+def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a saved hf_moe folder (index entries checked to stay inside it); raises where
+    there are none (pickle-only folders) or the config is not an hf_moe one."""
+    _read_config(folder)
+    if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()):
+        others = sorted(p.name for p in folder.glob("*.safetensors"))
+        hint = f" (it has {others[:3]}, but no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME})" if others else ""
+        raise ValueError(f"{folder} holds no *.safetensors weights{hint}; hf_moe publishes safetensors only.")
+    with SourceCheckpoint(folder) as checkpoint:
+        return list(checkpoint.files)
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -364,7 +369,7 @@ def save_for_hub(
         write_text_atomic(folder / "README.md", card)
 
     if source is not None and _same_folder(source, out):  # publishing a saved folder in place only adds files
-        publishable_files(source)
+        _weight_files(source)
         complete(out)
         return out
     with atomic_output_dir(out, overwrite, src=source) as tmp:
