@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import atomic_files, read_json
 from .delta_checks import base_fingerprint, prepare_delta
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, _is_dtensor, experts_modules, trainable_experts
 
@@ -52,8 +53,6 @@ def save_finetuned_delta(model: nn.Module, directory: str | os.PathLike, **metad
         "tensors": entries, **metadata,
     }
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        from ..files import atomic_files
-
         os.makedirs(directory, exist_ok=True)
         # both files written aside, then renamed together: a failure leaves an earlier delta whole
         with atomic_files(os.path.join(directory, DELTA_WEIGHTS), os.path.join(directory, DELTA_MANIFEST)) as tmps:
@@ -71,8 +70,7 @@ def apply_finetuned_delta(model: nn.Module, directory: str | os.PathLike, check_
     refused delta leaves the model as it was. `check_base=False` skips the base check only."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, DELTA_MANIFEST)) as f:
-        manifest = json.load(f)
+    manifest = read_json(os.path.join(directory, DELTA_MANIFEST))  # errors name the file
     if manifest.get("format") != "hf_moe.finetuned_delta":
         raise ValueError(f"{directory} holds no hf_moe finetuned delta (format={manifest.get('format')!r}).")
     if check_base and "base" not in manifest:

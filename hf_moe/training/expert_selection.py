@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import read_json, write_text_atomic
 from ..modeling.routing import valid_tokens
 
 logger = logging.getLogger(__name__)
@@ -185,15 +186,12 @@ def save_expert_selection(selection: Mapping[int, Iterable[int]], path: str | os
     """Write `{"experts": {"layer": [ids]}, ...metadata}` as JSON (e.g. criterion, threshold, model)."""
     data = dict(metadata)
     data["experts"] = {str(layer): experts for layer, experts in sorted(validate_selection(selection).items())}
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")  # a failed write keeps an earlier selection
 
 
 def load_expert_selection(path: str | os.PathLike) -> dict[int, list[int]]:
     """Read a selection written by `save_expert_selection` (or ESFT's expert config: same "experts" key)."""
-    with open(path) as f:
-        data = json.load(f)
+    data = read_json(path, expect=None)  # errors name the file; the shape is checked below
     experts = data.get("experts", data) if isinstance(data, dict) else None
     if not isinstance(experts, dict):
         raise ValueError(f"{path} holds no expert selection: expected {{'experts': {{layer: [ids]}}}}.")

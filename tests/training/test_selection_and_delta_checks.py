@@ -195,3 +195,14 @@ def test_fingerprint_samples_stay_in_range_past_float32_integers() -> None:
     big = torch.arange(2**24 + 4, dtype=torch.float32)
     samples = _sample(big, None)
     assert samples[0] == 0 and samples[-1] == big.numel() - 1 and bool((samples[1:] > samples[:-1]).all())
+
+
+def test_broken_selection_and_delta_files_are_named(tmp_path: Path, delta: Path) -> None:
+    """Not-JSON selection files and delta manifests fail naming the file (the project's one JSON reader)."""
+    bad = tmp_path / "selection.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{bad} is not valid JSON"):
+        load_expert_selection(bad)
+    (delta / "delta.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"delta.json must hold an object"):
+        apply_finetuned_delta(tiny_model(), delta)
