@@ -3,7 +3,8 @@
 Parts (select with --parts): `moe` MoE layer forward+backward (ours vs transformers' grouped_mm and eager, and
 a plain matmul for the FLOP/s ceiling), `train` training step forward+backward, `prefill` prompt tokens/s,
 `decode` seconds per token at several context lengths (absorbed MLA vs transformers' re-expanded cache, and
-our own expanded path), KV-cache bytes per token and peak memory. Writes benchmarks/results/<name>.json and a
+our own expanded path), KV-cache bytes per token and peak memory; `generate` seconds per new token through
+`generate()` itself, with and without the static cache + compiled decode step (generate_bench.py). Writes benchmarks/results/<name>.json and a
 markdown table next to it.
 
     python benchmarks/run.py                              # everything: the issue's config, CPU fp32, ~5-8 min
@@ -31,6 +32,7 @@ from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate_bench import bench_generate  # noqa: E402
 from gpu_bench import GPU_CONFIG, peak_flops, third_party_kernels  # noqa: E402
 from harness import (  # noqa: E402
     PeakMemory,
@@ -50,7 +52,7 @@ from hf_moe.kernels.experts.fused import padded_count  # noqa: E402
 from hf_moe.modeling.cache import MoECache  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("moe", "train", "prefill", "decode")
+PARTS = ("moe", "train", "prefill", "decode", "generate")
 DECODE_BURST = 8  # consecutive decode steps timed together
 LEAD_IN = 1  # untimed calls of the same contender before each timed MoE-layer / training-step call
 
@@ -556,6 +558,14 @@ def goals(results: dict) -> list[dict]:
         entry = decode.get(str(context))
         add(f"decode speed-up at {context} context vs transformers' fastest", entry and
             entry["speedup_vs_fastest_transformers"], target)
+    generated = results.get("generate", {})
+    for context, target in ((512, 3.0), (2048, 4.0)):
+        entry = generated.get(str(context))
+        add(f"decode through generate() at {context} context vs transformers' fastest", entry and
+            entry.get("speedup_ours_vs_fastest_transformers"), target)
+    entry = generated.get("2048")
+    add("our generate() decode step at 2048 context / memory bound", entry and entry.get("ours_over_memory_bound"),
+        2.0, higher_is_better=False)
     if decode:
         entry = decode[max(decode, key=int)]
         ratio = entry["kv_cache_bytes_per_token"]["ours"] / entry["kv_cache_bytes_per_token"]["transformers"]
@@ -670,6 +680,8 @@ def markdown(results: dict) -> str:
                          f"{kv['ours']:.0f} / {kv['transformers']:.0f} ({allocated:.0f}) | "
                          f"{r['ours_over_memory_bound']:.1f}x ({ms(r['memory_bound_seconds'])}) |")
         lines.append("")
+    if results.get("generate"):
+        lines += generate_markdown(results["generate"])
     if "gpu" in results:
         lines += [f"GPU: {results['gpu']}", ""]
     for part, error in results.get("failed_parts", {}).items():
@@ -679,6 +691,36 @@ def markdown(results: dict) -> str:
     if results.get("skipped_for_time"):
         lines += [f"Skipped, the time budget being spent: {', '.join(results['skipped_for_time'])}.", ""]
     return "\n".join(lines)
+
+
+def generate_markdown(generated: dict) -> list[str]:
+    """The table of decode through generate(): ms per new token of every contender, speed-ups, memory bound."""
+    names = ("ours", "ours_static_compiled", "transformers_grouped_mm", "transformers_eager",
+             "transformers_static_compiled")
+    lines = ["## Decode through generate() (batch 1, ms per new token)", "",
+             "Timed inside generate() by a logits processor stamping every step (prefill excluded, all of "
+             "generate()'s per-step work included); *_static_compiled: `cache_implementation=\"static\"` with "
+             "generate()'s compiled decode step (fullgraph). \"same\": greedy tokens equal ours.", "",
+             "| context | " + " | ".join(names) + " | ours speed-up | compiled speed-up | ours / memory bound |",
+             "|---|" + "---|" * (len(names) + 3)]
+    for context, r in sorted(generated.items(), key=lambda kv: int(kv[0])):
+        cells = []
+        for name in names:
+            if name in r["seconds_per_token"]:
+                same = "" if name == "ours" or r["same_greedy_tokens_as_ours"].get(name) else " (tokens differ)"
+                cells.append(f"{r['seconds_per_token'][name] * 1e3:.2f}{same}")
+            else:
+                cells.append("failed" if name in r["errors"] else "-")
+        speedups = [r.get(f"speedup_{n}_vs_fastest_transformers") for n in ("ours", "ours_static_compiled")]
+        bound = r.get("ours_over_memory_bound")
+        lines.append(f"| {context} | " + " | ".join(cells) + " | "
+                     + " | ".join("-" if v is None else f"{v:.2f}x" for v in speedups)
+                     + f" | {'-' if bound is None else f'{bound:.1f}x'} |")
+    lines.append("")
+    for context, r in sorted(generated.items(), key=lambda kv: int(kv[0])):
+        for name, error in r["errors"].items():
+            lines.append(f"generate() at {context}, {name} failed: {error}")
+    return lines + [""]
 
 
 def main() -> None:
@@ -693,6 +735,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="512,2048,8192")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds for the MoE layer and training")
     parser.add_argument("--decode-rounds", type=int, default=15)
+    parser.add_argument("--generate-tokens", type=int, default=32, help="new tokens per generate() call")
+    parser.add_argument("--generate-rounds", type=int, default=3, help="interleaved generate() rounds per context")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, contexts 128,512")
     parser.add_argument("--name", default=None, help="results file stem (default: the device type)")
     parser.add_argument("--max-busy", type=float, default=0.25,
@@ -816,6 +860,24 @@ def main() -> None:
                 results["decode"][str(context)] = entry
                 print(f"decode {context}: {entry['speedup_vs_fastest_transformers']:.2f}x, "
                       f"{entry['ours_over_memory_bound']:.1f}x the memory bound", flush=True)
+            save()
+    if "generate" in parts:
+        bandwidth = results.get("memory_copy_bytes_per_s") or copy_bandwidth(device)
+        results["memory_copy_bytes_per_s"] = bandwidth
+        results["generate"] = {}
+        for context in (int(c) for c in args.contexts.split(",")):
+            if not quiet(f"generate {context}"):
+                continue
+            entry = guarded(f"generate {context}", lambda c=context: bench_generate(
+                ours, theirs, config.vocab_size, c, args.generate_tokens, args.generate_rounds, device, set_experts))
+            if entry is not None:
+                if "ours" in entry["seconds_per_token"]:
+                    bound = decode_bytes_per_step(config, context, dtype) / bandwidth
+                    entry["memory_bound_seconds"] = bound
+                    entry["ours_over_memory_bound"] = entry["seconds_per_token"]["ours"] / bound
+                results["generate"][str(context)] = entry
+                print(f"generate {context}: {entry.get('speedup_ours_vs_fastest_transformers', float('nan')):.2f}x; "
+                      f"errors: {entry['errors'] or 'none'}", flush=True)
             save()
     save()
     print(markdown(results))
