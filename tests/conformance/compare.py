@@ -4,7 +4,7 @@
     python -m tests.conformance.compare [extra pytest arguments]
 
 Prints passed / failed / skipped / xfailed (hf_moe's documented divergences) per suite class, then every failure,
-skip reason and divergence per class. Subtests are not counted separately."""
+skip reason and divergence per class. Subtests (unittest's subTest) are counted apart."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ class Counter:
         if report.when != "call" and report.outcome == "passed":
             return
         suite, _, test = report.nodeid.split("::", 1)[1].partition("::")
+        if hasattr(report, "context"):  # a subtest (pytest's SubtestReport): counted apart
+            self.outcomes[suite][f"subtests {report.outcome}"] += 1
+            if report.outcome == "failed":
+                self.details[suite].append(f"  FAILED  {test} (a subtest)")
+            return
         if hasattr(report, "wasxfail"):
             self.outcomes[suite]["xfailed"] += 1
             self.details[suite].append(f"  xfail   {test}: {report.wasxfail}")
@@ -48,9 +53,10 @@ def main(argv: list[str]) -> int:
     pytest.main([str(HERE / "test_common.py"), str(HERE / "deepseek_v3_suite.py"), "-q", "-p", "no:cacheprovider",
                  *argv], plugins=[counter])
     print(f"\nconformance suites ({time.perf_counter() - start:.0f} s)")
-    print(f"{'suite':40} {'passed':>7} {'failed':>7} {'skipped':>8} {'xfailed':>8}")
+    print(f"{'suite':40} {'passed':>7} {'failed':>7} {'skipped':>8} {'xfailed':>8}   subtests passed/failed")
     for suite, counts in counter.outcomes.items():
-        print(f"{suite:40} {counts['passed']:7} {counts['failed']:7} {counts['skipped']:8} {counts['xfailed']:8}")
+        print(f"{suite:40} {counts['passed']:7} {counts['failed']:7} {counts['skipped']:8} {counts['xfailed']:8}   "
+              f"{counts['subtests passed']}/{counts['subtests failed']}")
     for suite, lines in counter.details.items():
         print(f"\n{suite}:")
         print("\n".join(sorted(lines)))
