@@ -16,10 +16,6 @@ from .testers import TinyDecoderTester
 common = upstream.load("test_modeling_common")
 configuration_common = upstream.load("test_configuration_common")
 
-#: Tests that cannot run here for a reason that holds for every model, transformers' DeepseekV3 included
-#: (test name -> reason). Applied to hf_moe's and DeepseekV3's suites alike.
-SKIPS: dict[str, str] = {}
-
 
 def make_suite(name: str, config_class: type, config_kwargs: dict, model_classes: tuple[type, ...],
                divergences: dict[str, str] | None = None) -> type:
@@ -42,8 +38,6 @@ def make_suite(name: str, config_class: type, config_kwargs: dict, model_classes
         # routed experts that receive no token of a tiny batch get no gradient (as in transformers' MoE testers)
         "test_all_params_have_gradient": False,
     }
-    for test, reason in SKIPS.items():
-        namespace[test] = unittest.skip(reason)(getattr(common.ModelTesterMixin, test))
     for test, reason in (divergences or {}).items():
         namespace[test] = pytest.mark.xfail(strict=True, reason=reason)(_copy(getattr(common.ModelTesterMixin, test)))
     return type(name, bases, namespace)
