@@ -151,7 +151,9 @@ class MoEPreTrainedModel(PreTrainedModel):
         silent partial load of one's own checkpoint is a bug, not a conversion). `strict=False` loads anyway
         (missing weights newly initialised, unexpected ones ignored), as does loading another class's checkpoint
         (e.g. a causal LM's into MoEForSequenceClassification). `output_loading_info=True` means the caller reads
-        the report itself: it returns `(model, info)` as transformers does and raises only with `strict=True`."""
+        the report itself: it returns `(model, info)` as transformers does and raises only with `strict=True`.
+        Without a checkpoint (`from_pretrained(None, config=..., state_dict=...)`) the weights are the caller's:
+        not strict by default either."""
         if use_safetensors is False:
             raise ValueError(f"{cls.__name__}.from_pretrained(use_safetensors=False): hf_moe loads safetensors "
                              "checkpoints only; pickle-based .bin files can run code when loaded.")
@@ -160,7 +162,7 @@ class MoEPreTrainedModel(PreTrainedModel):
                                               output_loading_info=True, **kwargs)
         if strict is None:
             same_class = cls.__name__ in (model.config.architectures or [cls.__name__])  # none recorded: strict
-            strict = same_class and not return_info
+            strict = same_class and not return_info and pretrained_model_name_or_path is not None
         if strict and (info["missing_keys"] or info["unexpected_keys"]):
             raise RuntimeError(
                 f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
