@@ -42,6 +42,14 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_TYPES = ("head", "full")
 CONFIG_NAME = "config.json"
+#: MLA's per-head and latent widths when an MLA config leaves them None (DeepSeek-V2-Lite-like proportions).
+MLA_DEFAULTS = {"kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64}
+#: Fields only MLA reads: None in every GQA config, so no tool mistakes a GQA model for an MLA one.
+MLA_ONLY_FIELDS = ("q_lora_rank", *MLA_DEFAULTS)
+#: Fields only GQA reads: None in every MLA config (refused there). `num_key_value_heads` and `head_dim` are set
+#: for MLA too, derived (= num_attention_heads, = qk_rope_head_dim) as in DeepseekV3Config, because transformers'
+#: RoPE, cache and generation code reads them for every model.
+GQA_ONLY_FIELDS = ("qk_norm", "clip_qkv", "sliding_window")
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -208,14 +216,17 @@ class MoEConfig(PreTrainedConfig):
         attention_type (`str`): "mla" (multi-head latent attention, DeepSeek-V2/V3) or "gqa" (grouped-query
             attention; MHA when `num_key_value_heads == num_attention_heads`).
         q_lora_rank (`int | None`): MLA query compression rank; None projects queries directly.
-        kv_lora_rank (`int`): MLA latent width (what the cache stores, with the rope key).
-        qk_rope_head_dim / qk_nope_head_dim / v_head_dim (`int`): MLA per-head dims (decoupled RoPE).
+        kv_lora_rank (`int | None`): MLA latent width (what the cache stores, with the rope key).
+        qk_rope_head_dim / qk_nope_head_dim / v_head_dim (`int | None`): MLA per-head dims (decoupled RoPE).
+            These four are MLA-only (`MLA_ONLY_FIELDS`): under attention_type="gqa" they are stored as None
+            whatever was passed; under "mla" a None takes `MLA_DEFAULTS` (256, 32, 64, 64).
         rope_interleave (`bool`): MLA rotary dims stored as interleaved pairs (DeepSeek's checkpoints).
         num_key_value_heads (`int | None`): GQA key/value heads (None = num_attention_heads).
         head_dim (`int | None`): GQA head size (None = hidden_size // num_attention_heads). For MLA it is
             derived and equals `qk_rope_head_dim` (the rotary width, what transformers' RoPE code reads).
         attention_bias (`bool`): bias on the q/k/v projections (MLA: on q_a_proj and kv_a_proj_with_mqa).
         attention_out_bias (`bool`): bias on o_proj.
+        qk_norm, clip_qkv, sliding_window are GQA-only (`GQA_ONLY_FIELDS`): an MLA config refuses a value.
         qk_norm (`str | None`): GQA query/key RMSNorm: "head" (per head, Qwen3) or "full" (over the whole
             projection, OLMoE); None for no norm.
         clip_qkv (`float | None`): clamp q/k/v to [-clip_qkv, clip_qkv] (OLMoE).
@@ -313,10 +324,10 @@ class MoEConfig(PreTrainedConfig):
     # attention
     attention_type: str = "mla"
     q_lora_rank: int | None = None
-    kv_lora_rank: int = 256
-    qk_rope_head_dim: int = 32
-    qk_nope_head_dim: int = 64
-    v_head_dim: int = 64
+    kv_lora_rank: int | None = None  # MLA: MLA_DEFAULTS when None; GQA: always None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
     rope_interleave: bool = True
     num_key_value_heads: int | None = None
     head_dim: int | None = None
@@ -362,6 +373,13 @@ class MoEConfig(PreTrainedConfig):
     upcycled_from: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        if self.attention_type == "mla":
+            for field, default in MLA_DEFAULTS.items():
+                if getattr(self, field) is None:
+                    setattr(self, field, default)
+        elif self.attention_type == "gqa":  # MLA-only fields mean nothing here: None, whatever was passed
+            for field in MLA_ONLY_FIELDS:
+                setattr(self, field, None)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.attention_type == "mla":
@@ -426,6 +444,9 @@ class MoEConfig(PreTrainedConfig):
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             fail("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size})")
         if self.attention_type == "mla":
+            for field in MLA_DEFAULTS:
+                if getattr(self, field) is None:
+                    fail(field, "must be a positive integer with attention_type='mla'")
             if self.qk_rope_head_dim % 2:
                 fail("qk_rope_head_dim", "must be even (rotary dims come in pairs)")
             if self.qk_norm is not None or self.clip_qkv is not None or self.sliding_window is not None:
@@ -433,6 +454,9 @@ class MoEConfig(PreTrainedConfig):
                     "clip_qkv" if self.clip_qkv is not None else "sliding_window")
                 fail(field, "only supported with attention_type='gqa'")
         else:
+            for field in MLA_ONLY_FIELDS:
+                if getattr(self, field) is not None:
+                    fail(field, "only used with attention_type='mla'; must be None with attention_type='gqa'")
             if self.head_dim is None or self.head_dim % 2:
                 fail("head_dim", "must be a positive even integer")
             if self.num_attention_heads % self.num_key_value_heads:
@@ -523,4 +547,5 @@ def _config_file(name_or_path: str | os.PathLike, subfolder: str | None = None) 
     return path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
 
 
-__all__ = ["ConfigFieldError", "ConfigFieldTypeError", "MoEConfig", "check_field"]
+__all__ = ["GQA_ONLY_FIELDS", "MLA_DEFAULTS", "MLA_ONLY_FIELDS", "ConfigFieldError", "ConfigFieldTypeError", "MoEConfig",
+           "check_field"]

@@ -167,12 +167,14 @@ def total_loss(
     mtp_routings: Sequence[tuple[RouterOutput, torch.Tensor]] = (),
     labels: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
 ) -> LossParts:
     """Assemble the loss. `aux_loss`: the main layers' balance loss (`MoEModel`'s); `mtp_routings`: (routing,
     valid (B, T) bool) of each MTP block, whose balance terms are added to it.
 
     Under the Trainer the LM and MTP losses are sums over this micro-batch / `num_items_in_batch` (the targets
-    of all micro-batches and ranks), so the per-batch aux loss is weighted by this batch's share of them."""
+    of all micro-batches and ranks), so the per-batch aux loss is weighted by this batch's share of them (counted
+    in `shift_labels` when given: they are the targets, already shifted)."""
     if aux_loss is not None:  # the MTP blocks' routers balance too, over the positions that have inputs
         for routing, valid in mtp_routings:
             aux_loss = aux_loss + moe_auxiliary_loss([routing], valid, tuple(valid.shape), config)
@@ -180,6 +182,8 @@ def total_loss(
     if total is not None and mtp_loss is not None:
         total = total + mtp_loss
     if total is not None and aux_loss is not None:
-        share = 1.0 if num_items_in_batch is None else target_count(labels) / num_items_in_batch
+        targets = None if num_items_in_batch is None else (
+            target_count(labels) if shift_labels is None else shift_labels.ne(IGNORE_INDEX).sum())
+        share = 1.0 if targets is None else targets / num_items_in_batch
         total = total + aux_loss * share
     return LossParts(total=total, lm=lm_loss, mtp=mtp_loss, aux=aux_loss)

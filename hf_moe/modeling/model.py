@@ -60,6 +60,12 @@ def _name_keys(keys: set[str], limit: int = 20) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def resolve_flags(config: MoEConfig, **flags: bool | None) -> tuple[bool, ...]:
+    """Each forward flag (`use_cache`, `output_attentions`, `return_dict`...) in the given order: the value passed,
+    or the config's when None (transformers' convention)."""
+    return tuple(bool(getattr(config, name)) if value is None else bool(value) for name, value in flags.items())
+
+
 class MoEPreTrainedModel(PreTrainedModel):
     config_class = MoEConfig
     config: MoEConfig
@@ -109,16 +115,24 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
-        """Non-reentrant checkpointing only: the router counts tokens in the first forward and skips the
-        recompute (it runs inside backward). Reentrant checkpointing would hide the first forward from grad."""
+        """Non-reentrant checkpointing by default. `use_reentrant=True` is allowed where no bias balancing counts
+        expert loads (`router_bias_update_rate == 0`, or no MoE layer): under reentrant checkpointing the first
+        forward runs without grad and the recompute inside backward, so the router's load counters (which count
+        only the first forward, grad enabled, outside backward) would see no token at all."""
         gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs or {})
-        if gradient_checkpointing_kwargs.get("use_reentrant", False):
+        if gradient_checkpointing_kwargs.get("use_reentrant", False) and self.counts_expert_loads():
             raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported by hf_moe models: the "
-                "expert-load counters of bias balancing need use_reentrant=False (the default)."
+                "gradient_checkpointing_kwargs={'use_reentrant': True} cannot be used while bias balancing runs "
+                f"(router_bias_update_rate={self.config.router_bias_update_rate}): reentrant checkpointing hides the "
+                "first forward from grad and recomputes inside backward, so the expert-load counters would count no "
+                "token. Use use_reentrant=False (the default), or set router_bias_update_rate=0."
             )
-        gradient_checkpointing_kwargs["use_reentrant"] = False
+        gradient_checkpointing_kwargs.setdefault("use_reentrant", False)
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def counts_expert_loads(self) -> bool:
+        """Whether training counts tokens per expert for the bias update (some router, and a rate > 0)."""
+        return self.config.router_bias_update_rate > 0 and any(isinstance(m, Router) for m in self.modules())
 
     @classmethod
     def from_pretrained(
@@ -130,23 +144,31 @@ class MoEPreTrainedModel(PreTrainedModel):
         **kwargs: object,
     ) -> MoEPreTrainedModel | tuple[MoEPreTrainedModel, dict]:
         """`PreTrainedModel.from_pretrained`, made safe. Weights load from safetensors only (never pickle:
-        `use_safetensors=False` raises). `strict` (default: True when the checkpoint was saved by this same class,
-        i.e. `config.architectures` names it) turns transformers' missing/unexpected-weights warning into a
-        RuntimeError naming the keys; `strict=False` loads anyway (missing weights newly initialised)."""
+        `use_safetensors=False` raises).
+
+        Strictness: a checkpoint saved by this same class (`config.architectures` names it, or names nothing) must
+        match the model, so by default missing or unexpected weights raise a RuntimeError naming the keys (a
+        silent partial load of one's own checkpoint is a bug, not a conversion). `strict=False` loads anyway
+        (missing weights newly initialised, unexpected ones ignored), as does loading another class's checkpoint
+        (e.g. a causal LM's into MoEForSequenceClassification). `output_loading_info=True` means the caller reads
+        the report itself: it returns `(model, info)` as transformers does and raises only with `strict=True`.
+        Without a checkpoint (`from_pretrained(None, config=..., state_dict=...)`) the weights are the caller's:
+        not strict by default either."""
         if use_safetensors is False:
             raise ValueError(f"{cls.__name__}.from_pretrained(use_safetensors=False): hf_moe loads safetensors "
                              "checkpoints only; pickle-based .bin files can run code when loaded.")
-        return_info = kwargs.pop("output_loading_info", False)
+        return_info = bool(kwargs.pop("output_loading_info", False))
         model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, use_safetensors=True,
                                               output_loading_info=True, **kwargs)
         if strict is None:
-            strict = cls.__name__ in (model.config.architectures or [cls.__name__])  # none recorded: strict
+            same_class = cls.__name__ in (model.config.architectures or [cls.__name__])  # none recorded: strict
+            strict = same_class and not return_info and pretrained_model_name_or_path is not None
         if strict and (info["missing_keys"] or info["unexpected_keys"]):
             raise RuntimeError(
                 f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
                 f"match the model. Missing weights: {_name_keys(info['missing_keys'])}. Unexpected weights: "
                 f"{_name_keys(info['unexpected_keys'])}. Pass strict=False to load anyway (missing weights are then "
-                "newly initialised, unexpected ones ignored).")
+                "newly initialised, unexpected ones ignored), or output_loading_info=True to get the report.")
         return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
@@ -208,15 +230,15 @@ class MoEModel(MoEPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: object,
-    ) -> MoEModelOutputWithPast:
+    ) -> MoEModelOutputWithPast | tuple:
+        """Every `output_*` / `use_cache` / `return_dict` left None follows the config, as in transformers' models;
+        `return_dict=False` returns `to_tuple()` (the fields that are not None, in order)."""
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_router_logits = (
-            self.config.output_router_logits if output_router_logits is None else output_router_logits
-        )
-        kwargs.pop("return_dict", None)
+        use_cache, output_hidden_states, output_attentions, output_router_logits, return_dict = resolve_flags(
+            self.config, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions, output_router_logits=output_router_logits, return_dict=return_dict)
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
@@ -251,7 +273,7 @@ class MoEModel(MoEPreTrainedModel):
         aux_loss = None
         if self.training or output_router_logits:
             aux_loss = moe_auxiliary_loss(routings, attention_mask, tuple(inputs_embeds.shape[:2]), self.config)
-        return MoEModelOutputWithPast(
+        output = MoEModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
@@ -260,6 +282,7 @@ class MoEModel(MoEPreTrainedModel):
             aux_loss=aux_loss,
             routings=tuple(routings),
         )
+        return output if return_dict else output.to_tuple()
 
 
 class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
@@ -321,13 +344,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     ) -> MoECausalLMOutputWithPast | tuple:
         """Decoder -> LM head (+ LM loss) -> MTP modules (+ MTP loss, training with labels only) -> total loss
         (`losses.total_loss`: LM + MTP + the balance terms of every router)."""
-        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, kwargs.get("shift_labels"))
+        shift_labels = kwargs.get("shift_labels")
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # the MTP modules read the embeddings too
         outputs = self.model(
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_router_logits=output_router_logits, **kwargs,
+            output_router_logits=output_router_logits, return_dict=True, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         num_items = kwargs.get("num_items_in_batch")
@@ -335,14 +360,16 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         mtp_loss, mtp_routings = None, []
         if labels is not None and self.mtp is not None and self.config.mtp_loss_weight > 0:
             mtp_loss, mtp_routings = self.multi_token_prediction_loss(
-                hidden_states, inputs_embeds, labels, attention_mask, position_ids, num_items_in_batch=num_items)
-        loss = total_loss(self.config, lm_loss, mtp_loss, outputs.aux_loss, mtp_routings, labels, num_items)
+                hidden_states, inputs_embeds, labels, attention_mask, position_ids, num_items_in_batch=num_items,
+                shift_labels=shift_labels)
+        loss = total_loss(self.config, lm_loss, mtp_loss, outputs.aux_loss, mtp_routings, labels, num_items,
+                          shift_labels=shift_labels)
         result = MoECausalLMOutputWithPast(
             loss=loss.total, aux_loss=loss.aux, logits=logits, cache=outputs.cache,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
             mtp_loss=loss.mtp, lm_loss=loss.lm, routings=(*(outputs.routings or ()), *(r for r, _ in mtp_routings)),
         )
-        return result if return_dict is not False else result.to_tuple()
+        return result if return_dict else result.to_tuple()
 
     def logits_and_lm_loss(
         self, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
@@ -390,13 +417,18 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        shift_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[RouterOutput, torch.Tensor]]]:
         """lambda / D * sum_k CE_k (DeepSeek-V3 eq. 25): depth k reads tokens i+k and predicts t_{i+k+1}.
         Padding (attention_mask == 0) is never a target; `num_items_in_batch` normalises like the LM loss.
+        `shift_labels` (already shifted: shift_labels[i] is the target of position i, as transformers' loss takes
+        it, e.g. under context parallelism) replaces `labels` as the source of every depth's targets.
         Also returns each MTP block's routing with its valid positions (B, T) bool (`mtp_positions`)."""
         real = valid_tokens(attention_mask, labels.shape[1])
         if real is not None:
             labels = labels.masked_fill(~real, IGNORE_INDEX)
+            if shift_labels is not None:  # shift_labels[i] is the token at i + 1
+                shift_labels = shift_labels.masked_fill(~shift_left(real, 1, False), IGNORE_INDEX)
         if position_ids is None:
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
         mask = self.model.attention_mask_for(inputs_embeds, attention_mask, None, position_ids)
@@ -412,8 +444,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 routings.append((routing, valid))
             logits_k = self.lm_head(module.norm(previous))
             labels_k = shift_left(labels, k, IGNORE_INDEX)  # logits_k[i] is scored against labels[i + k + 1]
+            extra = {} if shift_labels is None else {"shift_labels": shift_left(shift_labels, k, IGNORE_INDEX)}
             total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size,
-                                               num_items_in_batch=num_items_in_batch)
+                                               num_items_in_batch=num_items_in_batch, **extra)
         return self.config.mtp_loss_weight / len(self.mtp) * total, routings
 
 
