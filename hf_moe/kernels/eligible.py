@@ -9,6 +9,9 @@ Every fast path of hf_moe.kernels asks `eligible(...)` and runs only when it ans
   would not follow);
 - grad: for kernels whose gain is their hand-written backward (`training=True`), autograd must record the
   call; `training=False` asks for the opposite, None accepts either;
+- not traced: while torch.compile / torch.export traces, the compiler fuses the reference code itself, and these
+  kernels' host-side decisions (and syncs) would break its graph; only a kernel that runs as one opaque op in a
+  traced graph (the experts' `hf_moe::fused_experts`) passes `traceable=True`;
 - plain modules: a kernel that reads a Linear's weight directly would skip whatever wraps or hooks the module
   (peft's LoRA layers, quantized linears, forward/backward hooks, global module hooks, accelerate's offload
   hooks that replace `forward`), so every module it reads must be a plain, unhooked nn.Linear.
@@ -21,6 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..modeling.experts import tracing
 from ..modeling.kernel_hooks import plain_linear
 
 FAST_DEVICES = frozenset({"cpu"})  # device types where the kernels were measured faster than the reference
@@ -28,10 +32,12 @@ FP32 = (torch.float32,)
 
 
 def eligible(*tensors: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FP32, training: bool | None = None,
-             modules: Iterable[nn.Module] = (), allow_bias: bool = False) -> bool:
+             modules: Iterable[nn.Module] = (), allow_bias: bool = False, traceable: bool = False) -> bool:
     """Whether a fast path may run on these tensors and modules (see the module docstring). `tensors` are the
     inputs and the weights the kernel reads; `modules` the Linear layers whose weights it reads directly."""
     if training and not torch.is_grad_enabled():  # the cheapest test first: decode steps end here
+        return False
+    if not traceable and tracing():
         return False
     device = tensors[0].device.type
     if device not in FAST_DEVICES or torch.is_autocast_enabled(device):

@@ -87,6 +87,13 @@ def default_attention(requested: str | None) -> str | None:
     return choice
 
 
+def cached_length(cache: object, layer_idx: int) -> int | torch.Tensor | None:
+    """Tokens a cache layer holds before this step: an int (dynamic caches), a 0-d tensor (static caches once
+    filled; never read on the host here), or None for caches without lengths (continuous batching's paged cache)."""
+    get_seq_length = getattr(cache, "get_seq_length", None)
+    return None if get_seq_length is None else get_seq_length(layer_idx)
+
+
 def attention_function(config: MoEConfig) -> Callable:
     """The configured function of transformers' attention interface (our eager one for "eager")."""
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
@@ -152,13 +159,17 @@ class MultiHeadLatentAttention(nn.Module):
         keys = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
         return keys, values
 
-    def use_absorption(self, length: int, past_length: int, attention_mask: object) -> bool:
+    def use_absorption(self, length: int, past_length: int | torch.Tensor | None, attention_mask: object) -> bool:
         """Decode steps absorb: a cache holding earlier tokens (so prefill stays expanded), a query shorter than
         the crossover length, a plain Linear kv_b_proj (not LoRA-wrapped or quantized), no attention dropout,
-        and a 4-D mask or none."""
+        and a 4-D mask or none. `past_length` as `cached_length` gives it: a tensor (a static cache's length after
+        its first update) counts as holding tokens without being read (no host sync under torch.compile); None
+        (the paged cache of continuous batching) keeps the expanded form, through its paged attention function."""
+        if past_length is None:
+            return False
         return (
             self.absorb
-            and past_length > 0
+            and (isinstance(past_length, torch.Tensor) or past_length > 0)
             and length <= self.absorb_max_query_len
             and plain_linear(self.kv_b_proj)
             and not (self.training and self.attention_dropout > 0)
@@ -220,8 +231,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_pe = apply_rope(k_pe, cos, sin, interleaved)
         past_length = 0
         if cache is not None:  # the cache holds the latent and the rotated shared key only
-            past_length = cache.get_seq_length(self.layer_idx)
-            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+            past_length = cached_length(cache, self.layer_idx)
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx, kwargs=kwargs)  # kwargs: the paged cache's
         dropout = self.attention_dropout if self.training else 0.0
         if self.use_absorption(length, past_length, attention_mask):
             q_nope, q_pe = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], -1)
@@ -290,8 +301,8 @@ class GroupedQueryAttention(nn.Module):
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         output, weights = attention_function(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,

@@ -3,6 +3,11 @@
 Routed experts are stored as fused 3-D weights, `gate_up_proj (N, 2I, H)` (gate rows, then up rows) and
 `down_proj (N, H, I)`, the layout of transformers' experts interface: `@use_experts_implementation` lets
 `config._experts_implementation` pick a backend (eager reference below, grouped_mm, our fused kernels...).
+
+While torch.compile or torch.export traces (`tracing()`), the reference runs a shape-stable form without host
+syncs instead of its per-expert loop over `.tolist()` sizes: `gathered_experts` (the chosen experts' weights
+gathered per token-slot, for at most `num_experts` slots: decode) or `dense_experts` (every expert on every token,
+weighted by the gates, zero for experts not chosen: exact, N/K times the FLOPs of the loop).
 """
 
 from __future__ import annotations
@@ -15,6 +20,47 @@ from transformers.integrations import use_experts_implementation
 
 from .configuration import MoEConfig
 from .kernel_hooks import run_kernel
+
+
+def tracing() -> bool:
+    """torch.compile (Dynamo) or torch.export traces this call: data-dependent host syncs must not run."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def gathered_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module = F.silu) -> torch.Tensor:
+    """y_t = sum_k w_tk W_d[e_tk] (act(g) * u), [g; u] = W_gu[e_tk] x_t with the weights of each token-slot's expert
+    gathered: static shapes, no host sync, no per-expert loop. Reads (and copies) T*K experts' weights: the decode
+    form (T*K <= N). hidden_states (T, H), top_k_index / top_k_weights (T, K) -> (T, H)."""
+    num_tokens, top_k = top_k_index.shape
+    slot_experts = top_k_index.reshape(-1)  # (S,)
+    x_slots = hidden_states.repeat_interleave(top_k, dim=0) if top_k > 1 else hidden_states  # (S, H)
+    gate_up = torch.bmm(gate_up_proj.index_select(0, slot_experts), x_slots.unsqueeze(-1)).squeeze(-1)  # (S, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = act_fn(gate) * up * top_k_weights.reshape(-1, 1).to(up.dtype)  # (S, I), gate before the down projection
+    out = torch.bmm(down_proj.index_select(0, slot_experts), act.unsqueeze(-1)).squeeze(-1)  # (S, H)
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+
+def dense_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module = F.silu) -> torch.Tensor:
+    """The same sum with every expert applied to every token and weighted by its gate (0 where not chosen): static
+    shapes, no host sync, N/K times the FLOPs. hidden_states (T, H), top_k_index / top_k_weights (T, K) -> (T, H)."""
+    num_experts = gate_up_proj.shape[0]
+    gates = torch.zeros(top_k_index.shape[0], num_experts, dtype=top_k_weights.dtype, device=top_k_weights.device)
+    gates = gates.scatter_add(1, top_k_index, top_k_weights)  # (T, N); repeated ids add up, as in the loop
+    gate_up = torch.einsum("th,nih->nti", hidden_states, gate_up_proj)  # (N, T, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = act_fn(gate) * up * gates.t().unsqueeze(-1).to(up.dtype)  # (N, T, I)
+    return torch.einsum("nti,nhi->th", act, down_proj).to(hidden_states.dtype)
+
+
+def static_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module = F.silu) -> torch.Tensor:
+    """The shape-stable experts for traced code: `gathered_experts` for at most N token-slots, else `dense_experts`."""
+    few = top_k_index.numel() <= gate_up_proj.shape[0]
+    experts = gathered_experts if few else dense_experts
+    return experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, act_fn)
 
 
 class MLP(nn.Module):
@@ -53,6 +99,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states (T, H), top_k_index / top_k_weights (T, K) -> (T, H)."""
+        if tracing():  # no `.tolist()` under torch.compile / torch.export
+            return static_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                                  self.act_fn)
         output = torch.zeros_like(hidden_states)
         slot_tokens, slot_experts = top_k_index.shape[1], top_k_index.reshape(-1)  # (T*K,)
         order = torch.argsort(slot_experts, stable=True)  # slots grouped by expert

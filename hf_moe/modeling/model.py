@@ -18,7 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import default_attention
+from .attention import HF_MOE_ATTENTION, default_attention
 from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
@@ -77,7 +77,9 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    # the decode step compiles with fullgraph=True (Inductor on CPU, tests/modeling/test_compile.py): static cache,
+    # MLA absorbed over the static latent buffer, experts and routing without host syncs under tracing
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "mlp.gate.weight"]
 
     @classmethod
@@ -324,6 +326,22 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get("cache")
         if cache is not given and type(cache) is DynamicCache and not cache.offloading:
             use_growable_layers(cache)
+
+    def init_continuous_batching(self, *args: object, **kwargs: object) -> object:
+        """transformers' continuous-batching manager (`generate_batch`, `transformers serve`). It runs only sdpa,
+        "paged|eager" or flash attention over its paged cache; hf_moe's default "hf_moe_sdpa" has sdpa's semantics,
+        so the manager runs "sdpa" and switches back to "hf_moe_sdpa" when it stops, as it does for its own switches."""
+        if self.config._attn_implementation != HF_MOE_ATTENTION:
+            return super().init_continuous_batching(*args, **kwargs)
+        self.set_attn_implementation("sdpa")
+        try:
+            manager = super().init_continuous_batching(*args, **kwargs)
+        except BaseException:
+            self.set_attn_implementation(HF_MOE_ATTENTION)
+            raise
+        if getattr(manager, "_original_attn_impl", None) is None:
+            manager._original_attn_impl = HF_MOE_ATTENTION
+        return manager
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

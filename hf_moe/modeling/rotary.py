@@ -90,7 +90,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     out = run_kernel("rope", x, cos, sin, interleaved)
     if out is not None:
         return out
-    if torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad):
+    traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()  # out= into views breaks a graph
+    if traced or (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)):
         x1, x2 = rotary_pairs(x, interleaved)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     out = rotated_like(x, cos)  # no graph: one output, no temporaries

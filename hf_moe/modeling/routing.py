@@ -28,6 +28,10 @@ class RouterOutput:
     topk_weights: torch.Tensor  # (T, K) fp32 gate values (dropped slots have weight 0)
 
 
+# a pytree node, so that a model's outputs holding router decisions can leave torch.export / torch.compile graphs
+torch.export.register_dataclass(RouterOutput, serialized_type_name=f"{__name__}.RouterOutput")
+
+
 def valid_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """(B, length) bool, True for the real (non-padding) tokens among the last `length` positions of a 2-D
     padding mask (B, past + length); None when there is no 2-D mask (every token is real). Padding is routed
@@ -38,7 +42,10 @@ def valid_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tens
 
 
 def inside_backward() -> bool:
-    """True while autograd's engine runs a backward pass (e.g. the recompute of gradient checkpointing)."""
+    """True while autograd's engine runs a backward pass (e.g. the recompute of gradient checkpointing). False
+    while torch.compile traces: the compiled forward runs once per step (recompute happens inside its graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -124,7 +131,8 @@ class Router(nn.Module):
             counted = topk_weights != 0 if self.config.capacity_factor is not None else torch.ones_like(topk_ids, dtype=torch.bool)
             if token_mask is not None:
                 counted = counted & token_mask.view(-1, 1)
-            self.tokens_per_expert += torch.bincount(topk_ids[counted], minlength=self.num_experts).float()
+            # index_add of 0/1 rather than bincount of the selected ids: no data-dependent shape, no host sync
+            self.tokens_per_expert.index_add_(0, topk_ids.reshape(-1), counted.reshape(-1).float())
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
 
 

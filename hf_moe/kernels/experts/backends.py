@@ -3,6 +3,8 @@
 Every backend has the interface's signature `fn(experts, hidden_states (T, H), top_k_index (T, K),
 top_k_weights (T, K)) -> (T, H)` and is registered by name (see `BACKENDS`). A backend asked for by name
 that cannot run here raises; `hf_moe_auto` picks one per device, dtype and phase and logs its choice once.
+While torch.compile / torch.export traces, the fused backends run `traced.traced_fused_experts` (no host syncs)
+and `hf_moe_auto` logs nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...modeling.experts import tracing
 from ..eligible import eligible
 from .fused import fused_experts, supports_fused
+from .traced import traced_fused_experts
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,8 @@ def fused_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: 
                   top_k_weights: torch.Tensor) -> torch.Tensor:
     """`hf_moe_fused`: one sort, gather, one matmul per active expert, hand-written backward."""
     _check_layout(experts, "hf_moe_fused")
+    if tracing():
+        return traced_fused_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj)
     return fused_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj, "loop")
 
 
@@ -74,6 +80,9 @@ def fused_grouped_mm_forward(experts: nn.Module, hidden_states: torch.Tensor, to
     if not grouped_mm_available(hidden_states.device, experts.gate_up_proj.dtype):
         raise RuntimeError(f"experts_implementation='hf_moe_grouped_mm': torch grouped_mm is unavailable for "
                            f"{experts.gate_up_proj.dtype} on {hidden_states.device} with torch {torch.__version__}.")
+    if tracing():
+        return traced_fused_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                                    "grouped_mm")
     return fused_experts(hidden_states, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
                          "grouped_mm")
 
@@ -128,7 +137,8 @@ def choose_backend(experts: nn.Module, hidden_states: torch.Tensor, phase: str) 
     device = hidden_states.device
     if not supports_fused(experts):
         return "grouped_mm" if device.type != "cpu" or _rows_aligned(experts) else "eager"
-    if device.type == "cpu" and not eligible(hidden_states, experts.gate_up_proj, experts.down_proj):
+    if device.type == "cpu" and not eligible(hidden_states, experts.gate_up_proj, experts.down_proj,
+                                                  traceable=True):
         return "eager"
     if device.type == "cuda":
         if phase != "decode" and hidden_states.dtype in (torch.bfloat16, torch.float16) and hub_kernel_available(device):
@@ -152,7 +162,7 @@ def auto_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     phase = phase_of(experts, hidden_states)
     name = choose_backend(experts, hidden_states, phase)
     key = (hidden_states.device.type, hidden_states.dtype, phase, name)
-    if key not in _logged_choices:
+    if key not in _logged_choices and not tracing():
         _logged_choices.add(key)
         logger.info("hf_moe_auto experts backend: %s (device=%s, dtype=%s, phase=%s)", name, key[0], key[1], phase)
     if name == "grouped_mm":

@@ -278,39 +278,49 @@ class FusedExpertsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:  # noqa: D102
-        hidden_states, gate_up_proj, down_proj, gate_up, act, slot_weights = ctx.saved_tensors
-        plan, top_k = ctx.plan, ctx.top_k
-        num_tokens, num_experts = hidden_states.shape[0], gate_up_proj.shape[0]
-        grouped = ctx.mode == "grouped_mm"
-        mm = _grouped if grouped else _mm_segments
-        weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
-        need_x, need_gu, need_d, need_w = ctx.needs_input_grad[:4]
+        grads = experts_backward(grad_output, *ctx.saved_tensors, ctx.plan, ctx.mode, ctx.top_k, ctx.weights_dtype,
+                                 ctx.needs_input_grad[:4])
+        return (*grads, None, None)
 
-        dy_slots = _gather_rows(grad_output, plan)  # (S, H); strided grads are fine here
-        d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=scratch(act.shape, act))
-        grad_down = None
-        if need_d:
-            grad_down = weight_grads(dy_slots, _scaled_rows(act, slot_weights), plan, num_experts)
-        grad_weights = None
-        if need_w:
-            product = torch.mul(d_weighted, act, out=scratch(act.shape, act))
-            d_slot_weights = plan.from_rows(product.sum(dim=-1))  # (S,)
-            grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
-            grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
-        del dy_slots  # dead: its scratch memory may serve the token gather below (never while it is alive)
-        grad_x = grad_gate_up = None
-        if need_x or need_gu:
-            d_act = d_weighted.mul_(slot_weights[:, None])  # (R, I)
-            d_gate_up = scratch(gate_up.shape, gate_up)
-            inter = act.shape[1]
-            swiglu_backward_into(d_gate_up[:, :inter], d_gate_up[:, inter:], d_act, gate_up[:, :inter],
-                                 gate_up[:, inter:])
-            if need_x:
-                grad_x = _summed_products(d_gate_up, gate_up_proj, plan, False, ctx.mode, num_tokens, top_k)
-            if need_gu:
-                x_slots = _gather_rows(hidden_states, plan)  # recomputed, not stored
-                grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)
-        return grad_x, grad_gate_up, grad_down, grad_weights, None, None
+
+def experts_backward(
+    grad_output: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    gate_up: torch.Tensor, act: torch.Tensor, slot_weights: torch.Tensor, plan: SlotPlan, mode: str, top_k: int,
+    weights_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool],
+) -> tuple[torch.Tensor | None, ...]:
+    """The backward math (module docstring): gradients of hidden_states, gate_up_proj, down_proj and the (T, K)
+    routing weights, each None unless `needs` asks for it. gate_up / act / slot_weights in row order."""
+    num_tokens, num_experts = hidden_states.shape[0], gate_up_proj.shape[0]
+    grouped = mode == "grouped_mm"
+    mm = _grouped if grouped else _mm_segments
+    weight_grads = _grouped_weight_grads if grouped else _mm_weight_grads
+    need_x, need_gu, need_d, need_w = needs
+
+    dy_slots = _gather_rows(grad_output, plan)  # (S, H); strided grads are fine here
+    d_weighted = mm(dy_slots, down_proj, plan, transpose=False, out=scratch(act.shape, act))
+    grad_down = None
+    if need_d:
+        grad_down = weight_grads(dy_slots, _scaled_rows(act, slot_weights), plan, num_experts)
+    grad_weights = None
+    if need_w:
+        product = torch.mul(d_weighted, act, out=scratch(act.shape, act))
+        d_slot_weights = plan.from_rows(product.sum(dim=-1))  # (S,)
+        grad_weights = torch.empty_like(d_slot_weights).index_copy_(0, plan.order, d_slot_weights)
+        grad_weights = grad_weights.view(num_tokens, top_k).to(weights_dtype)
+    del dy_slots  # dead: its scratch memory may serve the token gather below (never while it is alive)
+    grad_x = grad_gate_up = None
+    if need_x or need_gu:
+        d_act = d_weighted.mul_(slot_weights[:, None])  # (R, I)
+        d_gate_up = scratch(gate_up.shape, gate_up)
+        inter = act.shape[1]
+        swiglu_backward_into(d_gate_up[:, :inter], d_gate_up[:, inter:], d_act, gate_up[:, :inter],
+                             gate_up[:, inter:])
+        if need_x:
+            grad_x = _summed_products(d_gate_up, gate_up_proj, plan, False, mode, num_tokens, top_k)
+        if need_gu:
+            x_slots = _gather_rows(hidden_states, plan)  # recomputed, not stored
+            grad_gate_up = weight_grads(d_gate_up, x_slots, plan, num_experts)
+    return grad_x, grad_gate_up, grad_down, grad_weights
 
 
 def fused_experts(
