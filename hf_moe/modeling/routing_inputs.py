@@ -60,3 +60,55 @@ def layer_routing_inputs(
             replay = replay.reshape(-1, top_k)
         inputs[layer] = RoutingInputs(token_ids=flat_ids, replay_ids=replay, decoding=decoding)
     return inputs
+
+
+class RoutingRecorder:
+    """Records the expert ids every main-model MoE layer chose, forward after forward (e.g. through
+    `generate()`: the prefill, then one token per step), for routing replay in a later training forward.
+
+        with RoutingRecorder(model) as recorder:
+            sequences = model.generate(prompt, max_new_tokens=16, do_sample=True)
+        out = model(sequences, replay_routing=recorder.replay_routing(sequences.shape[1]))
+
+    `replay_routing(length)` concatenates the recorded steps along the sequence: one (B, length, K) tensor per
+    MoE layer; positions never run through the model (the last sampled token) are NOT_RECORDED, where the
+    training forward's router chooses itself (their routing affects no sampled token's probability).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        from .moe import MoEBlock  # moe imports this module
+
+        self.blocks = [(name, module) for name, module in model.named_modules()
+                       if isinstance(module, MoEBlock) and ".mtp." not in f".{name}."]
+        self.steps: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        self._handles: list = []
+
+    def __enter__(self) -> RoutingRecorder:
+        def recorder(index: int):  # noqa: ANN202
+            def record(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+                batch, length = args[0].shape[:2]
+                self.steps[index].append(output[1].topk_ids.detach().view(batch, length, -1))
+            return record
+
+        self._handles = [block.register_forward_hook(recorder(i)) for i, (_, block) in enumerate(self.blocks)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def replay_routing(self, length: int | None = None) -> list[torch.Tensor]:
+        """One (B, length, K) int64 tensor per MoE layer (length: the recorded positions by default)."""
+        layers = []
+        for steps in self.steps:
+            if not steps:
+                raise ValueError("RoutingRecorder: nothing was recorded (run the model inside the `with` block).")
+            ids = torch.cat(steps, dim=1)
+            if length is not None:
+                if ids.shape[1] > length:
+                    raise ValueError(f"RoutingRecorder: {ids.shape[1]} positions recorded, more than length={length}.")
+                pad = ids.new_full((ids.shape[0], length - ids.shape[1], ids.shape[2]), NOT_RECORDED)
+                ids = torch.cat([ids, pad], dim=1)
+            layers.append(ids)
+        return layers
