@@ -92,9 +92,11 @@ def read_expert_counts(model: nn.Module) -> ExpertLoads:
 
 
 def reset_expert_counters(model: nn.Module) -> None:
-    """Zero every router's `tokens_per_expert` (e.g. to drop counts of forwards made before training)."""
+    """Zero every router's `tokens_per_expert` and global-batch `balance_counts` (e.g. to drop counts of
+    forwards made before training)."""
     for _, router in find_routers(model):
         router.tokens_per_expert.zero_()
+        router.balance_counts.zero_()
 
 
 def freeze_router_biases(model: nn.Module, frozen: bool = True, names: Iterable[str] | None = None) -> list[str]:
