@@ -341,11 +341,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, kwargs.get("shift_labels"))
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # the MTP modules read the embeddings too
-        kwargs.setdefault("router_token_ids", input_ids)  # hash routing reads the token ids
+        routing_kwargs = {"router_token_ids": kwargs.pop("router_token_ids", input_ids),  # hash routing reads them
+                          "replay_routing": kwargs.pop("replay_routing", None)}
         outputs = self.model(
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_router_logits=output_router_logits, **kwargs,
+            output_router_logits=output_router_logits, **routing_kwargs, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         num_items = kwargs.get("num_items_in_batch")

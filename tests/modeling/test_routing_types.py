@@ -301,3 +301,19 @@ def test_router_type_fields_round_trip_through_config_json(tmp_path) -> None:
     config.save_pretrained(tmp_path)
     loaded = MoEConfig.from_pretrained(tmp_path)
     assert (loaded.router_type, loaded.hash_seed, loaded.balance_loss_scope) == ("hash", 7, "global_batch")
+
+
+def test_other_router_types_are_refused_on_export_to_other_families() -> None:
+    from hf_moe.conversion.families import config_from_moe
+
+    with pytest.raises(ValueError, match="router_type='hash'"):
+        config_from_moe(tiny_config(**FLAT, router_type="hash"), "deepseek_v3")
+
+
+def test_hash_model_generates_with_a_cache_like_its_full_forward() -> None:
+    model = model_of("hash").eval()
+    prompt = torch.randint(3, 97, (2, 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sequences = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        greedy = model(input_ids=sequences).logits[:, 3:-1].argmax(-1)
+    assert torch.equal(sequences[:, 4:], greedy)
