@@ -186,3 +186,22 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path) -> N
         for name in one["counts"]:  # each rank's buffers hold the whole global batch's counts
             assert torch.equal(ranks[0]["counts"][name], one["counts"][name])
             assert torch.equal(ranks[1]["counts"][name], one["counts"][name])
+
+
+@pytest.mark.parametrize("fields", [
+    dict(balance_loss_scope="global_batch", aux_loss_alpha=0.1, device_aux_loss_alpha=0.05, aux_loss_num_devices=2),
+    dict(comm_balance_alpha=0.1, scoring_func="softmax", topk_method="group_limited_greedy"),
+])
+def test_scope_and_communication_loss_survive_save_and_load(tmp_path, fields: dict) -> None:
+    model = scoped_model("micro_batch", **fields)
+    ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=ids).aux_loss
+    update_router_biases(model)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any("balance_counts" in key for key in load_file(tmp_path / "model.safetensors"))  # step state only
+    loaded = MoEForCausalLM.from_pretrained(tmp_path).train()
+    for key, value in fields.items():
+        assert getattr(loaded.config, key) == value
+    torch.testing.assert_close(loaded(input_ids=ids, labels=ids).aux_loss, expected)
