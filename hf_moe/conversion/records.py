@@ -85,6 +85,8 @@ class DenseFamily(Family):
 
 _NO_MTP = Refusal("num_nextn_predict_layers", lambda c: c.num_nextn_predict_layers == 0,
                   "but {family} has no MTP modules")  # fmt: skip
+_LEARNED_ROUTER = Refusal("router_type", lambda c: c.router_type == "learned",
+                          "but {family} routes with a learned top-k router")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +110,7 @@ class MoEFamily(Family):
     def check_export(self, config: MoEConfig) -> None:
         """Raise ValueError naming the field for what this family cannot express (inference semantics only;
         training-only knobs are dropped on export)."""
-        for refusal in self.export_refusals + (() if self.mtp else (_NO_MTP,)):
+        for refusal in (_LEARNED_ROUTER, *self.export_refusals, *(() if self.mtp else (_NO_MTP,))):
             if not refusal.ok(config):
                 raise _refuse_export(self.model_type, config, refusal.field, refusal.why.format(family=self.model_type))
 

@@ -41,6 +41,8 @@ ATTENTION_TYPES = ("mla", "gqa")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_TYPES = ("head", "full")
+ROUTER_TYPES = ("learned", "hash", "expert_choice", "balanced_assignment")
+BALANCE_LOSS_SCOPES = ("micro_batch", "global_batch")
 CONFIG_NAME = "config.json"
 #: MLA's per-head and latent widths when an MLA config leaves them None (DeepSeek-V2-Lite-like proportions).
 MLA_DEFAULTS = {"kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64}
@@ -145,6 +147,10 @@ FIELD_RULES: dict[str, Rule | None] = {
     "aux_loss_num_devices": _AT_LEAST_1, "seq_aux_loss_alpha": _FINITE_NON_NEGATIVE,
     "router_z_loss_coef": _FINITE_NON_NEGATIVE, "num_nextn_predict_layers": _NON_NEGATIVE,
     "mtp_loss_weight": _FINITE_NON_NEGATIVE, "output_router_logits": _ANY,
+    # router types and balancing scope (issue 16)
+    "router_type": _one_of(ROUTER_TYPES), "hash_seed": _NON_NEGATIVE,
+    "expert_choice_capacity_factor": _FINITE_POSITIVE, "balance_loss_scope": _one_of(BALANCE_LOSS_SCOPES),
+    "comm_balance_alpha": _FINITE_NON_NEGATIVE,
     # provenance
     "upcycled_from": _ANY,
 }  # fmt: skip
@@ -272,6 +278,23 @@ class MoEConfig(PreTrainedConfig):
         mtp_loss_weight (`float`): lambda of the MTP loss (lambda / D * sum_k CE_k).
         output_router_logits (`bool`): return router logits in the output.
 
+    Router types and balancing scope:
+        router_type (`str`): "learned" (the router above), "hash" (Roller et al. 2021: a fixed balanced
+            token id -> K experts table, the buffer `hash_table` saved in the checkpoint; gates are the learned
+            scores of the hashed experts, so K = 1 with `norm_topk_prob` is their unweighted hash layer),
+            "expert_choice" (Zhou et al. 2022: each expert takes its top-C tokens of the batch; NOT causal, it
+            sees future tokens, so generation refuses it) or "balanced_assignment" (BASE layers, Lewis et al.
+            2021: balanced top-1 assignment in training, greedy top-1 at inference).
+        hash_seed (`int`): seed of the hash table of a new model (a loaded model keeps its saved table).
+        expert_choice_capacity_factor (`float`): expert choice's c: each expert takes C = ceil(c * T / N)
+            of the T tokens of the batch (c = K gives K experts per token on average).
+        balance_loss_scope (`str`): "micro_batch" (f_i of every balance loss counted over this forward's
+            tokens) or "global_batch" (Qiu et al. 2025: f_i summed over data-parallel ranks, one all_reduce
+            for all layers per forward, and over the micro-batches of the optimizer step so far; P_i stays
+            local and carries the gradient). The sequence-wise loss stays per sequence.
+        comm_balance_alpha (`float`): DeepSeek-V2 communication balance loss (eqs. 29-31) over the
+            `n_group` device groups with device-limited routing to `topk_group` devices.
+
     Provenance:
         upcycled_from (`dict | None`): how a dense checkpoint became this model (base model, strategy, experts,
             granularity, router init, measured function preservation), written by `hf_moe.upcycle`; None otherwise.
@@ -369,6 +392,12 @@ class MoEConfig(PreTrainedConfig):
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.1
     output_router_logits: bool = False
+    # router types and balancing scope (issue 16)
+    router_type: str = "learned"
+    hash_seed: int = 0
+    expert_choice_capacity_factor: float = 2.0
+    balance_loss_scope: str = "micro_batch"
+    comm_balance_alpha: float = 0.0
     # provenance
     upcycled_from: dict | None = None
 
@@ -484,10 +513,41 @@ class MoEConfig(PreTrainedConfig):
                                    f"num_experts_per_tok={self.num_experts_per_tok} choices")
         if self.n_routed_experts > 0 and self.n_routed_experts % self.aux_loss_num_devices:
             fail("aux_loss_num_devices", f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}")
+        self._validate_router_type()
         try:  # transformers' own RoPE checks (type, keys, factors), named like ours
             self.validate_rope()
         except (ValueError, TypeError, KeyError) as error:
             raise ConfigFieldError("rope_parameters", self.rope_parameters, str(error).rstrip(".")) from None
+
+    def _validate_router_type(self) -> None:
+        """The rules between the router type / balancing-scope fields and the others (issue 16)."""
+
+        def fail(field: str, allowed: str) -> None:
+            raise ConfigFieldError(field, getattr(self, field), allowed)
+
+        if self.comm_balance_alpha and self.n_group < 2:
+            fail("comm_balance_alpha", "needs experts grouped by device (n_group >= 2 devices, topk_group = M)")
+        if self.router_type == "learned":
+            return
+        if self.n_group > 1:
+            fail("router_type", f"{self.router_type!r} routing has no group-limited (device-limited) variant; "
+                                "use router_type='learned' with n_group > 1")
+        if self.capacity_factor is not None:
+            fail("router_type", f"{self.router_type!r} routing does not combine with capacity_factor")
+        if self.router_type in ("hash", "balanced_assignment") and self.num_nextn_predict_layers:
+            fail("router_type", f"{self.router_type!r} routing is not supported in MTP blocks "
+                                "(num_nextn_predict_layers must be 0)")
+        if self.router_type == "balanced_assignment":
+            if self.num_experts_per_tok != 1:
+                fail("num_experts_per_tok", "balanced_assignment (BASE layers) routes each token to 1 expert")
+            if self.scoring_func != "sigmoid" or self.norm_topk_prob:
+                fail("router_type", "balanced_assignment gates with sigmoid(h w_e) (Lewis et al. eq. 2): it needs "
+                                    "scoring_func='sigmoid' and norm_topk_prob=False")
+        if self.router_type == "expert_choice":
+            for loss in ("aux_loss_alpha", "device_aux_loss_alpha", "seq_aux_loss_alpha"):
+                if getattr(self, loss):
+                    fail(loss, "must be 0 with router_type='expert_choice' (balanced by construction: every "
+                               "expert takes C tokens)")
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """`PreTrainedConfig.save_pretrained`, refusing an invalid config with our ConfigFieldError (transformers'

@@ -12,6 +12,7 @@ from .experts import MLP
 from .moe import MoEBlock
 from .normalization import RMSNorm
 from .routing import RouterOutput
+from .routing_inputs import RoutingInputs
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -33,6 +34,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         token_mask: torch.Tensor | None = None,
+        routing_inputs: RoutingInputs | None = None,
         **kwargs: object,
     ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
         """Returns the new hidden states (B, T, H), the router's decision (MoE layers) and attention weights.
@@ -45,7 +47,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         hidden_states = hidden_states + attn_out
         routing = None
         if isinstance(self.mlp, MoEBlock):
-            ffn_out, routing = self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
+            ffn_out, routing = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, routing_inputs)
         else:
             ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + ffn_out, routing, attn_weights

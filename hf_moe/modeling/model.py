@@ -29,7 +29,9 @@ from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
 from .mtp import MTPModule, shift_left
 from .normalization import RMSNorm
 from .rotary import RotaryEmbedding
+from .router_types import HashRouter
 from .routing import Router, RouterOutput, valid_tokens
+from .routing_inputs import layer_routing_inputs
 from .speculative import MTPGenerationOutput, mtp_generate
 
 
@@ -112,6 +114,9 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
             init.zeros_(module.tokens_per_expert)
+            init.zeros_(module.balance_counts)
+            if isinstance(module, HashRouter):
+                init.copy_(module.hash_table, module.default_table())
         elif isinstance(module, RoutedExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
@@ -233,10 +238,15 @@ class MoEModel(MoEPreTrainedModel):
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        replay_routing: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
+        router_token_ids: torch.LongTensor | None = None,
         **kwargs: object,
     ) -> MoEModelOutputWithPast | tuple:
         """Every `output_*` / `use_cache` / `return_dict` left None follows the config, as in transformers' models;
-        `return_dict=False` returns `to_tuple()` (the fields that are not None, in order)."""
+        `return_dict=False` returns `to_tuple()` (the fields that are not None, in order).
+        `replay_routing`: one (B, T, K) tensor of expert ids per MoE layer (routing replay; -1 = not recorded,
+        the router chooses); `router_token_ids` (B, T): the token ids for hash routing when `inputs_embeds` is
+        given (default: `input_ids`)."""
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         use_cache, output_hidden_states, output_attentions, output_router_logits, return_dict = resolve_flags(
             self.config, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -247,9 +257,12 @@ class MoEModel(MoEPreTrainedModel):
             cache = MoECache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        routing_inputs = layer_routing_inputs(
+            self.config, input_ids if router_token_ids is None else router_token_ids, replay_routing,
+            tuple(inputs_embeds.shape[:2]), decoding=past > 0)
 
         mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
@@ -262,7 +275,8 @@ class MoEModel(MoEPreTrainedModel):
                 all_hidden.append(hidden_states)
             hidden_states, routing, attn_weights = layer(
                 hidden_states, attention_mask=mask, position_embeddings=position_embeddings, cache=cache,
-                use_cache=use_cache, token_mask=token_mask, **kwargs,
+                use_cache=use_cache, token_mask=token_mask, routing_inputs=routing_inputs.get(layer.layer_idx),
+                **kwargs,
             )
             if routing is not None:
                 routings.append(routing)
@@ -321,6 +335,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         """The full-attention layers of generate()'s default DynamicCache append in place (`MoECache`'s layers);
         the cache object itself, and any cache the caller passes or `cache_implementation` asks for (static,
         offloaded, quantized...), stay as transformers made them."""
+        if self.config.router_type == "expert_choice":
+            raise ValueError("generate() is refused for router_type='expert_choice': expert choice is not causal "
+                             "(each expert picks among all tokens of the batch), so it cannot decode token by token.")
         given = model_kwargs.get("cache")
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args)
         cache = model_kwargs.get("cache")
@@ -367,10 +384,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # the MTP modules read the embeddings too
+        routing_kwargs = {"router_token_ids": kwargs.pop("router_token_ids", input_ids),  # hash routing reads them
+                          "replay_routing": kwargs.pop("replay_routing", None)}
         outputs = self.model(
             attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+            output_router_logits=output_router_logits, return_dict=True, **routing_kwargs, **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         num_items = kwargs.get("num_items_in_batch")

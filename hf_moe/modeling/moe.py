@@ -7,7 +7,9 @@ from torch import nn
 
 from .configuration import MoEConfig
 from .experts import MLP, RoutedExperts
-from .routing import Router, RouterOutput
+from .router_types import build_router
+from .routing import RouterOutput
+from .routing_inputs import RoutingInputs
 
 
 class MoEBlock(nn.Module):
@@ -16,18 +18,20 @@ class MoEBlock(nn.Module):
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
         self.config = config
-        self.gate = Router(config)
+        self.gate = build_router(config)  # config.router_type
         self.experts = RoutedExperts(config)
         self.shared_experts = MLP(config, config.shared_intermediate_size) if config.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+        routing_inputs: RoutingInputs | None = None,
     ) -> tuple[torch.Tensor, RouterOutput]:
-        """hidden_states (B, T, H); token_mask (B*T,) bool of real tokens (for the router's load counters)."""
+        """hidden_states (B, T, H); token_mask (B*T,) bool of real tokens (for the router's load counters);
+        routing_inputs: token ids / replayed choices for the router."""
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        routing = self.gate(tokens, token_mask)
+        routing = self.gate(tokens, token_mask, routing_inputs)
         output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)

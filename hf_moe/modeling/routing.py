@@ -8,15 +8,16 @@ the model is cast (bf16 spacing near 1 is coarser than the bias step gamma = 1e-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration import MoEConfig
+from .routing_inputs import RoutingInputs, apply_replay
 
-_FP32_BUFFERS = ("e_score_correction_bias", "tokens_per_expert")
+_FP32_BUFFERS = ("e_score_correction_bias", "tokens_per_expert", "balance_counts")
 
 
 @dataclass
@@ -26,10 +27,14 @@ class RouterOutput:
     logits: torch.Tensor  # (T, N) fp32, before any noise-free transform
     topk_ids: torch.Tensor  # (T, K) int64 expert ids
     topk_weights: torch.Tensor  # (T, K) fp32 gate values (dropped slots have weight 0)
+    router: nn.Module | None = field(default=None, repr=False, compare=False)  # who decided (global-batch f)
 
 
-# a pytree node, so that a model's outputs holding router decisions can leave torch.export / torch.compile graphs
-torch.export.register_dataclass(RouterOutput, serialized_type_name=f"{__name__}.RouterOutput")
+# a pytree node, so that a model's outputs holding router decisions can leave torch.export / torch.compile graphs;
+# `router` (a module, not data) is left out of the flattened node (None once unflattened)
+torch.utils._pytree.register_dataclass(RouterOutput, field_names=["logits", "topk_ids", "topk_weights"],
+                                       drop_field_names=["router"],
+                                       serialized_type_name=f"{__name__}.RouterOutput")
 
 
 def valid_tokens(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -56,7 +61,11 @@ class Router(nn.Module):
     gates:   g = s[idx] (unbiased), renormalised if `norm_topk_prob`, times `routed_scaling_factor`.
     In a training forward with grad enabled (not eval, not the checkpoint recompute) it adds the number of
     tokens chosen per expert to `tokens_per_expert`; `hf_moe.training` reads and zeroes it once per step.
+    Other router types (hash, expert choice, balanced assignment) subclass it in `router_types.py`.
     """
+
+    uses_bias = True  # the bias steers this router's choice (bias balancing applies)
+    bias_frozen = False  # set by freeze_router_biases / the freeze-router recipe: update_router_biases skips it
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -68,6 +77,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
         self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        # global-batch balance loss: [expert counts (N), device token counts (n_group), tokens] of the step so far
+        self.balance_counts = nn.Buffer(torch.zeros(self.num_experts + self.n_group + 1, dtype=torch.float32),
+                                        persistent=False)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         """Keep the bias and counters fp32 through `.to(dtype)` / `.half()`; only their device follows."""
@@ -97,9 +109,17 @@ class Router(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
         return keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RouterOutput:
+    def select_experts(self, choice: torch.Tensor, routing_inputs: RoutingInputs | None) -> torch.Tensor:
+        """(T, N) biased, group-masked scores -> (T, K) expert ids: top-k, or the replayed ids where given."""
+        return apply_replay(choice.topk(self.top_k, dim=-1).indices, routing_inputs)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+        routing_inputs: RoutingInputs | None = None,
+    ) -> RouterOutput:
         """hidden_states (T, H) -> RouterOutput. `token_mask` (T,) bool marks real tokens: padding is routed
-        like any token (its output is never used) but not counted as expert load."""
+        like any token (its output is never used) but not counted as expert load. `routing_inputs`: token ids,
+        replayed choices (`routing_inputs.py`)."""
         x = hidden_states.float()
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
@@ -114,7 +134,7 @@ class Router(nn.Module):
             choice = scores + self.e_score_correction_bias  # used for choosing only
             if self.n_group > 1:
                 choice = choice.masked_fill(~self.group_mask(choice), float("-inf"))
-            topk_ids = choice.topk(self.top_k, dim=-1).indices  # (T, K)
+            topk_ids = self.select_experts(choice, routing_inputs)  # (T, K)
 
         if self.config.topk_before_softmax:  # Mixtral: softmax over the chosen logits
             topk_weights = noisy_logits.gather(1, topk_ids).softmax(dim=-1)
@@ -133,7 +153,7 @@ class Router(nn.Module):
                 counted = counted & token_mask.view(-1, 1)
             # index_add of 0/1 rather than bincount of the selected ids: no data-dependent shape, no host sync
             self.tokens_per_expert.index_add_(0, topk_ids.reshape(-1), counted.reshape(-1).float())
-        return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
+        return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights, router=self)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

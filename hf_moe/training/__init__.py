@@ -13,6 +13,7 @@
 from .balancing import (
     ExpertLoads,
     find_routers,
+    freeze_router_biases,
     max_violation,
     read_expert_counts,
     reset_expert_counters,
@@ -22,7 +23,14 @@ from .callbacks import MoECallback
 from .delta import apply_finetuned_delta, save_finetuned_delta
 from .expert_selection import expert_scores, load_expert_selection, save_expert_selection, select_experts
 from .frozen_experts import freeze_experts, restore_frozen_experts
-from .metrics import RouterLoadRecorder, dead_experts, expert_load, load_percentiles, routing_entropy
+from .metrics import (
+    RouterLoadRecorder,
+    RoutingEntropyMeter,
+    dead_experts,
+    expert_load,
+    load_percentiles,
+    routing_entropy,
+)
 from .recipes import RECIPES, RecipeReport, apply_recipe
 
 __all__ = [
@@ -31,6 +39,7 @@ __all__ = [
     "RECIPES",
     "RecipeReport",
     "RouterLoadRecorder",
+    "RoutingEntropyMeter",
     "apply_finetuned_delta",
     "apply_recipe",
     "dead_experts",
@@ -38,6 +47,7 @@ __all__ = [
     "expert_scores",
     "find_routers",
     "freeze_experts",
+    "freeze_router_biases",
     "load_expert_selection",
     "load_percentiles",
     "max_violation",

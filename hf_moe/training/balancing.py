@@ -11,12 +11,18 @@ accumulation micro-batches:
     [zero-mean variant: subtract the mean of the update over the experts of the layer (torchtitan)]
     c_i   <- 0
 
+Routers that do not move: those marked frozen (`freeze_router_biases`, the "freeze-router" recipe), those
+named in `exclude=`, and router types whose choice ignores the bias (hash, expert choice, balanced
+assignment); their counters are still summed, returned and reset. The global-batch balance-loss counts
+(`Router.balance_counts`, `balance_loss_scope="global_batch"`) are zeroed here too: a step starts afresh.
+
 Since sign() is scale invariant, summing over every rank of the world (even ranks that see replicated
 batches, e.g. tensor parallel) gives the same update as summing over data-parallel ranks only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +92,24 @@ def read_expert_counts(model: nn.Module) -> ExpertLoads:
 
 
 def reset_expert_counters(model: nn.Module) -> None:
-    """Zero every router's `tokens_per_expert` (e.g. to drop counts of forwards made before training)."""
+    """Zero every router's `tokens_per_expert` and global-batch `balance_counts` (e.g. to drop counts of
+    forwards made before training)."""
     for _, router in find_routers(model):
         router.tokens_per_expert.zero_()
+        router.balance_counts.zero_()
+
+
+def freeze_router_biases(model: nn.Module, frozen: bool = True, names: Iterable[str] | None = None) -> list[str]:
+    """Mark routers (all, or those whose module names are in `names`) so that `update_router_biases` leaves their
+    bias alone (`frozen=False` unmarks). A Python attribute of the module, not saved. Returns the names marked."""
+    wanted = None if names is None else set(names)
+    routers = [(n, r) for n, r in find_routers(model) if wanted is None or n in wanted]
+    if wanted is not None and len(routers) != len(wanted):
+        known = [n for n, _ in find_routers(model)]
+        raise ValueError(f"freeze_router_biases: no router named {sorted(wanted - set(known))}; routers: {known}.")
+    for _, router in routers:
+        router.bias_frozen = frozen
+    return [n for n, _ in routers]
 
 
 @torch.no_grad()
@@ -97,6 +118,8 @@ def update_router_biases(
     rate: float | None = None,
     zero_mean: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
+    exclude: Iterable[str] = (),
+    skip_frozen: bool = True,
 ) -> ExpertLoads:
     """One aux-loss-free balancing step for every router of `model` (call once per optimizer step, after
     `optimizer.step()`, on every rank): sum the counters over ranks in one all_reduce, move each bias by
@@ -105,6 +128,8 @@ def update_router_biases(
     rate: gamma; default `config.router_bias_update_rate` of the routers (0 only reads and resets counters).
     zero_mean: subtract the update's mean per layer; default `config.router_bias_update_zero_mean`.
     process_group: the group to sum over (default: the whole world when torch.distributed is initialised).
+    exclude: module names of routers whose bias this call leaves alone (this call only).
+    skip_frozen: leave routers marked by `freeze_router_biases` alone (default True).
     Returns the loads (summed over ranks) that drove the update, for metrics such as MaxVio.
 
         for batch in loader:                                  # accelerate
@@ -132,9 +157,13 @@ def update_router_biases(
         step = torch.sign(counts.mean(dim=-1, keepdim=True) - counts) * gamma  # (L, N) fp32, +-gamma or 0
         if zero_mean:
             step = step - step.mean(dim=-1, keepdim=True)
-        for (_, router), layer_step in zip(routers, step):
+        excluded = set(exclude)
+        for (name, router), layer_step in zip(routers, step):
+            if name in excluded or not router.uses_bias or (skip_frozen and router.bias_frozen):
+                continue
             bias = router.e_score_correction_bias
             bias.add_(layer_step.to(bias.device, bias.dtype))
     for _, router in routers:
         router.tokens_per_expert.zero_()
+        router.balance_counts.zero_()
     return ExpertLoads([n for n, _ in routers], counts)

@@ -10,6 +10,11 @@ Trainer(model, args, ..., callbacks=[MoECallback()])
   layers, averaged over the logging window), `moe/max_vio/layer_{i}` (and `moe/max_vio/mtp_{k}`),
   `moe/aux_loss`, `moe/mtp_loss`, `moe/lm_loss` (token-weighted means of the training forwards' outputs),
   and to evaluation logs `moe/eval_max_vio` (+ per layer): the global MaxVio over the whole eval set.
+- Monitoring (the same functions as `hf_moe.analysis`): `moe/dead_experts` (fraction of the main layers'
+  experts that got no token in the step, averaged over the window; `moe/dead_experts/layer_{i}` per layer),
+  `moe/routing_entropy` (mean entropy in nats of the router distributions of the training forwards;
+  `moe/routing_entropy/layer_{i}`) and per-layer load percentiles `moe/load_p{0,10,50,90,100}/layer_{i}`
+  (relative load load_i / mean load at those quantiles over the experts, window means).
 
 The losses are read from the model's outputs by a forward hook on the outermost hf_moe model (training
 forwards with grad only); the eval loads by forward hooks on the routers. Nothing in transformers is patched.
@@ -31,7 +36,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..modeling.losses import target_count
 from ..modeling.model import MoEPreTrainedModel
 from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
-from .metrics import RouterLoadRecorder
+from .metrics import RouterLoadRecorder, RoutingEntropyMeter, dead_experts, load_percentiles
+from .parts import layer_label
+
+PERCENTILES = (0.0, 0.1, 0.5, 0.9, 1.0)  # the per-layer load quantiles logged as moe/load_p{q}/layer_{i}
 
 _LOSS_KEYS = ("aux_loss", "mtp_loss", "lm_loss")
 
@@ -63,6 +71,7 @@ class MoECallback(TrainerCallback):
         self._model: nn.Module | None = None
         self._handles: list[Any] = []
         self._recorder: RouterLoadRecorder | None = None
+        self._entropy: RoutingEntropyMeter | None = None
         self._eval_counts = torch.zeros(0)
         self._reset_window()
 
@@ -89,6 +98,7 @@ class MoECallback(TrainerCallback):
         if top is not None:
             self._handles.append(top.register_forward_hook(self._record_losses, with_kwargs=True))
         self._recorder = RouterLoadRecorder(model, only_eval=True, reset_on_forward=True).attach()
+        self._entropy = RoutingEntropyMeter(model).attach()
         self._eval_counts = torch.zeros_like(self._recorder.counts)
 
     def _unbind(self) -> None:
@@ -97,7 +107,9 @@ class MoECallback(TrainerCallback):
         self._handles = []
         if self._recorder is not None:
             self._recorder.detach()
-        self._model = self._recorder = None
+        if self._entropy is not None:
+            self._entropy.detach()
+        self._model = self._recorder = self._entropy = None
 
     def _reset_window(self) -> None:
         self._loss_sums: dict[str, torch.Tensor] = {}
@@ -129,17 +141,35 @@ class MoECallback(TrainerCallback):
                 total, weight = total + self._loss_sums[key], weight + self._loss_weights[key]
             self._loss_sums[key], self._loss_weights[key] = total, weight
 
+    def _add(self, key: str, value: float) -> None:
+        """One step's value of a window-averaged metric (NaN: no data this step, skipped)."""
+        if not math.isnan(value):
+            self._vio_sums[key] = self._vio_sums.get(key, 0.0) + value
+            self._vio_counts[key] = self._vio_counts.get(key, 0) + 1
+
     def _record_step(self, loads: ExpertLoads, step: int) -> None:
         self.last_loads = loads
         values = loads.max_vio.cpu().tolist()
         mean = loads.mean_max_vio()
-        if not math.isnan(mean):
-            self._vio_sums["max_vio"] = self._vio_sums.get("max_vio", 0.0) + mean
-            self._vio_counts["max_vio"] = self._vio_counts.get("max_vio", 0) + 1
+        self._add("max_vio", mean)
         for label, value in zip(loads.labels, values):
-            if not math.isnan(value):
-                self._vio_sums[f"max_vio/{label}"] = self._vio_sums.get(f"max_vio/{label}", 0.0) + value
-                self._vio_counts[f"max_vio/{label}"] = self._vio_counts.get(f"max_vio/{label}", 0) + 1
+            self._add(f"max_vio/{label}", value)
+        if len(loads.names):
+            dead = dead_experts(loads.loads).cpu()
+            main = torch.tensor(loads.is_main_layer()) & ~dead.isnan()
+            self._add("dead_experts", dead[main].mean().item() if main.any() else float("nan"))
+            percentiles = load_percentiles(loads.loads, PERCENTILES).cpu()
+            for label, value, row in zip(loads.labels, dead.tolist(), percentiles.tolist()):
+                self._add(f"dead_experts/{label}", value)
+                for q, p in zip(PERCENTILES, row):
+                    self._add(f"load_p{round(q * 100)}/{label}", p)
+        if self._entropy is not None and self._entropy.routers:
+            entropy = self._entropy.read()
+            main = torch.tensor([not layer_label(n).startswith("mtp_") for n, _ in self._entropy.routers])
+            main &= ~entropy.isnan()
+            self._add("routing_entropy", entropy[main].mean().item() if main.any() else float("nan"))
+            for (name, _), value in zip(self._entropy.routers, entropy.tolist()):
+                self._add(f"routing_entropy/{layer_label(name)}", value)
         if self.keep_history:
             self.history.append({"step": step, "labels": loads.labels, "max_vio": values, "mean_max_vio": mean})
 
@@ -147,7 +177,7 @@ class MoECallback(TrainerCallback):
         """The `moe/` metrics of the steps since the last training log."""
         metrics: dict[str, float] = {}
         for key, total in self._vio_sums.items():
-            if key == "max_vio" or self.per_layer:
+            if "/" not in key or self.per_layer:
                 metrics[f"moe/{key}"] = total / self._vio_counts[key]
         for key, total in self._loss_sums.items():
             metrics[f"moe/{key}"] = total.item() / max(self._loss_weights[key].item(), 1.0)

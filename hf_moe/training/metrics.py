@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..modeling.model import MoEPreTrainedModel
-from ..modeling.routing import Router, RouterOutput, valid_tokens
+from ..modeling.routing import Router, RouterOutput, inside_backward, valid_tokens
 from .balancing import ExpertLoads, find_routers
 
 
@@ -83,13 +83,15 @@ class RouterLoadRecorder:
     def _count(self, router: Router, args: tuple, output: RouterOutput) -> None:
         if self.only_eval and router.training:
             return
-        topk_ids = output.topk_ids.detach()  # (B*T, K)
+        topk_ids, weights = output.topk_ids.detach(), output.topk_weights.detach()  # (B*T, K)
         if self._mask is not None and topk_ids.shape[0] % self._mask.shape[0] == 0:
             length = topk_ids.shape[0] // self._mask.shape[0]
             if self._mask.shape[1] >= length:
                 valid = valid_tokens(self._mask, length).reshape(-1).to(topk_ids.device)  # (B*T,)
-                topk_ids = topk_ids[valid]
-        kept = topk_ids if router.config.capacity_factor is None else topk_ids[output.topk_weights.detach() != 0]
+                topk_ids, weights = topk_ids[valid], weights[valid]
+        # dropped slots (capacity) and the experts that did not take a token (expert choice) have gate 0
+        dropping = router.config.capacity_factor is not None or router.config.router_type == "expert_choice"
+        kept = topk_ids[weights != 0] if dropping else topk_ids
         counts = torch.bincount(kept.reshape(-1), minlength=router.num_experts).float().cpu()
         self.counts[self._index[id(router)]] += counts
 
@@ -143,3 +145,51 @@ def load_percentiles(loads: torch.Tensor, quantiles: tuple[float, ...] = (0.0, 0
     q = torch.tensor(quantiles, dtype=torch.float32, device=loads.device)
     out = torch.quantile(relative, q, dim=-1).movedim(0, -1)
     return torch.where(loads.sum(dim=-1, keepdim=True) > 0, out, torch.full_like(out, float("nan")))
+
+
+class RoutingEntropyMeter:
+    """Mean routing entropy (`routing_entropy`, nats) of the training forwards (grad enabled, not the checkpoint
+    recompute), per router, over the real tokens; sums stay tensors (no host sync per forward) until `read()`.
+
+    meter = RoutingEntropyMeter(model).attach(); ...train...; meter.read()  # (L,) means, then reset
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.routers = find_routers(model)
+        self._index = {id(router): i for i, (_, router) in enumerate(self.routers)}
+        self._handles: list[Any] = []
+        self._sums: list[torch.Tensor | None] = [None] * len(self.routers)
+        self._counts: list[torch.Tensor | None] = [None] * len(self.routers)
+
+    def attach(self) -> RoutingEntropyMeter:
+        if not self._handles:
+            self._handles = [router.register_forward_hook(self._record) for _, router in self.routers]
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, router: Router, args: tuple, output: RouterOutput) -> None:
+        if not (router.training and torch.is_grad_enabled()) or inside_backward():
+            return
+        logits = output.logits.detach().float()
+        scores = logits.softmax(dim=-1) if router.config.scoring_func == "softmax" else logits.sigmoid()
+        entropy = routing_entropy(scores)  # (T,)
+        mask = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        total = entropy.sum() if mask is None else entropy[mask.to(entropy.device)].sum()
+        count = entropy.new_tensor(float(entropy.numel())) if mask is None else mask.sum().float()
+        i = self._index[id(router)]
+        self._sums[i] = total if self._sums[i] is None else self._sums[i] + total
+        self._counts[i] = count if self._counts[i] is None else self._counts[i] + count
+
+    def read(self, reset: bool = True) -> torch.Tensor:
+        """(L,) mean entropy per router since the last read (NaN for a router that saw no token)."""
+        values = torch.tensor([
+            float("nan") if s is None or c.item() == 0 else (s / c).item() for s, c in zip(self._sums, self._counts)
+        ])
+        if reset:
+            self._sums = [None] * len(self.routers)
+            self._counts = [None] * len(self.routers)
+        return values

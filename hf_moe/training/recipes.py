@@ -2,7 +2,9 @@
 
 MoE models overfit small finetuning sets and forget; the field's answers train a subset:
 - "full": everything (the baseline).
-- "freeze-router": all but the router weights (routing stays as pretrained; bias balancing as configured).
+- "freeze-router": all but the router weights; the router biases do not move either (a frozen router must not
+  move: `router_bias_update_rate` -> 0 and the routers marked by `freeze_router_biases`); bias_update=True
+  keeps them moving.
 - "freeze-routed-experts": attention, shared experts, dense FFNs, norms, embeddings, head; routed experts and
   router frozen. ST-MoE (Zoph et al. 2022, arXiv 2202.08906 §4): training the non-MoE part matches training all.
 - "moe-only": the reverse (routed experts and router), for comparison; ST-MoE found it worse.
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .balancing import freeze_router_biases
 from .expert_selection import empty_selection_notes, load_expert_selection, validate_selection
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, experts_modules, freeze_experts, trainable_experts, unfreeze_experts
 from .parts import PARTS, layer_index, module_parts, parameter_parts
@@ -82,6 +85,7 @@ def _train_parts(model: nn.Module, trainable: set[str]) -> None:
     also lose any stale `.grad` (an optimizer skips a parameter only while its grad is None)."""
     for module in experts_modules(model).values():
         unfreeze_experts(module)
+    freeze_router_biases(model, frozen=False)  # recipes do not stack: only freeze-router marks them again
     parts = parameter_parts(model)
     for name, param in model.named_parameters():
         param.requires_grad_(parts[name] in trainable)
@@ -128,8 +132,9 @@ def _full(model: nn.Module, bias_update: bool | None = None) -> list[str]:
     return _bias_update(model, bias_update)
 
 
-def _freeze_router(model: nn.Module, bias_update: bool | None = None) -> list[str]:
+def _freeze_router(model: nn.Module, bias_update: bool | None = False) -> list[str]:
     _train_parts(model, set(PARTS) - {"router"})
+    freeze_router_biases(model, frozen=not bias_update)
     return _bias_update(model, bias_update)
 
 

@@ -281,3 +281,53 @@ def test_padding_tokens_are_not_counted_as_expert_load() -> None:
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     # 9 real tokens x K=2 in each decoder MoE layer; the MTP block: real positions whose next token is real (7)
     assert counters(model).sum(dim=-1).tolist() == [18.0, 18.0, 14.0]
+
+
+def test_frozen_and_excluded_routers_keep_their_bias_but_their_counters_reset() -> None:
+    from hf_moe.training import apply_recipe, freeze_router_biases
+
+    model = MoEForCausalLM(tiny_config(router_bias_update_rate=GAMMA))
+    names = [name for name, _ in find_routers(model)]
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step(**options: object) -> torch.Tensor:
+        before = biases(model)
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        loads = update_router_biases(model, **options)
+        assert loads.loads.sum() > 0 and counters(model).sum() == 0  # read, summed and reset all the same
+        return (biases(model) - before).abs().sum(dim=-1) > 0  # (L,) which routers moved
+
+    assert step().tolist() == [True, True]
+    assert step(exclude=[names[0]]).tolist() == [False, True]  # this call only
+    assert freeze_router_biases(model, names=[names[1]]) == [names[1]]
+    assert step().tolist() == [True, False]
+    assert step(skip_frozen=False).tolist() == [True, True]
+    with pytest.raises(ValueError, match="no router named"):
+        freeze_router_biases(model, names=["model.layers.9.mlp.gate"])
+    # the freeze-router recipe: a frozen router must not move; bias_update=True opts back in
+    apply_recipe(model, "freeze-router", verbose=False)
+    assert model.config.router_bias_update_rate == 0 and all(r.bias_frozen for _, r in find_routers(model))
+    assert step(rate=GAMMA).tolist() == [False, False]  # marked: even an explicit rate leaves them alone
+    model.config.router_bias_update_rate = GAMMA
+    apply_recipe(model, "freeze-router", bias_update=True, verbose=False)
+    assert step().tolist() == [True, True]
+    apply_recipe(model, "full", verbose=False)  # recipes do not stack: unmarked again
+    assert not any(r.bias_frozen for _, r in find_routers(model))
+
+
+def test_global_balance_scope_makes_one_all_reduce_of_all_layers_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = MoEForCausalLM(tiny_config(aux_loss_alpha=0.01, balance_loss_scope="global_batch")).train()
+    calls = []
+
+    def fake_all_reduce(tensor: torch.Tensor, op: object = None, group: object = None) -> None:
+        calls.append(tuple(tensor.shape))
+        tensor.mul_(2)  # as if two ranks had the same counts
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids)
+    assert calls == [(2, 8 + 4 + 1)]  # 2 MoE layers x [8 expert counts, 4 device counts, tokens]
+    assert all(r.balance_counts[-1] == 32 for _, r in find_routers(model))  # 16 tokens on each of "2 ranks"
+    update_router_biases(model)
+    assert all(r.balance_counts.abs().sum() == 0 for _, r in find_routers(model))

@@ -135,3 +135,34 @@ def test_attach_puts_the_callback_ahead_of_reporting_integrations(tmp_path) -> N
     assert isinstance(callbacks[0], DefaultFlowCallback) and callbacks[1] is callback
     trainer.train()
     assert "moe/max_vio" in trainer.state.log_history[0]
+
+
+def test_trainer_logs_dead_experts_routing_entropy_and_load_percentiles(tmp_path) -> None:
+    import math
+
+    from hf_moe.training import dead_experts, load_percentiles, routing_entropy
+
+    model = make_model(num_nextn_predict_layers=0)
+    callback = MoECallback()
+    entropies = []  # what the routers' training forwards saw, computed independently
+    handles = [router.register_forward_hook(
+        lambda m, a, o: entropies.append(routing_entropy(o.logits.detach().sigmoid()).mean().item()) if m.training
+        else None) for _, router in find_routers(model)]
+    trainer = Trainer(model=model, args=arguments(str(tmp_path), max_steps=2), train_dataset=dataset(),
+                      callbacks=[callback])
+    trainer.train()
+    for handle in handles:
+        handle.remove()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    loads = callback.last_loads.loads
+    last = logs[-1]
+    assert last["moe/dead_experts"] == pytest.approx(dead_experts(loads).mean().item())
+    for layer, label in enumerate(("layer_1", "layer_2")):
+        assert last[f"moe/dead_experts/{label}"] == pytest.approx(dead_experts(loads[layer]).item())
+        expected = load_percentiles(loads[layer]).tolist()
+        got = [last[f"moe/load_p{q}/{label}"] for q in (0, 10, 50, 90, 100)]
+        assert got == pytest.approx(expected) and got == sorted(got)
+    # the mean entropy over the step's tokens of each layer, then over layers (one forward per step here)
+    assert last["moe/routing_entropy"] == pytest.approx((entropies[-2] + entropies[-1]) / 2, rel=1e-5)
+    assert 0 < last["moe/routing_entropy"] <= math.log(8)

@@ -103,7 +103,8 @@ def test_recipe_freezes_exactly_under_adamw(recipe: str, options: dict) -> None:
     train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     assert_recipe_held(model, before, recipe, options)
     biases_moved = any(not torch.equal(before[n], b) for n, b in model.named_buffers() if "correction_bias" in n)
-    assert biases_moved == (recipe != "esft")  # ESFT turns bias balancing off by default
+    # ESFT and freeze-router turn bias balancing off by default (a frozen router must not move)
+    assert biases_moved == (recipe not in ("esft", "freeze-router"))
     assert 0 < report.trainable <= report.total
 
 
