@@ -23,6 +23,7 @@ from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
 from .experts import RoutedExperts
+from .fused_head import FusedHeadOptions, FusedLMHeadOutput, fused_head_output, trl_fused_head_options
 from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
 from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
@@ -276,7 +277,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         depth = config.num_nextn_predict_layers
         self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
+        self.fused_head_options = FusedHeadOptions()
         self.post_init()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """TRL's `add_fused_lm_head` replaces `forward` with one that skips this class's losses: keep ours, which
+        serves `fused_lm_head=True` itself with the options TRL asked for (`fused_head.py`). Other wrappers of
+        `forward` (accelerate's hooks, ...) are installed as usual."""
+        options = trl_fused_head_options(value) if name == "forward" else None
+        if options is not None:
+            name, value = "fused_head_options", options
+        super().__setattr__(name, value)
 
     @property
     def loss_function(self) -> Callable:
@@ -318,9 +329,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
-    ) -> MoECausalLMOutputWithPast | tuple:
+    ) -> MoECausalLMOutputWithPast | FusedLMHeadOutput | tuple:
         """Decoder -> LM head (+ LM loss) -> MTP modules (+ MTP loss, training with labels only) -> total loss
-        (`losses.total_loss`: LM + MTP + the balance terms of every router)."""
+        (`losses.total_loss`: LM + MTP + the balance terms of every router). `fused_lm_head=True` (TRL's trainers)
+        returns TRL's per-token output instead, with the MTP and balance terms as its `aux_loss` (`fused_head.py`)."""
+        fused = kwargs.pop("fused_lm_head", False)
+        if fused and labels is None:
+            raise ValueError("MoEForCausalLM.forward(fused_lm_head=True) needs labels (TRL's fused LM head scores them).")
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, kwargs.get("shift_labels"))
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.model.embed_tokens(input_ids)  # the MTP modules read the embeddings too
@@ -337,6 +352,9 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             mtp_loss, mtp_routings = self.multi_token_prediction_loss(
                 hidden_states, inputs_embeds, labels, attention_mask, position_ids, num_items_in_batch=num_items)
         loss = total_loss(self.config, lm_loss, mtp_loss, outputs.aux_loss, mtp_routings, labels, num_items)
+        if fused:
+            return fused_head_output(logits, labels, kwargs.get("shift_labels"), self.fused_head_options, loss.lm,
+                                     loss.mtp, loss.aux)
         result = MoECausalLMOutputWithPast(
             loss=loss.total, aux_loss=loss.aux, logits=logits, cache=outputs.cache,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,

@@ -13,6 +13,8 @@ Trainer(model, args, ..., callbacks=[MoECallback()])
 
 The losses are read from the model's outputs by a forward hook on the outermost hf_moe model (training
 forwards with grad only); the eval loads by forward hooks on the routers. Nothing in transformers is patched.
+Under TRL's trainers (SFT, DPO, GRPO, ...) the model serves TRL's fused LM head itself (`modeling/fused_head.py`),
+so the same `moe/` metrics are logged there and `moe/aux_loss` stays hf_moe's balance loss.
 
 The Trainer calls reporting integrations (TensorBoard, W&B, ...) before user callbacks, so these see the
 `moe/` keys only when the callback is inserted ahead of them: `MoECallback.attach(trainer)` does that. The
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..modeling.fused_head import FusedLMHeadOutput
 from ..modeling.losses import target_count
 from ..modeling.model import MoEPreTrainedModel
 from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
@@ -115,7 +118,9 @@ class MoECallback(TrainerCallback):
             return
         labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
         for key in _LOSS_KEYS:
-            value = getattr(output, key, None)
+            # under TRL's fused LM head `aux_loss` is what TRL adds (MTP + balance); the balance part is separate
+            source = "balance_loss" if key == "aux_loss" and isinstance(output, FusedLMHeadOutput) else key
+            value = getattr(output, source, None)
             if not isinstance(value, torch.Tensor):
                 continue
             value = value.detach().float()
