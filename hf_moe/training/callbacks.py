@@ -33,10 +33,28 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..modeling.fused_head import FusedLMHeadOutput
 from ..modeling.losses import target_count
 from ..modeling.model import MoEPreTrainedModel
-from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
+from .balancing import ExpertLoads, find_routers, read_expert_counts, reset_expert_counters, update_router_biases
 from .metrics import RouterLoadRecorder
 
 _LOSS_KEYS = ("aux_loss", "mtp_loss", "lm_loss")
+
+
+def check_biases_saved_with_adapter(model: nn.Module, rate: float | None = None) -> None:
+    """Refuse bias updates on a peft model whose adapter would not save the biases: they are buffers of the frozen
+    base, so base + adapter would differ from the trained model. Routers saved with the adapter (peft's
+    `modules_to_save`, as `apply_recipe(model, "lora", bias_update=True)` sets up) are fine."""
+    if getattr(model, "peft_config", None) is None:
+        return
+    routers = find_routers(model)
+    gamma = routers[0][1].config.router_bias_update_rate if routers and rate is None else rate
+    unsaved = [name for name, _ in routers if ".modules_to_save." not in name]
+    if gamma and unsaved:
+        raise ValueError(
+            f"MoECallback would update the router biases (rate {gamma}) of a peft model, but its adapter does not save "
+            f"them ({unsaved[0]} and {len(unsaved) - 1} more are buffers of the frozen base): base + adapter would "
+            "differ from the trained model. Use apply_recipe(model, 'lora', bias_update=True) (saves the routers with "
+            "the adapter), or turn the updates off: apply_recipe(model, 'lora') / MoECallback(update_biases=False) / "
+            "config.router_bias_update_rate = 0.")
 
 
 class MoECallback(TrainerCallback):
@@ -165,6 +183,8 @@ class MoECallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model = kwargs.get("model")
         self._bind(model)
+        if model is not None and self.update_biases:
+            check_biases_saved_with_adapter(model, self.rate)
         if model is not None:
             reset_expert_counters(model)  # forwards made before training must not steer the first update
         self._reset_window()
