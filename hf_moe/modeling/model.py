@@ -150,16 +150,24 @@ class MoEPreTrainedModel(PreTrainedModel):
                 "newly initialised, unexpected ones ignored).")
         return (model, info) if return_info else model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
-        """`PreTrainedModel.save_pretrained`, plus a model card (README.md: architecture, total/active
-        parameters, routing, upcycling recipe) when the folder has none yet and `import hf_moe` registered the
-        "model_card" hook; as remote code without hf_moe no card is written. The card is built before the weights
-        are written, so a config the card cannot describe fails before anything is saved."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: object, remote_code: bool = True, **kwargs: object
+    ) -> None:
+        """`PreTrainedModel.save_pretrained`, plus (where `import hf_moe` registered the hooks) the modeling code and
+        an `auto_map` in config.json ("remote_code" hook, `hf_moe.hub`; `remote_code=False` leaves them out), so the
+        folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` in a process without
+        hf_moe (lm-eval, vLLM, ...), and a model card (README.md: architecture, total/active parameters, routing,
+        upcycling recipe) when the folder has none yet. As remote code without hf_moe, transformers copies the code
+        itself and no card is written. The card is built before the weights are written, so a config the card cannot
+        describe fails before anything is saved."""
         card_path = os.path.join(save_directory, "README.md")
+        main = kwargs.get("is_main_process", True)
         card = None
-        if kwargs.get("is_main_process", True) and not os.path.exists(card_path):
-            card = run_kernel("model_card", self, remote_code="auto_map" in self.config.to_dict())
+        if main and not os.path.exists(card_path):
+            card = run_kernel("model_card", self, remote_code=remote_code or "auto_map" in self.config.to_dict())
         super().save_pretrained(save_directory, *args, **kwargs)
+        if main and remote_code:
+            run_kernel("remote_code", save_directory)
         if card is not None and not os.path.exists(card_path):
             with open(card_path, "w", encoding="utf-8") as file:
                 file.write(card)
