@@ -39,6 +39,22 @@ from .metrics import RouterLoadRecorder
 _LOSS_KEYS = ("aux_loss", "mtp_loss", "lm_loss")
 
 
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> int:
+    """DeepSpeed ZeRO-3: gather each MoE block's parameters (router, routed and shared experts) once on entry and
+    release them on exit (`deepspeed.utils.set_z3_leaf_modules`), instead of hooking its submodules one by one,
+    which fails in backward on hf_moe models. MoECallback does it when the Trainer runs DeepSpeed (before the engine
+    is built); with accelerate alone set `deepspeed_moe_layer_cls_names: MoEBlock` in its DeepSpeed config (or
+    ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES=MoEBlock), or call this before `accelerator.prepare`. Returns how many
+    blocks were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ..modeling.moe import MoEBlock
+
+    if not any(isinstance(module, MoEBlock) for module in model.modules()):
+        return 0
+    return len(set_z3_leaf_modules(model, [MoEBlock]))
+
+
 def check_biases_saved_with_adapter(model: nn.Module, rate: float | None = None) -> None:
     """Refuse bias updates on a peft model whose adapter would not save the biases: they are buffers of the frozen
     base, so base + adapter would differ from the trained model. Routers saved with the adapter (peft's
@@ -179,6 +195,8 @@ class MoECallback(TrainerCallback):
     # ------------------------------------------------------------------------------------- callbacks
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._bind(kwargs.get("model"))
+        if getattr(args, "deepspeed", None) and kwargs.get("model") is not None:
+            mark_moe_blocks_as_zero3_leaves(kwargs["model"])
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model = kwargs.get("model")
