@@ -104,3 +104,25 @@ def test_a_temperature_is_honoured() -> None:
 def test_router_aux_loss_coef_other_than_one_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigFieldError, match="router_aux_loss_coef=0.01 is invalid.*aux_loss_alpha"):
         sft_trainer(tiny_model(), str(tmp_path), router_aux_loss_coef=0.01)
+
+
+def test_dpo_shares_the_path_trains_mtp_and_logs_moe_metrics(tmp_path) -> None:
+    model = tiny_model()
+    mtp_before = {n: p.detach().clone() for n, p in model.mtp.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{i}" for i in torch.randint(3, 97, (n,), generator=generator).tolist())
+
+    data = datasets.Dataset.from_list([{"prompt": words(5), "chosen": words(4), "rejected": words(4)} for _ in range(8)])
+    args = trl.DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                         max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                         max_length=None)
+    trainer = trl.DPOTrainer(model=model, ref_model=tiny_model(), args=args, train_dataset=data,
+                             processing_class=tiny_tokenizer(), callbacks=[MoECallback()])
+    trainer.train()
+    assert all(not torch.equal(p, mtp_before[n]) for n, p in model.mtp.named_parameters() if p.requires_grad)
+    logs = [entry for entry in trainer.state.log_history if "moe/mtp_loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:  # TRL's aux_loss (added to the DPO loss) is hf_moe's MTP + balance terms
+        assert math.isclose(entry["aux_loss"], entry["moe/mtp_loss"] + entry["moe/aux_loss"], rel_tol=1e-4)
