@@ -42,7 +42,8 @@ folder, tasks, threads = sys.argv[1:4]
 torch.set_num_threads(int(threads))
 results = lm_eval.simple_evaluate(
     model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32,device=cpu",
-    tasks=["tiny_moe_choice"], task_manager=TaskManager(include_path=tasks), batch_size=4, log_samples=True,
+    tasks=["tiny_moe_choice"], task_manager=TaskManager(include_path=tasks, include_defaults=False),  # no indexing
+    batch_size=4, log_samples=True,                                                                 # of 1000s of tasks
 )
 samples = [{"doc_id": s["doc_id"], "logliks": [r[0][0] for r in s["resps"]]} for s in results["samples"]["tiny_moe_choice"]]
 print(json.dumps({"acc": results["results"]["tiny_moe_choice"]["acc,none"], "samples": samples,

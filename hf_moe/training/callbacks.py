@@ -24,6 +24,7 @@ console/progress printer and `trainer.state.log_history` get them either way.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -195,7 +196,8 @@ class MoECallback(TrainerCallback):
     # ------------------------------------------------------------------------------------- callbacks
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._bind(kwargs.get("model"))
-        if getattr(args, "deepspeed", None) and kwargs.get("model") is not None:
+        deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed and kwargs.get("model") is not None:  # `accelerate launch` with a DeepSpeed config sets the latter
             mark_moe_blocks_as_zero3_leaves(kwargs["model"])
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
