@@ -368,10 +368,12 @@ def save_for_hub(
             tokenizer.save_pretrained(folder)
         if remote_code:
             _add_remote_code(folder)
-        else:
+        else:  # also what save_pretrained wrote, when publishing a saved folder in place
             config = _read_config(folder)
             if config.pop("auto_map", None) is not None:
                 _write_config(folder, config)
+            for file in remote_code_files():
+                (folder / file.name).unlink(missing_ok=True)
         write_text_atomic(folder / "README.md", card)
 
     if source is not None and _same_folder(source, out):  # publishing a saved folder in place only adds files

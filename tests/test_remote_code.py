@@ -83,3 +83,12 @@ def test_remote_code_false_leaves_the_code_out(tmp_path: Path) -> None:
     assert "auto_map" not in json.loads((folder / "config.json").read_text())
     assert not list(folder.glob("*.py"))
     assert type(AutoModelForCausalLM.from_pretrained(folder)) is MoEForCausalLM
+
+
+def test_publishing_a_saved_folder_in_place_without_remote_code_removes_it(tmp_path: Path) -> None:
+    from hf_moe import save_for_hub
+
+    folder = saved(tmp_path / "model")
+    save_for_hub(folder, folder, remote_code=False)
+    assert "auto_map" not in json.loads((folder / "config.json").read_text())
+    assert not list(folder.glob("*.py")) and (folder / "model.safetensors").is_file()
