@@ -13,7 +13,10 @@ contract (`FusedLMHeadOutput`) from the full model:
     loss                               NLL of the temperature-scaled distribution (mean over targets) + aux_loss
     lm_loss, mtp_loss, balance_loss    the parts, for `hf_moe.training.MoECallback`'s `moe/` metrics
 
-The logits are materialised (TRL's kernel avoids that); per-token quantities are computed in fp32.
+The logits are materialised (TRL's kernel avoids that); per-token quantities are computed in fp32. TRL passes no
+`num_items_in_batch` to the model, so the MTP loss is this micro-batch's mean, like the balance terms; TRL divides
+`aux_loss` by the gradient-accumulation steps itself (SFT). Trainers' paths that build full logits without labels
+(SFT's `compute_loss_func`, label smoothing) compute their own loss and leave MTP and balance terms out.
 """
 
 from __future__ import annotations
