@@ -4,6 +4,10 @@
 `generation_config.json`, a model card (`README.md`) and, with `remote_code=True`, the self-contained
 `hf_moe/modeling/` files plus an `auto_map` in `config.json`, so that
 `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works where hf_moe is not installed.
+`MoEPreTrainedModel.save_pretrained` adds the same modeling files and `auto_map` to every folder it writes (the
+"remote_code" hook; `remote_code=False` leaves them out). Where hf_moe is imported, transformers prefers its
+registered classes to a folder's remote code even with `trust_remote_code=True` (`explicit_local_code` in
+transformers' Auto classes), so hf_moe's classes, kernels and training tools are used there.
 `push_to_hub(model_or_dir, repo_id)` writes that folder to a temporary directory and uploads it in one commit.
 
 Loading stays safe either way: `MoEPreTrainedModel.from_pretrained` reads safetensors only and, for a checkpoint
@@ -286,12 +290,14 @@ PUBLISHED_SIDE_FILES = ("config.json", *SIDE_FILES)
 def publishable_files(folder: str | os.PathLike) -> list[str]:
     """The files of a saved hf_moe folder that go into a Hub folder: the safetensors weights its index names
     (checked to lie inside the folder) or `model.safetensors`, the index, and `PUBLISHED_SIDE_FILES` that exist.
-    Everything else is left out (and logged)."""
+    Everything else is left out (and logged; not the modeling files `save_pretrained` writes, which hf_moe writes
+    afresh where remote code is wanted)."""
     folder = Path(folder)
     weights = _weight_files(folder)
     index = [SAFE_WEIGHTS_INDEX_NAME] if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() else []
     names = [*weights, *index, *(n for n in PUBLISHED_SIDE_FILES if (folder / n).exists() or (folder / n).is_symlink())]
-    left_out = sorted(p.name for p in folder.iterdir() if p.name not in names and p.name != "README.md")
+    ours = {"README.md", *(f.name for f in remote_code_files())}
+    left_out = sorted(p.name for p in folder.iterdir() if p.name not in names and p.name not in ours)
     if left_out:
         logger.warning("Not published from %s (not weights, config or tokenizer files): %s", folder, left_out)
     return names
@@ -362,10 +368,12 @@ def save_for_hub(
             tokenizer.save_pretrained(folder)
         if remote_code:
             _add_remote_code(folder)
-        else:
+        else:  # also what save_pretrained wrote, when publishing a saved folder in place
             config = _read_config(folder)
             if config.pop("auto_map", None) is not None:
                 _write_config(folder, config)
+            for file in remote_code_files():
+                (folder / file.name).unlink(missing_ok=True)
         write_text_atomic(folder / "README.md", card)
 
     if source is not None and _same_folder(source, out):  # publishing a saved folder in place only adds files
@@ -374,7 +382,7 @@ def save_for_hub(
         return out
     with atomic_output_dir(out, overwrite, src=source) as tmp:
         if source is None:
-            model_or_dir.save_pretrained(tmp, max_shard_size=max_shard_size)
+            model_or_dir.save_pretrained(tmp, max_shard_size=max_shard_size, remote_code=remote_code)
         else:
             _copy_saved_folder(source, tmp)
         complete(tmp)
@@ -425,8 +433,14 @@ def _push_for_model(model: MoEPreTrainedModel, repo_id: str, **kwargs: Any) -> C
     return push_to_hub(model, repo_id, **kwargs)
 
 
+def _remote_code_for_save(folder: str | os.PathLike) -> None:
+    """The "remote_code" hook: `MoEPreTrainedModel.save_pretrained` adds the modeling files and `auto_map`."""
+    _add_remote_code(Path(folder))
+
+
 # the model classes never import hf_moe: they find these in their seam, where `import hf_moe` puts them
 register_kernel("model_card", _card_for_save)
+register_kernel("remote_code", _remote_code_for_save)
 register_kernel("push_to_hub", _push_for_model)
 
 __all__ = [

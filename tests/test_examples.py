@@ -14,7 +14,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize(("script", "expected"), [
-    ("finetune_lora.py", "max |logit difference| vs adapter"),
+    ("finetune_lora.py", "base + saved adapter vs trained model: max |logit difference|"),
+    ("finetune_sft_trl.py", "moe/mtp_loss"),
     ("finetune_esft.py", "base + delta == finetuned model: True"),
     ("finetune_upcycle.py", "routed experts bit-identical after finetuning: True"),
 ])

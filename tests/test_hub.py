@@ -63,7 +63,7 @@ def test_a_foreign_import_is_refused_with_file_and_package_named(tmp_path: Path)
 
 def test_export_from_a_saved_folder_copies_it_and_adds_auto_map(tmp_path: Path) -> None:
     model = random_model()
-    model.save_pretrained(tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved", remote_code=False)
     out = hub.export_remote_code(tmp_path / "saved", tmp_path / "exported")
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == hub.AUTO_MAP

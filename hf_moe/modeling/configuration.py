@@ -440,6 +440,22 @@ class MoEConfig(PreTrainedConfig):
             return self.shared_expert_intermediate_size
         return self.n_shared_experts * self.moe_intermediate_size
 
+    @property
+    def router_aux_loss_coef(self) -> float:
+        """1.0, always (not a field, never saved). TRL's trainers read it as the model's coefficient of `aux_loss`;
+        under TRL an hf_moe model's `aux_loss` is its MTP + balance terms, already weighted by `mtp_loss_weight`,
+        `aux_loss_alpha`, `seq_aux_loss_alpha`, `device_aux_loss_alpha` and `router_z_loss_coef` (`fused_head.py`)."""
+        return 1.0
+
+    @router_aux_loss_coef.setter
+    def router_aux_loss_coef(self, value: Any) -> None:
+        if value != 1.0:
+            raise ConfigFieldError(
+                "router_aux_loss_coef", value,
+                "must be 1.0 (leave TRL's router_aux_loss_coef unset): hf_moe weights its own loss terms; set "
+                "mtp_loss_weight, aux_loss_alpha, seq_aux_loss_alpha, device_aux_loss_alpha or router_z_loss_coef "
+                "instead (0 turns a term off)")
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` has an MoE block (else a dense FFN)."""
         return (

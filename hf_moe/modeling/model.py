@@ -23,6 +23,7 @@ from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
 from .experts import RoutedExperts
+from .fused_head import FusedHeadOptions, FusedLMHeadOutput, fused_head_output, trl_fused_head_options
 from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
 from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
@@ -178,16 +179,24 @@ class MoEPreTrainedModel(PreTrainedModel):
                 "newly initialised, unexpected ones ignored), or output_loading_info=True to get the report.")
         return (model, info) if return_info else model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: object, **kwargs: object) -> None:
-        """`PreTrainedModel.save_pretrained`, plus a model card (README.md: architecture, total/active
-        parameters, routing, upcycling recipe) when the folder has none yet and `import hf_moe` registered the
-        "model_card" hook; as remote code without hf_moe no card is written. The card is built before the weights
-        are written, so a config the card cannot describe fails before anything is saved."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args: object, remote_code: bool = True, **kwargs: object
+    ) -> None:
+        """`PreTrainedModel.save_pretrained`, plus (where `import hf_moe` registered the hooks) the modeling code and
+        an `auto_map` in config.json ("remote_code" hook, `hf_moe.hub`; `remote_code=False` leaves them out), so the
+        folder loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` in a process without
+        hf_moe (lm-eval, vLLM, ...), and a model card (README.md: architecture, total/active parameters, routing,
+        upcycling recipe) when the folder has none yet. As remote code without hf_moe, transformers copies the code
+        itself and no card is written. The card is built before the weights are written, so a config the card cannot
+        describe fails before anything is saved."""
         card_path = os.path.join(save_directory, "README.md")
+        main = kwargs.get("is_main_process", True)
         card = None
-        if kwargs.get("is_main_process", True) and not os.path.exists(card_path):
-            card = run_kernel("model_card", self, remote_code="auto_map" in self.config.to_dict())
+        if main and not os.path.exists(card_path):
+            card = run_kernel("model_card", self, remote_code=remote_code or "auto_map" in self.config.to_dict())
         super().save_pretrained(save_directory, *args, **kwargs)
+        if main and remote_code:
+            run_kernel("remote_code", save_directory)
         if card is not None and not os.path.exists(card_path):
             with open(card_path, "w", encoding="utf-8") as file:
                 file.write(card)
@@ -315,7 +324,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         depth = config.num_nextn_predict_layers
         self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
+        self.fused_head_options = FusedHeadOptions()
         self.post_init()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """TRL's `add_fused_lm_head` replaces `forward` with one that skips this class's losses: keep ours, which
+        serves `fused_lm_head=True` itself with the options TRL asked for (`fused_head.py`). Other wrappers of
+        `forward` (accelerate's hooks, ...) are installed as usual."""
+        options = trl_fused_head_options(value) if name == "forward" else None
+        if options is not None:
+            name, value = "fused_head_options", options
+        super().__setattr__(name, value)
 
     @property
     def loss_function(self) -> Callable:
@@ -376,9 +395,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: object,
-    ) -> MoECausalLMOutputWithPast | tuple:
+    ) -> MoECausalLMOutputWithPast | FusedLMHeadOutput | tuple:
         """Decoder -> LM head (+ LM loss) -> MTP modules (+ MTP loss, training with labels only) -> total loss
-        (`losses.total_loss`: LM + MTP + the balance terms of every router)."""
+        (`losses.total_loss`: LM + MTP + the balance terms of every router). `fused_lm_head=True` (TRL's trainers)
+        returns TRL's per-token output instead, with the MTP and balance terms as its `aux_loss` (`fused_head.py`)."""
+        fused = kwargs.pop("fused_lm_head", False)
+        if fused and labels is None:
+            raise ValueError("MoEForCausalLM.forward(fused_lm_head=True) needs labels (TRL's fused LM head scores them).")
         shift_labels = kwargs.get("shift_labels")
         check_inputs(self.config, input_ids, inputs_embeds, attention_mask, labels, shift_labels)
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -401,6 +424,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 shift_labels=shift_labels)
         loss = total_loss(self.config, lm_loss, mtp_loss, outputs.aux_loss, mtp_routings, labels, num_items,
                           shift_labels=shift_labels)
+        if fused:
+            return fused_head_output(logits, labels, shift_labels, self.fused_head_options, loss.lm, loss.mtp, loss.aux)
         result = MoECausalLMOutputWithPast(
             loss=loss.total, aux_loss=loss.aux, logits=logits, cache=outputs.cache,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,

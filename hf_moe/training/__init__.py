@@ -19,7 +19,7 @@ from .balancing import (
     reset_expert_counters,
     update_router_biases,
 )
-from .callbacks import MoECallback
+from .callbacks import MoECallback, mark_moe_blocks_as_zero3_leaves
 from .delta import apply_finetuned_delta, save_finetuned_delta
 from .expert_selection import expert_scores, load_expert_selection, save_expert_selection, select_experts
 from .frozen_experts import freeze_experts, restore_frozen_experts
@@ -50,6 +50,7 @@ __all__ = [
     "freeze_router_biases",
     "load_expert_selection",
     "load_percentiles",
+    "mark_moe_blocks_as_zero3_leaves",
     "max_violation",
     "read_expert_counts",
     "reset_expert_counters",

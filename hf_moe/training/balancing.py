@@ -35,8 +35,10 @@ from .parts import layer_label
 
 def find_routers(model: nn.Module) -> list[tuple[str, Router]]:
     """Every Router of `model` (decoder layers, then MTP blocks), with its module name, in module order.
-    Works through wrappers (DDP, peft, accelerate) since it walks `named_modules()`."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, Router)]
+    Works through wrappers (DDP, peft, accelerate) since it walks `named_modules()`; of a router that peft saves
+    with an adapter (`modules_to_save`) only the adapter's copy counts, the base's original does not run."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, Router) and ".original_module" not in name]
 
 
 def max_violation(loads: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ Trainer(model, args, ..., callbacks=[MoECallback()])
 
 The losses are read from the model's outputs by a forward hook on the outermost hf_moe model (training
 forwards with grad only); the eval loads by forward hooks on the routers. Nothing in transformers is patched.
+Under TRL's trainers (SFT, DPO, GRPO, ...) the model serves TRL's fused LM head itself (`modeling/fused_head.py`),
+so the same `moe/` metrics are logged there and `moe/aux_loss` stays hf_moe's balance loss.
 
 The Trainer calls reporting integrations (TensorBoard, W&B, ...) before user callbacks, so these see the
 `moe/` keys only when the callback is inserted ahead of them: `MoECallback.attach(trainer)` does that. The
@@ -27,21 +29,57 @@ console/progress printer and `trainer.state.log_history` get them either way.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..modeling.fused_head import FusedLMHeadOutput
 from ..modeling.losses import target_count
 from ..modeling.model import MoEPreTrainedModel
-from .balancing import ExpertLoads, read_expert_counts, reset_expert_counters, update_router_biases
+from .balancing import ExpertLoads, find_routers, read_expert_counts, reset_expert_counters, update_router_biases
 from .metrics import RouterLoadRecorder, RoutingEntropyMeter, dead_experts, load_percentiles
 from .parts import layer_label
 
 PERCENTILES = (0.0, 0.1, 0.5, 0.9, 1.0)  # the per-layer load quantiles logged as moe/load_p{q}/layer_{i}
 
 _LOSS_KEYS = ("aux_loss", "mtp_loss", "lm_loss")
+
+
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> int:
+    """DeepSpeed ZeRO-3: gather each MoE block's parameters (router, routed and shared experts) once on entry and
+    release them on exit (`deepspeed.utils.set_z3_leaf_modules`), instead of hooking its submodules one by one,
+    which fails in backward on hf_moe models. MoECallback does it when the Trainer runs DeepSpeed (before the engine
+    is built); with accelerate alone set `deepspeed_moe_layer_cls_names: MoEBlock` in its DeepSpeed config (or
+    ACCELERATE_DEEPSPEED_MOE_LAYER_CLS_NAMES=MoEBlock), or call this before `accelerator.prepare`. Returns how many
+    blocks were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ..modeling.moe import MoEBlock
+
+    if not any(isinstance(module, MoEBlock) for module in model.modules()):
+        return 0
+    return len(set_z3_leaf_modules(model, [MoEBlock]))
+
+
+def check_biases_saved_with_adapter(model: nn.Module, rate: float | None = None) -> None:
+    """Refuse bias updates on a peft model whose adapter would not save the biases: they are buffers of the frozen
+    base, so base + adapter would differ from the trained model. Routers saved with the adapter (peft's
+    `modules_to_save`, as `apply_recipe(model, "lora", bias_update=True)` sets up) are fine."""
+    if getattr(model, "peft_config", None) is None:
+        return
+    routers = find_routers(model)
+    gamma = routers[0][1].config.router_bias_update_rate if routers and rate is None else rate
+    unsaved = [name for name, _ in routers if ".modules_to_save." not in name]
+    if gamma and unsaved:
+        raise ValueError(
+            f"MoECallback would update the router biases (rate {gamma}) of a peft model, but its adapter does not save "
+            f"them ({unsaved[0]} and {len(unsaved) - 1} more are buffers of the frozen base): base + adapter would "
+            "differ from the trained model. Use apply_recipe(model, 'lora', bias_update=True) (saves the routers with "
+            "the adapter), or turn the updates off: apply_recipe(model, 'lora') / MoECallback(update_biases=False) / "
+            "config.router_bias_update_rate = 0.")
 
 
 class MoECallback(TrainerCallback):
@@ -127,7 +165,9 @@ class MoECallback(TrainerCallback):
             return
         labels, num_items = kwargs.get("labels"), kwargs.get("num_items_in_batch")
         for key in _LOSS_KEYS:
-            value = getattr(output, key, None)
+            # under TRL's fused LM head `aux_loss` is what TRL adds (MTP + balance); the balance part is separate
+            source = "balance_loss" if key == "aux_loss" and isinstance(output, FusedLMHeadOutput) else key
+            value = getattr(output, source, None)
             if not isinstance(value, torch.Tensor):
                 continue
             value = value.detach().float()
@@ -186,10 +226,15 @@ class MoECallback(TrainerCallback):
     # ------------------------------------------------------------------------------------- callbacks
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._bind(kwargs.get("model"))
+        deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        if deepspeed and kwargs.get("model") is not None:  # `accelerate launch` with a DeepSpeed config sets the latter
+            mark_moe_blocks_as_zero3_leaves(kwargs["model"])
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         model = kwargs.get("model")
         self._bind(model)
+        if model is not None and self.update_biases:
+            check_biases_saved_with_adapter(model, self.rate)
         if model is not None:
             reset_expert_counters(model)  # forwards made before training must not steer the first update
         self._reset_window()

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling.routing import Router
 from .balancing import freeze_router_biases
 from .expert_selection import empty_selection_notes, load_expert_selection, validate_selection
 from .frozen_experts import FUSED_EXPERT_WEIGHTS, experts_modules, freeze_experts, trainable_experts, unfreeze_experts
@@ -182,10 +183,16 @@ def _lora(
     routed_experts: bool = False,
     dense_ffn: bool = False,
     target_modules: list[str] | str | None = None,
-    bias_update: bool | None = None,
+    bias_update: bool | None = False,
     **lora_options: Any,
 ) -> tuple[nn.Module, list[str]]:
-    """LoRA on attention and shared experts (+ dense FFNs, + fused routed experts on request)."""
+    """LoRA on attention and shared experts (+ dense FFNs, + fused routed experts on request).
+
+    Router biases are buffers of the frozen base, which a peft adapter does not save: by default (`bias_update=False`)
+    they stay as pretrained, so base + adapter is exactly the trained model. `bias_update=True` (or None with a
+    non-zero `router_bias_update_rate`) keeps aux-loss-free balancing on and saves every router with the adapter
+    (peft's `modules_to_save`; the router weights stay frozen), so `PeftModel.from_pretrained(base, adapter)` restores
+    the moved biases; the adapter then also holds the router weights (n_routed_experts x hidden_size per MoE layer)."""
     from peft import LoraConfig, get_peft_model
 
     if routed_experts and lora_dropout:
@@ -193,14 +200,26 @@ def _lora(
                          "expert weights (target_parameters) has no dropout; use 0.")
     if target_modules is None:
         target_modules = lora_targets(model, dense_ffn=dense_ffn)
+    notes = _bias_update(model, bias_update)
+    if bias_update is False and notes:
+        notes[-1] += "; a peft adapter does not save the biases (bias_update=True saves the routers with it)"
+    routers = [name for name, module in model.named_modules() if isinstance(module, Router)]
+    save_routers = bool(routers) and getattr(model.config, "router_bias_update_rate", 0) > 0
+    if save_routers:
+        lora_options["modules_to_save"] = [*(lora_options.get("modules_to_save") or []), *routers]
+        notes.append("router bias updates: on; the routers are saved with the adapter (modules_to_save)")
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
         target_parameters=[f"mlp.experts.{w}" for w in FUSED_EXPERT_WEIGHTS] if routed_experts else None,
         **lora_options,
     )
     _train_parts(model, set(PARTS))
-    notes = _bias_update(model, bias_update)
-    return get_peft_model(model, config), notes
+    peft_model = get_peft_model(model, config)
+    if save_routers:  # the copies carry the moving biases; their weights are not trained
+        for module in peft_model.modules():
+            if isinstance(module, Router):
+                module.weight.requires_grad_(False)
+    return peft_model, notes
 
 
 def lora_targets(model: nn.Module, dense_ffn: bool = False) -> list[str]:
@@ -227,7 +246,8 @@ RECIPES: dict[str, Callable[..., Any]] = {
 def apply_recipe(model: nn.Module, name: str, verbose: bool = True, **options: Any) -> RecipeReport:
     """Make only what recipe `name` trains trainable; return (and print, on rank 0) a report.
 
-    Options per recipe: all take `bias_update` (None: as configured; False: turn router bias balancing off);
+    Options per recipe: all take `bias_update` (None: as configured; False: turn router bias balancing off; the
+    default of "esft" and "lora" is False);
     "freeze-routed-experts" / "moe-only": `train_router`; "esft": `experts` (dict or JSON path),
     `train_shared_experts`, `train_non_expert`; "lora": `r`, `lora_alpha`, `lora_dropout`, `routed_experts`,
     `dense_ffn`, `target_modules`, other `peft.LoraConfig` fields. For "lora" train `report.model`.

@@ -100,3 +100,64 @@ def test_lora_training_leaves_base_weights_bit_identical() -> None:
             continue
         key = name.replace(".base_layer", "")
         assert torch.equal(param, base[key]), name
+
+
+# ------------------------------------------------------------------------------ adapter round trip after training
+def train_with_callback(adapted: torch.nn.Module, out: str, **callback_options: object) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from hf_moe.training import MoECallback
+
+    ids = torch.randint(3, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row.clone()} for row in ids]
+    args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], per_device_train_batch_size=4, max_steps=3,
+                             learning_rate=1e-2, save_strategy="no", disable_tqdm=True, seed=0, logging_steps=10)
+    Trainer(model=adapted, args=args, train_dataset=data, callbacks=[MoECallback(**callback_options)]).train()
+
+
+def biased_model() -> MoEForCausalLM:
+    torch.manual_seed(0)
+    return MoEForCausalLM(tiny_config(moe_intermediate_size=12, router_bias_update_rate=0.05,
+                                      num_nextn_predict_layers=1))
+
+
+@pytest.mark.parametrize("bias_update", [False, True], ids=["default-biases-off", "biases-saved-with-adapter"])
+def test_saved_adapter_on_a_fresh_base_reproduces_the_trained_model(tmp_path, bias_update: bool) -> None:
+    from peft import PeftModel
+
+    from hf_moe.training import find_routers
+
+    torch.set_num_threads(1)
+    base_dir = tmp_path / "base"
+    biased_model().save_pretrained(base_dir)
+    model = MoEForCausalLM.from_pretrained(base_dir)
+    before = torch.stack([r.e_score_correction_bias.clone() for _, r in find_routers(model)])
+    options = {"bias_update": True} if bias_update else {}  # the default: off
+    adapted = apply_recipe(model, "lora", r=4, verbose=False, **options).model
+    train_with_callback(adapted, str(tmp_path / "run"))
+    after = torch.stack([r.e_score_correction_bias for _, r in find_routers(adapted)])
+    assert torch.equal(after, before) != bias_update  # biases move only where the adapter saves them
+    adapted.save_pretrained(tmp_path / "adapter")
+
+    ids = torch.randint(3, 97, (2, 10), generator=torch.Generator().manual_seed(5))
+    adapted.eval()
+    with torch.no_grad():
+        trained = adapted(ids).logits
+    fresh = PeftModel.from_pretrained(MoEForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        reloaded = fresh(ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-5, atol=1e-5)
+    if bias_update:  # router weights are saved, not trained
+        assert not any(p.requires_grad for n, p in adapted.named_parameters() if "mlp.gate." in n)
+
+
+def test_bias_updates_on_a_plain_peft_model_are_refused(tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(biased_model(), LoraConfig(r=4, target_modules=["o_proj"]))
+    with pytest.raises(ValueError, match="adapter does not save them.*bias_update=True"):
+        train_with_callback(adapted, str(tmp_path / "run"))
+    from transformers import TrainerControl, TrainerState
+
+    from hf_moe.training import MoECallback  # measuring only (no bias update) is fine
+    MoECallback(update_biases=False).on_train_begin(None, TrainerState(), TrainerControl(), model=adapted)
