@@ -17,6 +17,13 @@ The ops (`OPS`), each with its inverse on export:
                head): check they are equal, keep none (the main key has its own `copy` row);
                export: write the copies
     drop       export only: our key has no counterpart (a tied `lm_head.weight`, written from the embedding)
+    rope_pairs q/k projection rows (or biases) whose rotary dims are interleaved pairs per head (GPT-J style:
+               Ernie 4.5, Llama 4) <-> ours, each head's pairs as two halves: the same rotation, and the same
+               q.k, since q and k are permuted alike
+    squeeze0   one (1, N) tensor <-> one (N,) tensor (Ernie's balancing bias)
+    transpose  one (E, A, B) tensor <-> one (E, B, A) tensor (gpt-oss's down_proj)
+    interleave_t  one (E, H, 2I) tensor, gate and up columns interleaved (gpt-oss) <-> (E, 2I, H), gate rows first
+    interleave    one (..., 2I) tensor, gate and up interleaved <-> (..., 2I), gate first (gpt-oss's biases)
 
 Rules carry a `layout`: "transformers" rows name what transformers' modules hold in memory (fused experts, in
 5.x); "original" rows name the released checkpoints (per-expert keys, Mixtral's `block_sparse_moe` and
@@ -66,6 +73,7 @@ class Binding:
     theirs: tuple[str, ...]
     op: str
     layout: str | None
+    head_dim: int = 0  # the config's head_dim (what "rope_pairs" permutes within)
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,25 @@ def _same_shape(whole: Shape) -> Shape:
     return whole
 
 
+def _rope_halves(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+    t, d = parts[0], b.head_dim  # (heads * d, ...): per head, pairs (2i, 2i+1) -> (i, i + d/2)
+    return t.reshape(-1, d // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+def _rope_pairs(b: Binding, t: torch.Tensor) -> list[torch.Tensor]:
+    d = b.head_dim
+    return [t.reshape(-1, 2, d // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()]
+
+
+def _concat_halves(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+
+
+def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
+    gate, up = t.chunk(2, dim=-1)
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
 OPS: dict[str, Op] = {
     "copy": Op(lambda b, parts: parts[0], lambda b, t: [t], _same_shape),
     "stack": Op(lambda b, parts: torch.stack(parts), lambda b, t: [x.clone() for x in t.unbind(0)],
@@ -129,6 +156,16 @@ OPS: dict[str, Op] = {
     "duplicate": Op(_check_copies, lambda b, t: [t] * (len(b.theirs) - 1), _same_shape, written=(1, None),
                     makes_ours=False),
     "drop": Op(lambda b, parts: None, lambda b, t: [], lambda whole: None, written=(0, 0)),
+    "rope_pairs": Op(_rope_halves, _rope_pairs, _same_shape),
+    "squeeze0": Op(lambda b, parts: parts[0].reshape(-1), lambda b, t: [t.reshape(1, -1)],
+                   lambda whole: (1, *whole)),
+    "transpose": Op(lambda b, parts: parts[0].transpose(1, 2).contiguous(),
+                    lambda b, t: [t.transpose(1, 2).contiguous()], lambda whole: (whole[0], whole[2], whole[1])),
+    "interleave_t": Op(lambda b, parts: _concat_halves(parts[0]).transpose(1, 2).contiguous(),
+                       lambda b, t: [_interleave_halves(t.transpose(1, 2)).contiguous()],
+                       lambda whole: (whole[0], whole[2], whole[1])),
+    "interleave": Op(lambda b, parts: _concat_halves(parts[0]).contiguous(),
+                     lambda b, t: [_interleave_halves(t).contiguous()], _same_shape),
 }  # fmt: skip
 
 
@@ -163,11 +200,12 @@ def _abs(prefix: str, template: str) -> str:
     return template[1:] if template.startswith("^") else prefix + template
 
 
-def _bind_rule(family: str, rule: Rule, ours_prefix: str, theirs_prefix: str, num_experts: int) -> Binding:
+def _bind_rule(family: str, rule: Rule, ours_prefix: str, theirs_prefix: str, num_experts: int,
+               head_dim: int = 0) -> Binding:  # fmt: skip
     theirs = [_abs(theirs_prefix, t) for t in rule.theirs]
     if OPS[rule.op].per_expert:  # part order: template-major, then expert
         theirs = [t.format(expert=e) for t in theirs for e in range(num_experts)]
-    return Binding(family, _abs(ours_prefix, rule.ours), tuple(theirs), rule.op, rule.layout)
+    return Binding(family, _abs(ours_prefix, rule.ours), tuple(theirs), rule.op, rule.layout, head_dim)
 
 
 def bind_table(family: Family, config: MoEConfig, layout: str | None = None) -> list[Binding]:
@@ -201,7 +239,7 @@ def bind_table(family: Family, config: MoEConfig, layout: str | None = None) -> 
         rules += [(r, f"mtp.{k}.", theirs_prefix) for r in mtp_rules]
         rules += [(r, f"mtp.{k}.block.", theirs_prefix) for r in family.layer]
     return [
-        _bind_rule(family.model_type, rule, ours_prefix, theirs_prefix, n_experts)
+        _bind_rule(family.model_type, rule, ours_prefix, theirs_prefix, n_experts, config.head_dim or 0)
         for rule, ours_prefix, theirs_prefix in rules
         if layout is None or rule.layout in (None, layout)
     ]

@@ -27,7 +27,7 @@ from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
 from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
 from .mtp import MTPModule, shift_left
-from .normalization import RMSNorm
+from .normalization import build_norm
 from .rotary import RotaryEmbedding
 from .routing import Router, RouterOutput, valid_tokens
 from .speculative import MTPGenerationOutput, mtp_generate
@@ -104,9 +104,14 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             init.zeros_(module.e_score_correction_bias)
             init.zeros_(module.tokens_per_expert)
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, RoutedExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.gate_up_proj_bias is not None:
+                init.zeros_(module.gate_up_proj_bias)
+                init.zeros_(module.down_proj_bias)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
         """Non-reentrant checkpointing only: the router counts tokens in the first forward and skips the
@@ -173,7 +178,7 @@ class MoEPreTrainedModel(PreTrainedModel):
 
 
 class MoEModel(MoEPreTrainedModel):
-    """Embeddings -> decoder layers (dense or MoE) -> final RMSNorm."""
+    """Embeddings -> decoder layers (dense or MoE) -> final norm (RMSNorm or LayerNorm)."""
 
     def __init__(self, config: MoEConfig) -> None:
         config.validate_moe()  # fields may have changed since the config was built
@@ -182,7 +187,7 @@ class MoEModel(MoEPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = build_norm(config)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -273,7 +278,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoEModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         depth = config.num_nextn_predict_layers
         self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
         self.post_init()

@@ -1,4 +1,8 @@
-"""MoEBlock: router + routed experts + shared experts (DeepSeekMoE eq. 3-5; Qwen2-MoE's gated shared expert)."""
+"""MoEBlock: router + routed experts + shared experts (DeepSeekMoE eq. 3-5; Qwen2-MoE's gated shared expert).
+
+With `config.gate_on_expert_input` (Llama 4) the gate scales each chosen expert's input instead of its output,
+h = sum_k FFN_k(g_k x): every (token, choice) slot becomes a row of its own with weight 1 (`gated_inputs`), so
+every experts backend computes it unchanged."""
 
 from __future__ import annotations
 
@@ -28,10 +32,23 @@ class MoEBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (T, H)
         routing = self.gate(tokens, token_mask)
-        output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
+        if self.config.gate_on_expert_input:
+            output = gated_inputs(self.experts, tokens, routing.topk_ids, routing.topk_weights)
+        else:
+            output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             output = output + shared
         return output.view(shape), routing
+
+
+def gated_inputs(experts: nn.Module, tokens: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                 ) -> torch.Tensor:  # fmt: skip
+    """sum_k FFN_{e_k}(g_k x) for tokens (T, H), ids and gates (T, K): one row per slot, gate 1, summed over k."""
+    num_tokens, top_k = topk_ids.shape
+    rows = tokens.repeat_interleave(top_k, dim=0) * topk_weights.reshape(-1, 1).to(tokens.dtype)  # (T*K, H)
+    ones = torch.ones(num_tokens * top_k, 1, dtype=tokens.dtype, device=tokens.device)
+    out = experts(rows, topk_ids.reshape(-1, 1), ones)  # (T*K, H)
+    return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -1,7 +1,9 @@
 """Router: token-to-expert affinities, (group-limited) top-k choice with a balancing bias, gate values.
 
 DeepSeek-V3 §2.1 eqs. 12-16 (sigmoid, bias for choosing only), DeepSeek-V2 §2.2 (softmax, device-limited
-groups), Mixtral (top-k of logits then softmax), Switch (jitter), Shazeer 2017 (noisy top-k).
+groups), Mixtral (top-k of logits then softmax), Switch (jitter), Shazeer 2017 (noisy top-k); variants: a
+learned bias on the logits (gpt-oss), p-norm renormalisation with a floor (DBRX, Ernie 4.5), SparseMixer's
+masked-softmax choice (Phi-3.5-MoE, Liu et al. 2024, `sparsemixer`).
 All router math runs in fp32; the bias and the per-expert counters are fp32 buffers that stay fp32 when
 the model is cast (bf16 spacing near 1 is coarser than the bias step gamma = 1e-3).
 """
@@ -59,6 +61,7 @@ class Router(nn.Module):
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if config.router_bias else None  # on the logits
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
         self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
 
@@ -97,10 +100,13 @@ class Router(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        logits = F.linear(x, self.weight.float())  # (T, N)
+        logits = F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())  # (T, N)
         noisy_logits = logits
         if self.training and self.config.router_logit_noise > 0:
             noisy_logits = logits + torch.randn_like(logits) * self.config.router_logit_noise
+        if self.config.topk_method == "sparsemixer":
+            topk_ids, topk_weights = sparsemixer(noisy_logits, self.config.sparsemixer_eps)
+            return self._finish(logits, topk_ids, topk_weights, token_mask)
         scores = self.scores(noisy_logits)  # (T, N)
 
         with torch.no_grad():
@@ -114,9 +120,20 @@ class Router(nn.Module):
         else:
             topk_weights = scores.gather(1, topk_ids)  # (T, K)
             if self.config.norm_topk_prob:
-                topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+                topk_weights = self.renormalise(topk_weights)
         topk_weights = topk_weights * self.config.routed_scaling_factor
+        return self._finish(logits, topk_ids, topk_weights, token_mask)
 
+    def renormalise(self, topk_weights: torch.Tensor) -> torch.Tensor:
+        """g / max(||g||_p, min): p = `norm_topk_p` (1: the sum; DBRX's p-norm), min = `norm_topk_min` (Ernie's
+        moe_norm_min; the default 1e-20 is DeepSeek's `sum + 1e-20` for every sum above 1e-13)."""
+        p = self.config.norm_topk_p
+        norm = topk_weights.sum(dim=-1, keepdim=True) if p == 1 else topk_weights.norm(p=p, dim=-1, keepdim=True)
+        return topk_weights / norm.clamp(min=self.config.norm_topk_min)
+
+    def _finish(self, logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                token_mask: torch.Tensor | None) -> RouterOutput:  # fmt: skip
+        """Capacity dropping and the training load counters, then the RouterOutput."""
         if self.config.capacity_factor is not None:
             topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor,
                                               token_mask)
@@ -126,6 +143,25 @@ class Router(nn.Module):
                 counted = counted & token_mask.view(-1, 1)
             self.tokens_per_expert += torch.bincount(topk_ids[counted], minlength=self.num_experts).float()
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
+
+
+def sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMixer's top-2 choice (Liu et al. 2024, as Phi-3.5-MoE runs it at inference): the k-th expert is
+    the best remaining one, its gate its softmax among the remaining candidates close to it,
+    (max - s) / max(|s|, max) <= 2 eps. logits (T, N) -> ids (T, 2), gates (T, 2).
+
+    Training selects the same way (not SparseMixer's sampled choice with its Heun-method gradient estimate);
+    the gates' gradient is the masked softmax's."""
+    ids, gates, remaining = [], [], logits
+    for _ in range(2):
+        with torch.no_grad():
+            best, best_id = remaining.max(dim=-1, keepdim=True)
+            far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        candidates = remaining.masked_fill(far, float("-inf"))
+        gates.append(candidates.softmax(dim=-1).gather(-1, best_id))
+        ids.append(best_id)
+        remaining = remaining.scatter(-1, best_id, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(gates, dim=-1)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
