@@ -139,7 +139,7 @@ FIELD_RULES: dict[str, Rule | None] = {
     "glu_type": _one_of(GLU_TYPES), "glu_limit": _FINITE_POSITIVE, "glu_alpha": _FINITE_POSITIVE,
     "norm_type": _one_of(NORM_TYPES), "norm_bias": _ANY, "norm_topk_p": _FINITE_POSITIVE,
     "norm_topk_min": _FINITE_POSITIVE, "gate_on_expert_input": _ANY, "sparsemixer_eps": _FINITE_NON_NEGATIVE,
-    "last_k_dense_replace": _NON_NEGATIVE,
+    "last_k_dense_replace": _NON_NEGATIVE, "attention_sinks": _ANY,
     # training objectives
     "aux_loss_alpha": _FINITE_NON_NEGATIVE, "device_aux_loss_alpha": _FINITE_NON_NEGATIVE,
     "aux_loss_num_devices": _AT_LEAST_1, "seq_aux_loss_alpha": _FINITE_NON_NEGATIVE,
@@ -281,6 +281,8 @@ class MoEConfig(PreTrainedConfig):
         sparsemixer_eps (`float`): with topk_method="sparsemixer" (Phi-3.5-MoE, Liu et al. 2024), an expert is a
             candidate for the k-th choice when (max - s) / max(|s|, max) <= 2 eps among the remaining logits.
         last_k_dense_replace (`int`): the last k layers use a dense FFN too (Ernie's moe_layer_end_index).
+        attention_sinks (`bool`): GQA heads have a learned sink logit `self_attn.sinks` (heads,) that joins each
+            softmax and is dropped after it (gpt-oss); runs eager unless the attention implementation takes sinks.
 
     Training objectives:
         aux_loss_alpha (`float`): Switch / expert-level balance loss coefficient (alpha * N * sum f_i P_i).
@@ -395,6 +397,7 @@ class MoEConfig(PreTrainedConfig):
     gate_on_expert_input: bool = False
     sparsemixer_eps: float = 0.01
     last_k_dense_replace: int = 0
+    attention_sinks: bool = False
     # training objectives
     aux_loss_alpha: float = 0.0
     device_aux_loss_alpha: float = 0.0
@@ -515,6 +518,8 @@ class MoEConfig(PreTrainedConfig):
 
     def _validate_variants(self, fail: Callable[[str, str], None]) -> None:
         """The FFN, router and norm variants together with the rest."""
+        if self.attention_sinks and self.attention_type != "gqa":
+            fail("attention_sinks", "only supported with attention_type='gqa'")
         if self.glu_type == "gpt_oss" and self.glu_limit is None:
             fail("glu_limit", "glu_type='gpt_oss' clamps its inputs: set glu_limit (gpt-oss: 7.0)")
         if self.first_k_dense_replace + self.last_k_dense_replace > self.num_hidden_layers:

@@ -35,12 +35,12 @@ class Case(NamedTuple):
     config_class: type[PreTrainedConfig]
     fields: dict
     left_padding: bool = False
-    per_expert: tuple[str, tuple[str, str, str]] = PER_EXPERT
+    per_expert: tuple[str, tuple[str, str, str]] | None = PER_EXPERT  # None: one layout (transformers')
     renames: tuple[tuple[str, str], ...] = ()  # (transformers', original) key parts the original layout renames
 
     def original(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """transformers' state dict in the released checkpoints' naming (`per_expert`, then `renames`)."""
-        out = per_expert(state, self.per_expert)
+        out = dict(state) if self.per_expert is None else per_expert(state, self.per_expert)
         for theirs, original in self.renames:
             out = {k.replace(theirs, original): v for k, v in out.items()}
         return out
