@@ -46,6 +46,8 @@ def _own_part(name: str, module: nn.Module) -> str | None:
         return _CLASS_PARTS[kind]
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if isinstance(module, nn.LayerNorm):  # norm_type="layer_norm"
+        return "norms"
     if name.rsplit(".", 1)[-1] in HEAD_NAMES:
         return "lm_head"
     return None
