@@ -85,12 +85,12 @@ def sink_attention_forward(
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with a learned sink logit per head (gpt-oss): the softmax runs over [q k^T; s_h], the
-    sink's share is dropped, so a head may attend to nothing. Returns (B, T, heads, dv) and the weights."""
+    sink's share is dropped, so a head may attend to nothing. Returns (B, T, heads, dv) and the weights.
+    Takes the mask of any eager or sdpa-style implementation (`additive_mask`)."""
     key = repeat_kv(key, module.num_key_value_groups)
     value = repeat_kv(value, module.num_key_value_groups)
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, T, S)
-    if attention_mask is not None:
-        logits = logits + attention_mask[:, :, :, : key.shape[-2]]
+    logits = logits + additive_mask(attention_mask, logits)
     sinks = s_aux.to(logits.dtype).reshape(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
     combined = torch.cat((logits, sinks), dim=-1)
     combined = combined - combined.amax(dim=-1, keepdim=True)
@@ -98,6 +98,22 @@ def sink_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value.dtype)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, heads, dv)
     return output, weights
+
+
+def additive_mask(attention_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """The mask to add to logits (B, heads, T, S): an eager (additive) mask as it is; an sdpa-style boolean one
+    (True: attend) as 0 / -inf; none (sdpa's causal skip, taken only without padding) as the causal mask of
+    the last T of S positions."""
+    length, total = logits.shape[-2:]
+    if attention_mask is None:
+        rows = torch.arange(total - length, total, device=logits.device).view(-1, 1)
+        allowed = torch.arange(total, device=logits.device).view(1, -1) <= rows
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[:, :, :, :total]
+    else:
+        return attention_mask[:, :, :, :total].to(logits.dtype)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(allowed, zero, torch.finfo(logits.dtype).min)
 
 
 #: attention implementations of transformers that take sinks (`s_aux`); any other runs `sink_attention_forward`

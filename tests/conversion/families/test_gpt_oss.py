@@ -10,8 +10,9 @@ from transformers import GptOssConfig
 
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_to_moe
 from hf_moe.modeling.configuration import MoEConfig
+from hf_moe.modeling.model import MoEForCausalLM
 from tests.conversion.families.greedy import assert_same_greedy
-from tests.conversion.families.oracle import TINY, Case, family_model
+from tests.conversion.families.oracle import TINY, TOL, Case, family_model, inputs, logits_of
 
 _BASE = dict(TINY, num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
              num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -55,3 +56,22 @@ def test_refuses_what_gpt_oss_cannot_express() -> None:
                          ("norm_topk_p", 2.0)]:  # fmt: skip
         with pytest.raises(ValueError, match=field):
             config_from_moe(MoEConfig(**{**moe.to_dict(), field: value}), "gpt_oss")
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "hf_moe_sdpa"])
+@pytest.mark.parametrize("left_padding", [False, True])
+def test_sinks_under_sdpa_style_masks(implementation: str, left_padding: bool) -> None:
+    """Sinks run our eager sink attention whatever the configured implementation: its boolean or skipped
+    (causal) masks are honoured, in a forward and in cached greedy decoding."""
+    theirs, config = family_model(CASES["gpt_oss"])
+    moe_config = config_to_moe(config)
+    ours = MoEForCausalLM(moe_config).eval()
+    ours.load_state_dict(state_dict_to_moe("gpt_oss", theirs.state_dict(), moe_config), strict=False)
+    ours.config._attn_implementation = implementation
+    input_ids, mask = inputs(left_padding)
+    valid = mask.bool()
+    diff = (logits_of(ours, input_ids, mask) - logits_of(theirs, input_ids, mask))[valid].abs().max().item()
+    assert diff < TOL, diff
+    args = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(input_ids, **args), theirs.generate(input_ids, **args))
