@@ -66,6 +66,7 @@ class Family:
     layer: tuple[Rule, ...]
     to_moe: Callable[[PreTrainedConfig], dict[str, Any]]
     globals: tuple[Rule, ...] = CAUSAL_LM_GLOBALS
+    layer_prefix: str = "model.layers.{i}."  # the family's decoder layer i (DBRX: "transformer.blocks.{i}.")
     mtp: tuple[Rule, ...] = ()
     import_refusals: tuple[Refusal, ...] = ()
 

@@ -72,9 +72,9 @@ def randomise(model: torch.nn.Module) -> None:
     """Every parameter and persistent buffer random (norm weights around 1, routers decisive)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")) or "layernorm" in name:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif ".gate.weight" in name:
+            elif ".gate.weight" in name or ".router." in name:  # (Phi-3.5-MoE, gpt-oss, DBRX: router)
                 param.normal_(0.0, 0.5)
             else:
                 param.normal_(0.0, 0.1)
