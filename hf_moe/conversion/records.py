@@ -90,6 +90,7 @@ VARIANT_DEFAULTS: dict[str, Any] = {
     "mlp_bias": False, "expert_bias": False, "router_bias": False, "lm_head_bias": False, "glu_type": "glu",
     "glu_limit": None, "norm_type": "rms_norm", "norm_topk_p": 1.0, "norm_topk_min": 1e-20,
     "gate_on_expert_input": False, "last_k_dense_replace": 0, "attention_sinks": False,
+    "moe_output_bias": False, "moa_experts": 0,
 }  # fmt: skip
 
 

@@ -359,6 +359,10 @@ class GroupedQueryAttention(nn.Module):
 
 
 def build_attention(config: MoEConfig, layer_idx: int) -> nn.Module:
+    if config.moa_experts:  # JetMoE's mixture of attention heads (modeling/moa.py)
+        from .moa import MixtureOfAttentionHeads
+
+        return MixtureOfAttentionHeads(config, layer_idx)
     if config.attention_type == "mla":
         return MultiHeadLatentAttention(config, layer_idx)
     return GroupedQueryAttention(config, layer_idx)

@@ -139,7 +139,8 @@ FIELD_RULES: dict[str, Rule | None] = {
     "glu_type": _one_of(GLU_TYPES), "glu_limit": _FINITE_POSITIVE, "glu_alpha": _FINITE_POSITIVE,
     "norm_type": _one_of(NORM_TYPES), "norm_bias": _ANY, "norm_topk_p": _FINITE_POSITIVE,
     "norm_topk_min": _FINITE_POSITIVE, "gate_on_expert_input": _ANY, "sparsemixer_eps": _FINITE_NON_NEGATIVE,
-    "last_k_dense_replace": _NON_NEGATIVE, "attention_sinks": _ANY,
+    "last_k_dense_replace": _NON_NEGATIVE, "attention_sinks": _ANY, "moe_output_bias": _ANY,
+    "moa_experts": _NON_NEGATIVE, "moa_top_k": _AT_LEAST_1,
     # training objectives
     "aux_loss_alpha": _FINITE_NON_NEGATIVE, "device_aux_loss_alpha": _FINITE_NON_NEGATIVE,
     "aux_loss_num_devices": _AT_LEAST_1, "seq_aux_loss_alpha": _FINITE_NON_NEGATIVE,
@@ -283,6 +284,11 @@ class MoEConfig(PreTrainedConfig):
         last_k_dense_replace (`int`): the last k layers use a dense FFN too (Ernie's moe_layer_end_index).
         attention_sinks (`bool`): GQA heads have a learned sink logit `self_attn.sinks` (heads,) that joins each
             softmax and is dropped after it (gpt-oss); runs eager unless the attention implementation takes sinks.
+        moe_output_bias (`bool`): one bias `mlp.bias` (H,) added to the routed experts' mixed output (JetMoE).
+        moa_experts (`int`): mixture of attention heads (JetMoE): GQA whose query and output projections are
+            `moa_experts` routed experts, `moa_top_k` per token (num_attention_heads = moa_top_k *
+            num_key_value_heads; `attention_out_bias` is the bias of the mixed output); 0 = plain attention.
+        moa_top_k (`int`): attention experts per token.
 
     Training objectives:
         aux_loss_alpha (`float`): Switch / expert-level balance loss coefficient (alpha * N * sum f_i P_i).
@@ -398,6 +404,9 @@ class MoEConfig(PreTrainedConfig):
     sparsemixer_eps: float = 0.01
     last_k_dense_replace: int = 0
     attention_sinks: bool = False
+    moe_output_bias: bool = False
+    moa_experts: int = 0
+    moa_top_k: int = 2
     # training objectives
     aux_loss_alpha: float = 0.0
     device_aux_loss_alpha: float = 0.0
@@ -520,6 +529,15 @@ class MoEConfig(PreTrainedConfig):
         """The FFN, router and norm variants together with the rest."""
         if self.attention_sinks and self.attention_type != "gqa":
             fail("attention_sinks", "only supported with attention_type='gqa'")
+        if self.moa_experts:
+            if self.attention_type != "gqa" or self.attention_sinks or self.qk_norm or self.clip_qkv or self.sliding_window:
+                fail("moa_experts", "mixture of attention heads is plain GQA (attention_type='gqa', no sinks, q/k norm, "
+                                    "clipping or window)")
+            if self.moa_top_k > self.moa_experts:
+                fail("moa_top_k", f"must be between 1 and moa_experts={self.moa_experts}")
+            if self.num_attention_heads != self.moa_top_k * self.num_key_value_heads:
+                fail("num_attention_heads", f"must be moa_top_k * num_key_value_heads = "
+                                            f"{self.moa_top_k * self.num_key_value_heads} with moa_experts")
         if self.glu_type == "gpt_oss" and self.glu_limit is None:
             fail("glu_limit", "glu_type='gpt_oss' clamps its inputs: set glu_limit (gpt-oss: 7.0)")
         if self.first_k_dense_replace + self.last_k_dense_replace > self.num_hidden_layers:

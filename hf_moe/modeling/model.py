@@ -26,6 +26,8 @@ from .experts import RoutedExperts
 from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
 from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
+from .moa import MixtureOfAttentionHeads
+from .moe import MoEBlock
 from .mtp import MTPModule, shift_left
 from .normalization import build_norm
 from .rotary import RotaryEmbedding
@@ -112,6 +114,13 @@ class MoEPreTrainedModel(PreTrainedModel):
             if module.gate_up_proj_bias is not None:
                 init.zeros_(module.gate_up_proj_bias)
                 init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MixtureOfAttentionHeads):
+            init.normal_(module.q_proj, mean=0.0, std=std)
+            init.normal_(module.o_proj, mean=0.0, std=std)
+            if module.o_bias is not None:
+                init.zeros_(module.o_bias)
+        elif isinstance(module, MoEBlock) and module.bias is not None:
+            init.zeros_(module.bias)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
         """Non-reentrant checkpointing only: the router counts tokens in the first forward and skips the

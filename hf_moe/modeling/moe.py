@@ -15,7 +15,7 @@ from .routing import Router, RouterOutput
 
 
 class MoEBlock(nn.Module):
-    """h = sum_k g_k FFN_k(x) + [sigmoid(x w_s)] * SharedFFN(x). Returns the output and the router's decision."""
+    """h = sum_k g_k FFN_k(x) [+ b] + [sigmoid(x w_s)] * SharedFFN(x). Returns the output and the router's decision."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -24,6 +24,7 @@ class MoEBlock(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared_experts = MLP(config, config.shared_intermediate_size) if config.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.moe_output_bias else None  # JetMoE
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -36,6 +37,8 @@ class MoEBlock(nn.Module):
             output = gated_inputs(self.experts, tokens, routing.topk_ids, routing.topk_weights)
         else:
             output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
+        if self.bias is not None:
+            output = output + self.bias
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:

@@ -68,7 +68,8 @@ def test_every_record_refuses_the_variants_it_lacks(family: str) -> None:
     moe = config_to_moe(case.config())
     others = {"mlp_bias": True, "expert_bias": True, "router_bias": True, "lm_head_bias": True, "glu_type": "gpt_oss",
               "glu_limit": 3.0, "norm_type": "layer_norm", "norm_topk_p": 2.0, "norm_topk_min": 0.5,
-              "gate_on_expert_input": True, "last_k_dense_replace": 1, "attention_sinks": True}  # fmt: skip
+              "gate_on_expert_input": True, "last_k_dense_replace": 1, "attention_sinks": True, "moe_output_bias": True,
+              "moa_experts": 8}  # fmt: skip
     assert set(others) == set(VARIANT_DEFAULTS)
     for field, value in others.items():
         if field in record.variants or getattr(moe, field) == value:
@@ -76,5 +77,11 @@ def test_every_record_refuses_the_variants_it_lacks(family: str) -> None:
         changes = {field: value, **({"glu_limit": 3.0} if field == "glu_type" else {})}
         if field == "last_k_dense_replace" and moe.first_k_dense_replace + 1 > moe.num_hidden_layers:
             continue
+        if field in ("moa_experts", "attention_sinks") and (moe.attention_type != "gqa" or moe.moa_experts):
+            continue  # not a valid configuration at all
+        if field == "moa_experts":  # a valid MoA: num_attention_heads = moa_top_k * num_key_value_heads
+            changes["moa_top_k"] = moe.num_attention_heads // moe.num_key_value_heads
+            if changes["moa_top_k"] > 8 or moe.qk_norm or moe.clip_qkv or moe.sliding_window or moe.attention_sinks:
+                continue
         with pytest.raises(ValueError, match=field):
             config_from_moe(MoEConfig(**{**moe.to_dict(), **changes}), family)

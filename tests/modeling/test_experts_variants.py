@@ -185,3 +185,23 @@ def test_last_k_dense_replace_and_variant_rules() -> None:
         _config(glu_type="reglu")
     with pytest.raises(ConfigFieldError, match="norm_type"):
         _config(norm_type="batch_norm")
+
+
+def test_moe_output_bias_and_moa_rules() -> None:
+    config = _config(moe_output_bias=True)
+    config._experts_implementation = "eager"
+    block = _randomise(MoEBlock(config)).eval()
+    x = torch.randn(1, T, H)
+    out, _ = block(x)
+    bias = block.bias.detach().clone()
+    with torch.no_grad():
+        block.bias.zero_()
+    torch.testing.assert_close(out, block(x)[0] + bias)
+    assert MoEBlock(_config()).bias is None
+    with pytest.raises(ConfigFieldError, match="num_attention_heads"):
+        _config(moa_experts=4, moa_top_k=2, num_attention_heads=4, num_key_value_heads=1, qk_norm=None)
+    with pytest.raises(ConfigFieldError, match="moa_top_k"):
+        _config(moa_experts=2, moa_top_k=3, num_attention_heads=6, num_key_value_heads=2, qk_norm=None)
+    with pytest.raises(ConfigFieldError, match="moa_experts"):
+        _config(moa_experts=4, moa_top_k=2, num_attention_heads=4, num_key_value_heads=2, qk_norm="head")
+    _config(moa_experts=4, moa_top_k=2, num_attention_heads=4, num_key_value_heads=2, qk_norm=None)  # valid
