@@ -279,8 +279,9 @@ class MoEConfig(PreTrainedConfig):
         norm_topk_min (`float`): the renormalisation denominator is at least this (Ernie's moe_norm_min).
         gate_on_expert_input (`bool`): the gate value scales the expert's input, FFN(g x), not its output
             (Llama 4).
-        sparsemixer_eps (`float`): with topk_method="sparsemixer" (Phi-3.5-MoE, Liu et al. 2024), an expert is a
-            candidate for the k-th choice when (max - s) / max(|s|, max) <= 2 eps among the remaining logits.
+        sparsemixer_eps (`float`): with topk_method="sparsemixer" (Phi-3.5-MoE, Liu et al. 2024: top-2, sampled
+            in training with its Heun-method gradient), an expert is a candidate for the k-th choice when
+            (max - s) / max(|s|, max) <= 2 eps among the remaining logits.
         last_k_dense_replace (`int`): the last k layers use a dense FFN too (Ernie's moe_layer_end_index).
         attention_sinks (`bool`): GQA heads have a learned sink logit `self_attn.sinks` (heads,) that joins each
             softmax and is dropped after it (gpt-oss); runs eager unless the attention implementation takes sinks.

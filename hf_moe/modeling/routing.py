@@ -105,7 +105,7 @@ class Router(nn.Module):
         if self.training and self.config.router_logit_noise > 0:
             noisy_logits = logits + torch.randn_like(logits) * self.config.router_logit_noise
         if self.config.topk_method == "sparsemixer":
-            topk_ids, topk_weights = sparsemixer(noisy_logits, self.config.sparsemixer_eps)
+            topk_ids, topk_weights = sparsemixer(noisy_logits, self.config.sparsemixer_eps, self.training)
             return self._finish(logits, topk_ids, topk_weights, token_mask)
         scores = self.scores(noisy_logits)  # (T, N)
 
@@ -145,22 +145,55 @@ class Router(nn.Module):
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights)
 
 
-def sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseMixer's top-2 choice (Liu et al. 2024, as Phi-3.5-MoE runs it at inference): the k-th expert is
-    the best remaining one, its gate its softmax among the remaining candidates close to it,
-    (max - s) / max(|s|, max) <= 2 eps. logits (T, N) -> ids (T, 2), gates (T, 2).
+class SparseMixerGate(torch.autograd.Function):
+    """SparseMixer's gate in training (Liu et al. 2024 §3, Heun's third-order method, as Phi-3.5-MoE trains):
+    forward g * scale (scale 1, or 1/3 for a sampled non-argmax choice with probability 3/4); backward to the
+    logits only, through the softmax of the chosen expert: dL/ds = (dL/dy * g) (onehot(chosen) - p)."""
 
-    Training selects the same way (not SparseMixer's sampled choice with its Heun-method gradient estimate);
-    the gates' gradient is the masked softmax's."""
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, gate: torch.Tensor, chosen: torch.Tensor, probs: torch.Tensor,  # noqa: ANN001
+                scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(gate, chosen, probs)
+        return gate * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # noqa: ANN001
+        gate, chosen, probs = ctx.saved_tensors
+        weighted = grad * gate  # (T, 1)
+        return (-probs * weighted).scatter_add(-1, chosen, weighted), None, None, None, None
+
+
+def sparsemixer(logits: torch.Tensor, eps: float, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMixer's top-2 choice (Liu et al. 2024, as Phi-3.5-MoE runs it): the k-th choice is among the
+    remaining experts close to the best one, (max - s) / max(|s|, max) <= 2 eps, its gate its softmax among them.
+    logits (T, N) -> ids (T, 2), gates (T, 2).
+
+    Inference takes the best candidate. Training samples it from that softmax (Gumbel-max) and runs the gate
+    through `SparseMixerGate`; the random draws are taken in Phi-3.5-MoE's order (its second mask draws twice),
+    so a seeded run reproduces its training forward and gradients."""
     ids, gates, remaining = [], [], logits
-    for _ in range(2):
+    for step in range(2):
         with torch.no_grad():
             best, best_id = remaining.max(dim=-1, keepdim=True)
             far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
         candidates = remaining.masked_fill(far, float("-inf"))
-        gates.append(candidates.softmax(dim=-1).gather(-1, best_id))
-        ids.append(best_id)
-        remaining = remaining.scatter(-1, best_id, float("-inf"))
+        chosen = best_id
+        if training:
+            with torch.no_grad():
+                noise = torch.empty_like(candidates).exponential_().log()
+                chosen = (candidates - noise).max(dim=-1)[1].unsqueeze(-1)
+        probs = candidates.softmax(dim=-1)
+        gate = probs.gather(-1, chosen)
+        if training:
+            with torch.no_grad():
+                draw = torch.rand_like(gate)
+                if step == 1:
+                    draw.uniform_()
+                scale = torch.add(0.3333, (chosen == best_id) | (draw > 0.75), alpha=0.6667).type_as(probs)
+            gate = SparseMixerGate.apply(logits, gate.detach(), chosen, probs.detach(), scale)
+        ids.append(chosen)
+        gates.append(gate)
+        remaining = remaining.scatter(-1, chosen, float("-inf"))
     return torch.cat(ids, dim=-1), torch.cat(gates, dim=-1)
 
 

@@ -205,3 +205,23 @@ def test_moe_output_bias_and_moa_rules() -> None:
     with pytest.raises(ConfigFieldError, match="moa_experts"):
         _config(moa_experts=4, moa_top_k=2, num_attention_heads=4, num_key_value_heads=2, qk_norm="head")
     _config(moa_experts=4, moa_top_k=2, num_attention_heads=4, num_key_value_heads=2, qk_norm=None)  # valid
+
+
+def test_sparsemixer_training_equals_phimoe_forward_and_gradients() -> None:
+    """Seeded, the sampled choices, the Heun-scaled gates and the gradient to the logits are Phi-3.5-MoE's."""
+    logits = torch.randn(256, 8, generator=torch.Generator().manual_seed(7))
+    logits[:64, 1] = logits[:64, 0] * 0.95  # near-ties: sampling has a choice
+    upstream = torch.randn(256, 2, generator=torch.Generator().manual_seed(8))
+    results = []
+    for run in (phimoe_sparsemixer, None):
+        x = logits.clone().requires_grad_()
+        torch.manual_seed(11)
+        if run is None:
+            ids, gates = sparsemixer(x, 0.3, training=True)
+        else:
+            gates, ids = run(x, jitter_eps=0.3, training=True)
+        (grad,) = torch.autograd.grad(gates, x, upstream)
+        results.append((ids, gates.detach(), grad))
+    (their_ids, their_gates, their_grad), (ids, gates, grad) = results
+    assert torch.equal(ids, their_ids) and torch.equal(gates, their_gates) and torch.equal(grad, their_grad)
+    assert not torch.equal(ids, sparsemixer(logits, 0.3)[0])  # sampling chose differently somewhere

@@ -4,12 +4,13 @@ biases, a window on every layer), greedy generation, and what is refused."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import PhimoeConfig
 
-from hf_moe.conversion.families import config_from_moe, config_to_moe
+from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_to_moe
 from hf_moe.modeling.configuration import MoEConfig
 from tests.conversion.families.greedy import assert_same_greedy
-from tests.conversion.families.oracle import TINY, Case
+from tests.conversion.families.oracle import TINY, Case, family_model, inputs, ours_from
 
 _NAMING = ("block_sparse_moe", ("w1", "w3", "w2"))
 _RENAMES = (("mlp.router.weight", "block_sparse_moe.gate.weight"),)
@@ -45,3 +46,22 @@ def test_refuses_what_phimoe_cannot_express() -> None:
                     short_mscale=1.0, long_mscale=1.2, original_max_position_embeddings=32)  # fmt: skip
     with pytest.raises(ValueError, match="rope_parameters"):
         config_to_moe(CASES["phimoe"].config(rope_parameters=longrope))
+
+
+def test_training_forward_and_gradients_match_transformers() -> None:
+    """In training mode (SparseMixer sampling, Heun-scaled gates), seeded alike: same loss and router gradients."""
+    theirs, config = family_model(CASES["phimoe"]._replace(fields={**CASES["phimoe"].fields,
+                                                                  "router_aux_loss_coef": 0.0}))  # CE only
+    moe_config = config_to_moe(config)
+    ours = ours_from(moe_config, state_dict_to_moe("phimoe", theirs.state_dict(), moe_config))
+    input_ids, mask = inputs(False)
+    losses, grads = [], []
+    for model, router in ((theirs, "model.layers.1.mlp.router.weight"), (ours, "model.layers.1.mlp.gate.weight")):
+        model.train()
+        torch.manual_seed(3)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=input_ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(dict(model.named_parameters())[router].grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
