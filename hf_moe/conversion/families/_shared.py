@@ -260,4 +260,3 @@ def dense_fields(hf: PreTrainedConfig, attention_bias: bool, attention_out_bias:
 def one_attention_bias(hf: PreTrainedConfig) -> bool:
     """Llama's and Qwen3's single `attention_bias` flag for q/k/v and o_proj (absent: no biases)."""
     return bool(getattr(hf, "attention_bias", False))
-
