@@ -66,6 +66,7 @@ class Family:
     layer: tuple[Rule, ...]
     to_moe: Callable[[PreTrainedConfig], dict[str, Any]]
     globals: tuple[Rule, ...] = CAUSAL_LM_GLOBALS
+    layer_prefix: str = "model.layers.{i}."  # the family's decoder layer i (DBRX: "transformer.blocks.{i}.")
     mtp: tuple[Rule, ...] = ()
     import_refusals: tuple[Refusal, ...] = ()
 
@@ -81,6 +82,28 @@ class Family:
 class DenseFamily(Family):
     """A dense family hf_moe upcycles from: `moe_fields` gives the model shape and attention (no experts), so
     `MoEConfig(**fields, n_routed_experts=0)` is the same dense model, whose keys the layer rows name."""
+
+
+#: MoEConfig's FFN, router and norm variants beyond DeepSeek's architecture (field -> the default, which every
+#: family expresses); a record lists in `MoEFamily.variants` those it expresses otherwise, the rest are refused
+VARIANT_DEFAULTS: dict[str, Any] = {
+    "mlp_bias": False, "expert_bias": False, "router_bias": False, "lm_head_bias": False, "glu_type": "glu",
+    "glu_limit": None, "norm_type": "rms_norm", "norm_topk_p": 1.0, "norm_topk_min": 1e-20,
+    "gate_on_expert_input": False, "last_k_dense_replace": 0, "attention_sinks": False,
+    "moe_output_bias": False, "moa_experts": 0,
+}  # fmt: skip
+
+
+def _variant_refusals(variants: frozenset[str]) -> tuple[Refusal, ...]:
+    refusals = [
+        Refusal(name, lambda c, name=name, default=default: getattr(c, name) == default,
+                f"but {{family}} cannot express it (only {default!r})")
+        for name, default in VARIANT_DEFAULTS.items() if name not in variants
+    ]  # fmt: skip
+    if "sparsemixer" not in variants:
+        refusals.append(Refusal("topk_method", lambda c: c.topk_method != "sparsemixer",
+                                "but {family} has no SparseMixer routing"))  # fmt: skip
+    return tuple(refusals)
 
 
 _NO_MTP = Refusal("num_nextn_predict_layers", lambda c: c.num_nextn_predict_layers == 0,
@@ -99,6 +122,7 @@ class MoEFamily(Family):
     from_moe: Callable[[MoEConfig], dict[str, Any]]
     export_refusals: tuple[Refusal, ...] = ()
     switch_loss: bool = False
+    variants: frozenset[str] = frozenset()  # the VARIANT_DEFAULTS fields (and "sparsemixer") it expresses
 
     def config_to_moe(self, hf_config: PreTrainedConfig) -> MoEConfig:
         """The MoEConfig of a config of this family (fields it does not have take hf_moe's defaults)."""
@@ -110,7 +134,9 @@ class MoEFamily(Family):
     def check_export(self, config: MoEConfig) -> None:
         """Raise ValueError naming the field for what this family cannot express (inference semantics only;
         training-only knobs are dropped on export)."""
-        for refusal in (_LEARNED_ROUTER, *self.export_refusals, *(() if self.mtp else (_NO_MTP,))):
+        refusals = (_LEARNED_ROUTER, *_variant_refusals(self.variants), *self.export_refusals,
+                    *(() if self.mtp else (_NO_MTP,)))
+        for refusal in refusals:
             if not refusal.ok(config):
                 raise _refuse_export(self.model_type, config, refusal.field, refusal.why.format(family=self.model_type))
 

@@ -17,6 +17,18 @@ The ops (`OPS`), each with its inverse on export:
                head): check they are equal, keep none (the main key has its own `copy` row);
                export: write the copies
     drop       export only: our key has no counterpart (a tied `lm_head.weight`, written from the embedding)
+    rope_pairs q/k projection rows (or biases) whose rotary dims are interleaved pairs per head (GPT-J style:
+               Ernie 4.5, Llama 4) <-> ours, each head's pairs as two halves: the same rotation, and the same
+               q.k, since q and k are permuted alike
+    squeeze0   one (1, N) tensor <-> one (N,) tensor (Ernie's balancing bias)
+    transpose  one (E, A, B) tensor <-> one (E, B, A) tensor (gpt-oss's down_proj)
+    interleave_t  one (E, H, 2I) tensor, gate and up columns interleaved (gpt-oss) <-> (E, 2I, H), gate rows first
+    interleave    one (..., 2I) tensor, gate and up interleaved <-> (..., 2I), gate first (gpt-oss's biases)
+    qkv_q / qkv_k / qkv_v   one fused (q + 2 kv rows, H) tensor (DBRX's Wqkv) <-> its q, k or v rows; export
+               writes each as a `Piece` of the fused key, concatenated once all three have arrived
+    kv_k / kv_v   the same for a fused (2 kv rows, H) key/value projection (JetMoE's kv_proj), two Pieces
+    flat_stack_cat  gate and up (E*I, H) tensors (DBRX's w1, v1) <-> one (E, 2I, H) tensor, gate rows first
+    flat_transpose  one (E*I, H) tensor (DBRX's w2) <-> one (E, H, I) tensor
 
 Rules carry a `layout`: "transformers" rows name what transformers' modules hold in memory (fused experts, in
 5.x); "original" rows name the released checkpoints (per-expert keys, Mixtral's `block_sparse_moe` and
@@ -66,6 +78,19 @@ class Binding:
     theirs: tuple[str, ...]
     op: str
     layout: str | None
+    head_dim: int = 0  # the config's head_dim (what "rope_pairs" permutes within)
+    rows: tuple[int, int] = (0, 0)  # q and k/v rows of a fused qkv projection (heads * d, kv_heads * d)
+    num_experts: int = 0
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Row block `index` of `of` that make one family tensor from several of ours (DBRX's fused Wqkv): export
+    concatenates the blocks, in index order, once all have arrived."""
+
+    index: int
+    of: int
+    tensor: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -120,6 +145,51 @@ def _same_shape(whole: Shape) -> Shape:
     return whole
 
 
+def _rope_halves(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+    t, d = parts[0], b.head_dim  # (heads * d, ...): per head, pairs (2i, 2i+1) -> (i, i + d/2)
+    return t.reshape(-1, d // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()
+
+
+def _rope_pairs(b: Binding, t: torch.Tensor) -> list[torch.Tensor]:
+    d = b.head_dim
+    return [t.reshape(-1, 2, d // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape).contiguous()]
+
+
+def _concat_halves(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat((t[..., ::2], t[..., 1::2]), dim=-1)
+
+
+def _qkv_op(part: int) -> Op:
+    def to_moe(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+        q, kv = b.rows
+        start, size = (0, q, q + kv)[part], (q, kv, kv)[part]
+        return parts[0][start : start + size].clone()
+
+    return Op(to_moe, lambda b, t: [Piece(part, 3, t)], lambda whole: None)
+
+
+def _kv_op(part: int) -> Op:
+    def to_moe(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+        kv = b.rows[1]
+        return parts[0][part * kv : (part + 1) * kv].clone()
+
+    return Op(to_moe, lambda b, t: [Piece(part, 2, t)], lambda whole: None)
+
+
+def _flat_stack_cat(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+    gate, up = (p.reshape(b.num_experts, -1, p.shape[-1]) for p in parts)  # (E, I, H) each
+    return torch.cat((gate, up), dim=1)
+
+
+def _flat_unstack_cat(b: Binding, t: torch.Tensor) -> list[torch.Tensor]:
+    return [half.reshape(-1, t.shape[-1]).clone() for half in t.chunk(2, dim=1)]
+
+
+def _interleave_halves(t: torch.Tensor) -> torch.Tensor:
+    gate, up = t.chunk(2, dim=-1)
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
 OPS: dict[str, Op] = {
     "copy": Op(lambda b, parts: parts[0], lambda b, t: [t], _same_shape),
     "stack": Op(lambda b, parts: torch.stack(parts), lambda b, t: [x.clone() for x in t.unbind(0)],
@@ -129,6 +199,22 @@ OPS: dict[str, Op] = {
     "duplicate": Op(_check_copies, lambda b, t: [t] * (len(b.theirs) - 1), _same_shape, written=(1, None),
                     makes_ours=False),
     "drop": Op(lambda b, parts: None, lambda b, t: [], lambda whole: None, written=(0, 0)),
+    "rope_pairs": Op(_rope_halves, _rope_pairs, _same_shape),
+    "squeeze0": Op(lambda b, parts: parts[0].reshape(-1), lambda b, t: [t.reshape(1, -1)],
+                   lambda whole: (1, *whole)),
+    "transpose": Op(lambda b, parts: parts[0].transpose(1, 2).contiguous(),
+                    lambda b, t: [t.transpose(1, 2).contiguous()], lambda whole: (whole[0], whole[2], whole[1])),
+    "interleave_t": Op(lambda b, parts: _concat_halves(parts[0]).transpose(1, 2).contiguous(),
+                       lambda b, t: [_interleave_halves(t.transpose(1, 2)).contiguous()],
+                       lambda whole: (whole[0], whole[2], whole[1])),
+    "interleave": Op(lambda b, parts: _concat_halves(parts[0]).contiguous(),
+                     lambda b, t: [_interleave_halves(t).contiguous()], _same_shape),
+    "qkv_q": _qkv_op(0), "qkv_k": _qkv_op(1), "qkv_v": _qkv_op(2), "kv_k": _kv_op(0), "kv_v": _kv_op(1),
+    "flat_stack_cat": Op(_flat_stack_cat, _flat_unstack_cat, lambda whole: (whole[0] * whole[1] // 2, whole[2])),
+    "flat_transpose": Op(
+        lambda b, parts: parts[0].reshape(b.num_experts, -1, parts[0].shape[-1]).transpose(1, 2).contiguous(),
+        lambda b, t: [t.transpose(1, 2).reshape(-1, t.shape[1]).contiguous()],
+        lambda whole: (whole[0] * whole[2], whole[1])),
 }  # fmt: skip
 
 
@@ -163,11 +249,14 @@ def _abs(prefix: str, template: str) -> str:
     return template[1:] if template.startswith("^") else prefix + template
 
 
-def _bind_rule(family: str, rule: Rule, ours_prefix: str, theirs_prefix: str, num_experts: int) -> Binding:
+def _bind_rule(family: str, rule: Rule, ours_prefix: str, theirs_prefix: str, config: MoEConfig) -> Binding:
+    num_experts, head_dim = config.n_routed_experts, config.head_dim or 0
     theirs = [_abs(theirs_prefix, t) for t in rule.theirs]
     if OPS[rule.op].per_expert:  # part order: template-major, then expert
         theirs = [t.format(expert=e) for t in theirs for e in range(num_experts)]
-    return Binding(family, _abs(ours_prefix, rule.ours), tuple(theirs), rule.op, rule.layout)
+    rows = (config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim)
+    return Binding(family, _abs(ours_prefix, rule.ours), tuple(theirs), rule.op, rule.layout, head_dim, rows,
+                   num_experts)  # fmt: skip
 
 
 def bind_table(family: Family, config: MoEConfig, layout: str | None = None) -> list[Binding]:
@@ -177,7 +266,7 @@ def bind_table(family: Family, config: MoEConfig, layout: str | None = None) -> 
     """
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {LAYOUTS}.")
-    n_layers, n_experts, n_mtp = config.num_hidden_layers, config.n_routed_experts, config.num_nextn_predict_layers
+    n_layers, n_mtp = config.num_hidden_layers, config.num_nextn_predict_layers
     if n_mtp and not family.mtp:
         raise ValueError(
             f"MoEConfig.num_nextn_predict_layers={n_mtp} is invalid for family={family.model_type!r}: "
@@ -194,14 +283,14 @@ def bind_table(family: Family, config: MoEConfig, layout: str | None = None) -> 
             rule = Rule("lm_head.weight", (), "drop")
         rules.append((rule, "", ""))
     for i in range(n_layers):
-        rules += [(r, f"model.layers.{i}.", f"model.layers.{i}.") for r in family.layer]
+        rules += [(r, f"model.layers.{i}.", family.layer_prefix.format(i=i)) for r in family.layer]
     mtp_rules = family.mtp + (Rule("^" + head, ("^" + head, "shared_head.head.weight"), "duplicate"),)
     for k in range(n_mtp):
         theirs_prefix = f"model.layers.{n_layers + k}."
         rules += [(r, f"mtp.{k}.", theirs_prefix) for r in mtp_rules]
         rules += [(r, f"mtp.{k}.block.", theirs_prefix) for r in family.layer]
     return [
-        _bind_rule(family.model_type, rule, ours_prefix, theirs_prefix, n_experts)
+        _bind_rule(family.model_type, rule, ours_prefix, theirs_prefix, config)
         for rule, ours_prefix, theirs_prefix in rules
         if layout is None or rule.layout in (None, layout)
     ]
@@ -236,6 +325,7 @@ class StateDictConverter:
             for slot, key in enumerate(sources):
                 self._index.setdefault(key, []).append((b_id, slot))
         self._open: dict[int, _Group] = {}
+        self._pieces: dict[str, dict[int, torch.Tensor]] = {}  # export: fused family keys awaiting their blocks
         self._emitted: set[str] = set()
 
     # ---------------------------------------------------------------------------------- queries
@@ -273,7 +363,8 @@ class StateDictConverter:
             binding = self.bindings[b_id]
             op = OPS[binding.op]
             if self.direction == "from_moe":
-                out += zip(op.written_keys(binding), op.from_moe(binding, tensor))
+                for out_key, made in zip(op.written_keys(binding), op.from_moe(binding, tensor)):
+                    out += self._assembled(out_key, made)
                 continue
             group = self._open.setdefault(b_id, _Group(binding))
             group.parts[slot] = tensor
@@ -290,9 +381,21 @@ class StateDictConverter:
             self._emitted.add(out_key)
         return out
 
+    def _assembled(self, key: str, made: torch.Tensor | Piece) -> list[tuple[str, torch.Tensor]]:
+        """Export output: a tensor as it is; a `Piece` held until its family tensor is complete."""
+        if not isinstance(made, Piece):
+            return [(key, made)]
+        pieces = self._pieces.setdefault(key, {})
+        pieces[made.index] = made.tensor
+        if len(pieces) < made.of:
+            return []
+        del self._pieces[key]
+        return [(key, torch.cat([pieces[i] for i in range(made.of)]))]
+
     def finish(self) -> None:
         """Raise if a per-expert group or a required key is incomplete; drop pending equality checks."""
-        incomplete = []
+        incomplete = [f"{key} lacks row blocks (has {sorted(p)})" for key, p in self._pieces.items()]
+        self._pieces.clear()
         for group in self._open.values():
             if not OPS[group.binding.op].makes_ours:
                 continue  # the copy is optional (e.g. a tied head not written); nothing to check against

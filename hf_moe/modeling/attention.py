@@ -73,6 +73,60 @@ def eager_attention_forward(
     return output, weights
 
 
+def sink_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    s_aux: torch.Tensor | None = None,
+    **_: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with a learned sink logit per head (gpt-oss): the softmax runs over [q k^T; s_h], the
+    sink's share is dropped, so a head may attend to nothing. Returns (B, T, heads, dv) and the weights.
+    Takes the mask of any eager or sdpa-style implementation (`additive_mask`)."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, heads, T, S)
+    logits = logits + additive_mask(attention_mask, logits)
+    sinks = s_aux.to(logits.dtype).reshape(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    combined = torch.cat((logits, sinks), dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    weights = nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, heads, dv)
+    return output, weights
+
+
+def additive_mask(attention_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """The mask to add to logits (B, heads, T, S): an eager (additive) mask as it is; an sdpa-style boolean one
+    (True: attend) as 0 / -inf; none (sdpa's causal skip, taken only without padding) as the causal mask of
+    the last T of S positions."""
+    length, total = logits.shape[-2:]
+    if attention_mask is None:
+        rows = torch.arange(total - length, total, device=logits.device).view(-1, 1)
+        allowed = torch.arange(total, device=logits.device).view(1, -1) <= rows
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[:, :, :, :total]
+    else:
+        return attention_mask[:, :, :, :total].to(logits.dtype)
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    return torch.where(allowed, zero, torch.finfo(logits.dtype).min)
+
+
+#: attention implementations of transformers that take sinks (`s_aux`); any other runs `sink_attention_forward`
+SINK_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def sink_attention_function(config: MoEConfig) -> Callable:
+    """The attention function for heads with sinks: transformers' where it takes `s_aux`, else ours."""
+    if config._attn_implementation in SINK_IMPLEMENTATIONS:
+        return attention_function(config)
+    return sink_attention_forward
+
+
 def default_attention(requested: str | None) -> str | None:
     """`attn_implementation` as hf_moe models resolve it: None and "auto" mean "hf_moe_sdpa" where it is
     registered (`import hf_moe`), else None (transformers' default: sdpa, or eager where sdpa cannot run); any
@@ -252,7 +306,7 @@ class MultiHeadLatentAttention(nn.Module):
 
 class GroupedQueryAttention(nn.Module):
     """GQA (Ainslie et al. 2023) as in Llama/Mistral/Qwen, with optional q/k RMSNorm ("head": Qwen3, "full":
-    OLMoE), qkv clipping (OLMoE) and sliding windows (Mistral)."""
+    OLMoE), qkv clipping (OLMoE), sliding windows (Mistral) and learned attention sinks (gpt-oss)."""
 
     def __init__(self, config: MoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -271,6 +325,7 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         if config.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -303,7 +358,10 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
         if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        output, weights = attention_function(self.config)(
+        if self.sinks is not None:
+            kwargs["s_aux"] = self.sinks
+        attend = attention_function(self.config) if self.sinks is None else sink_attention_function(self.config)
+        output, weights = attend(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,
             sliding_window=self.sliding_window, **kwargs,
@@ -312,6 +370,10 @@ class GroupedQueryAttention(nn.Module):
 
 
 def build_attention(config: MoEConfig, layer_idx: int) -> nn.Module:
+    if config.moa_experts:  # JetMoE's mixture of attention heads (modeling/moa.py)
+        from .moa import MixtureOfAttentionHeads
+
+        return MixtureOfAttentionHeads(config, layer_idx)
     if config.attention_type == "mla":
         return MultiHeadLatentAttention(config, layer_idx)
     return GroupedQueryAttention(config, layer_idx)

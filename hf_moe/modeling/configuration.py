@@ -39,10 +39,12 @@ from .kernel_hooks import get_kernel
 
 ATTENTION_TYPES = ("mla", "gqa")
 SCORING_FUNCS = ("softmax", "sigmoid")
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc", "sparsemixer")
 QK_NORM_TYPES = ("head", "full")
 ROUTER_TYPES = ("learned", "hash", "expert_choice", "balanced_assignment")
 BALANCE_LOSS_SCOPES = ("micro_batch", "global_batch")
+GLU_TYPES = ("glu", "gpt_oss")
+NORM_TYPES = ("rms_norm", "layer_norm")
 CONFIG_NAME = "config.json"
 #: MLA's per-head and latent widths when an MLA config leaves them None (DeepSeek-V2-Lite-like proportions).
 MLA_DEFAULTS = {"kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64}
@@ -142,6 +144,13 @@ FIELD_RULES: dict[str, Rule | None] = {
     "routed_scaling_factor": _FINITE_POSITIVE, "router_bias_update_rate": _FINITE_NON_NEGATIVE,
     "router_bias_update_zero_mean": _ANY, "router_jitter_noise": _PROBABILITY,
     "router_logit_noise": _FINITE_NON_NEGATIVE, "capacity_factor": _FINITE_POSITIVE,
+    # FFN, router and norm variants (families beyond DeepSeek)
+    "mlp_bias": _ANY, "expert_bias": _ANY, "router_bias": _ANY, "lm_head_bias": _ANY,
+    "glu_type": _one_of(GLU_TYPES), "glu_limit": _FINITE_POSITIVE, "glu_alpha": _FINITE_POSITIVE,
+    "norm_type": _one_of(NORM_TYPES), "norm_bias": _ANY, "norm_topk_p": _FINITE_POSITIVE,
+    "norm_topk_min": _FINITE_POSITIVE, "gate_on_expert_input": _ANY, "sparsemixer_eps": _FINITE_NON_NEGATIVE,
+    "last_k_dense_replace": _NON_NEGATIVE, "attention_sinks": _ANY, "moe_output_bias": _ANY,
+    "moa_experts": _NON_NEGATIVE, "moa_top_k": _AT_LEAST_1,
     # training objectives
     "aux_loss_alpha": _FINITE_NON_NEGATIVE, "device_aux_loss_alpha": _FINITE_NON_NEGATIVE,
     "aux_loss_num_devices": _AT_LEAST_1, "seq_aux_loss_alpha": _FINITE_NON_NEGATIVE,
@@ -268,6 +277,37 @@ class MoEConfig(PreTrainedConfig):
         capacity_factor (`float | None`): GShard/Switch capacity; tokens beyond
             ceil(capacity_factor * tokens * K / N) per expert are dropped. None = dropless.
 
+    FFN, router and norm variants (families beyond DeepSeek; defaults are DeepSeek's):
+        mlp_bias (`bool`): biases on the dense FFN and shared-expert projections (Ernie 4.5).
+        expert_bias (`bool`): biases on the routed experts, `gate_up_proj_bias (N, 2I)` and
+            `down_proj_bias (N, H)` (gpt-oss).
+        router_bias (`bool`): a learned bias added to the router logits before anything else (gpt-oss); not the
+            balancing bias `e_score_correction_bias`, which only steers the choice.
+        lm_head_bias (`bool`): bias on the output head (Ernie 4.5 with use_bias, Phi-3.5-MoE).
+        glu_type (`str`): the gated unit of every FFN: "glu" is act(gate) * up with `hidden_act` (SwiGLU with
+            silu, GeGLU with gelu); "gpt_oss" is gate * sigmoid(glu_alpha * gate) * (up + 1) on clamped inputs.
+        glu_limit (`float | None`): clamp gate to (-inf, limit] and up to [-limit, limit] before the unit
+            (clamped SwiGLU; gpt-oss's swiglu_limit, needed by "gpt_oss"); None does not clamp.
+        glu_alpha (`float`): the sigmoid slope of "gpt_oss" (1.702).
+        norm_type (`str`): every decoder norm and the final norm: "rms_norm" or "layer_norm" (Phi-3.5-MoE, DBRX).
+        norm_bias (`bool`): the LayerNorms have a bias (Phi-3.5-MoE) or not (DBRX); "layer_norm" only.
+        norm_topk_p (`float`): renormalise the chosen gate values by their p-norm (DBRX's
+            moe_normalize_expert_weights); 1 is their sum.
+        norm_topk_min (`float`): the renormalisation denominator is at least this (Ernie's moe_norm_min).
+        gate_on_expert_input (`bool`): the gate value scales the expert's input, FFN(g x), not its output
+            (Llama 4).
+        sparsemixer_eps (`float`): with topk_method="sparsemixer" (Phi-3.5-MoE, Liu et al. 2024: top-2, sampled
+            in training with its Heun-method gradient), an expert is a candidate for the k-th choice when
+            (max - s) / max(|s|, max) <= 2 eps among the remaining logits.
+        last_k_dense_replace (`int`): the last k layers use a dense FFN too (Ernie's moe_layer_end_index).
+        attention_sinks (`bool`): GQA heads have a learned sink logit `self_attn.sinks` (heads,) that joins each
+            softmax and is dropped after it (gpt-oss); runs eager unless the attention implementation takes sinks.
+        moe_output_bias (`bool`): one bias `mlp.bias` (H,) added to the routed experts' mixed output (JetMoE).
+        moa_experts (`int`): mixture of attention heads (JetMoE): GQA whose query and output projections are
+            `moa_experts` routed experts, `moa_top_k` per token (num_attention_heads = moa_top_k *
+            num_key_value_heads; `attention_out_bias` is the bias of the mixed output); 0 = plain attention.
+        moa_top_k (`int`): attention experts per token.
+
     Training objectives:
         aux_loss_alpha (`float`): Switch / expert-level balance loss coefficient (alpha * N * sum f_i P_i).
         device_aux_loss_alpha (`float`), aux_loss_num_devices (`int`): device-level balance loss over
@@ -383,6 +423,25 @@ class MoEConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.0
     router_logit_noise: float = 0.0
     capacity_factor: float | None = None
+    # FFN, router and norm variants
+    mlp_bias: bool = False
+    expert_bias: bool = False
+    router_bias: bool = False
+    lm_head_bias: bool = False
+    glu_type: str = "glu"
+    glu_limit: float | None = None
+    glu_alpha: float = 1.702
+    norm_type: str = "rms_norm"
+    norm_bias: bool = True
+    norm_topk_p: float = 1.0
+    norm_topk_min: float = 1e-20
+    gate_on_expert_input: bool = False
+    sparsemixer_eps: float = 0.01
+    last_k_dense_replace: int = 0
+    attention_sinks: bool = False
+    moe_output_bias: bool = False
+    moa_experts: int = 0
+    moa_top_k: int = 2
     # training objectives
     aux_loss_alpha: float = 0.0
     device_aux_loss_alpha: float = 0.0
@@ -462,6 +521,7 @@ class MoEConfig(PreTrainedConfig):
             self.n_routed_experts > 0
             and layer_idx >= self.first_k_dense_replace
             and (layer_idx - self.first_k_dense_replace) % self.moe_layer_freq == 0
+            and layer_idx < self.num_hidden_layers - self.last_k_dense_replace
         )
 
     @property
@@ -527,6 +587,7 @@ class MoEConfig(PreTrainedConfig):
             if self.topk_group * per_group < self.num_experts_per_tok:
                 fail("topk_group", f"{self.topk_group} groups of {per_group} experts cannot hold "
                                    f"num_experts_per_tok={self.num_experts_per_tok} choices")
+        self._validate_variants(fail)
         if self.n_routed_experts > 0 and self.n_routed_experts % self.aux_loss_num_devices:
             fail("aux_loss_num_devices", f"must be >= 1 and divide n_routed_experts={self.n_routed_experts}")
         self._validate_router_type()
@@ -564,6 +625,34 @@ class MoEConfig(PreTrainedConfig):
                 if getattr(self, loss):
                     fail(loss, "must be 0 with router_type='expert_choice' (balanced by construction: every "
                                "expert takes C tokens)")
+
+    def _validate_variants(self, fail: Callable[[str, str], None]) -> None:
+        """The FFN, router and norm variants together with the rest."""
+        if self.attention_sinks and self.attention_type != "gqa":
+            fail("attention_sinks", "only supported with attention_type='gqa'")
+        if self.moa_experts:
+            if self.attention_type != "gqa" or self.attention_sinks or self.qk_norm or self.clip_qkv or self.sliding_window:
+                fail("moa_experts", "mixture of attention heads is plain GQA (attention_type='gqa', no sinks, q/k norm, "
+                                    "clipping or window)")
+            if self.moa_top_k > self.moa_experts:
+                fail("moa_top_k", f"must be between 1 and moa_experts={self.moa_experts}")
+            if self.num_attention_heads != self.moa_top_k * self.num_key_value_heads:
+                fail("num_attention_heads", f"must be moa_top_k * num_key_value_heads = "
+                                            f"{self.moa_top_k * self.num_key_value_heads} with moa_experts")
+        if self.glu_type == "gpt_oss" and self.glu_limit is None:
+            fail("glu_limit", "glu_type='gpt_oss' clamps its inputs: set glu_limit (gpt-oss: 7.0)")
+        if self.first_k_dense_replace + self.last_k_dense_replace > self.num_hidden_layers:
+            fail("last_k_dense_replace", f"first_k_dense_replace + last_k_dense_replace must be at most "
+                                         f"num_hidden_layers={self.num_hidden_layers}")
+        if self.topk_method == "sparsemixer":
+            if self.num_experts_per_tok != 2 or self.scoring_func != "softmax" or self.n_group > 1:
+                field = "num_experts_per_tok" if self.num_experts_per_tok != 2 else (
+                    "scoring_func" if self.scoring_func != "softmax" else "n_group")
+                fail(field, "topk_method='sparsemixer' chooses 2 experts by masked softmaxes (num_experts_per_tok=2, "
+                            "scoring_func='softmax', n_group=1)")
+            if self.topk_before_softmax or self.norm_topk_prob:
+                fail("topk_before_softmax" if self.topk_before_softmax else "norm_topk_prob",
+                     "topk_method='sparsemixer' makes its own gate values (set False)")
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """`PreTrainedConfig.save_pretrained`, refusing an invalid config with our ConfigFieldError (transformers'

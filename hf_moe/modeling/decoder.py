@@ -10,7 +10,7 @@ from .attention import build_attention
 from .configuration import MoEConfig
 from .experts import MLP
 from .moe import MoEBlock
-from .normalization import RMSNorm
+from .normalization import build_norm
 from .routing import RouterOutput
 from .routing_inputs import RoutingInputs
 
@@ -24,8 +24,8 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.self_attn = build_attention(config, layer_idx)
         is_moe = config.is_moe_layer(layer_idx) if moe is None else moe
         self.mlp = MoEBlock(config) if is_moe else MLP(config, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = build_norm(config)
+        self.post_attention_layernorm = build_norm(config)
 
     def forward(
         self,

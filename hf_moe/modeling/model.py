@@ -27,8 +27,10 @@ from .fused_head import FusedHeadOptions, FusedLMHeadOutput, fused_head_output, 
 from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
 from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
+from .moa import MixtureOfAttentionHeads
+from .moe import MoEBlock
 from .mtp import MTPModule, shift_left
-from .normalization import RMSNorm
+from .normalization import build_norm
 from .rotary import RotaryEmbedding
 from .router_types import HashRouter
 from .routing import Router, RouterOutput, valid_tokens
@@ -118,9 +120,21 @@ class MoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.balance_counts)
             if isinstance(module, HashRouter):
                 init.copy_(module.hash_table, module.default_table())
+            if module.bias is not None:
+                init.zeros_(module.bias)
         elif isinstance(module, RoutedExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.gate_up_proj_bias is not None:
+                init.zeros_(module.gate_up_proj_bias)
+                init.zeros_(module.down_proj_bias)
+        elif isinstance(module, MixtureOfAttentionHeads):
+            init.normal_(module.q_proj, mean=0.0, std=std)
+            init.normal_(module.o_proj, mean=0.0, std=std)
+            if module.o_bias is not None:
+                init.zeros_(module.o_bias)
+        elif isinstance(module, MoEBlock) and module.bias is not None:
+            init.zeros_(module.bias)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
         """Non-reentrant checkpointing by default. `use_reentrant=True` is allowed where no bias balancing counts
@@ -211,7 +225,7 @@ class MoEPreTrainedModel(PreTrainedModel):
 
 
 class MoEModel(MoEPreTrainedModel):
-    """Embeddings -> decoder layers (dense or MoE) -> final RMSNorm."""
+    """Embeddings -> decoder layers (dense or MoE) -> final norm (RMSNorm or LayerNorm)."""
 
     def __init__(self, config: MoEConfig) -> None:
         config.validate_moe()  # fields may have changed since the config was built
@@ -220,7 +234,7 @@ class MoEModel(MoEPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = build_norm(config)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -321,7 +335,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MoEModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         depth = config.num_nextn_predict_layers
         self.mtp = nn.ModuleList([MTPModule(config, k) for k in range(depth)]) if depth else None
         self.fused_head_options = FusedHeadOptions()

@@ -1,4 +1,8 @@
-"""MoEBlock: router + routed experts + shared experts (DeepSeekMoE eq. 3-5; Qwen2-MoE's gated shared expert)."""
+"""MoEBlock: router + routed experts + shared experts (DeepSeekMoE eq. 3-5; Qwen2-MoE's gated shared expert).
+
+With `config.gate_on_expert_input` (Llama 4) the gate scales each chosen expert's input instead of its output,
+h = sum_k FFN_k(g_k x): every (token, choice) slot becomes a row of its own with weight 1 (`gated_inputs`), so
+every experts backend computes it unchanged."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from .routing_inputs import RoutingInputs
 
 
 class MoEBlock(nn.Module):
-    """h = sum_k g_k FFN_k(x) + [sigmoid(x w_s)] * SharedFFN(x). Returns the output and the router's decision."""
+    """h = sum_k g_k FFN_k(x) [+ b] + [sigmoid(x w_s)] * SharedFFN(x). Returns the output and the router's decision."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -22,6 +26,7 @@ class MoEBlock(nn.Module):
         self.experts = RoutedExperts(config)
         self.shared_experts = MLP(config, config.shared_intermediate_size) if config.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.bias = nn.Parameter(torch.zeros(config.hidden_size)) if config.moe_output_bias else None  # JetMoE
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
@@ -32,10 +37,25 @@ class MoEBlock(nn.Module):
         shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, shape[-1])  # (T, H)
         routing = self.gate(tokens, token_mask, routing_inputs)
-        output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
+        if self.config.gate_on_expert_input:
+            output = gated_inputs(self.experts, tokens, routing.topk_ids, routing.topk_weights)
+        else:
+            output = self.experts(tokens, routing.topk_ids, routing.topk_weights.to(tokens.dtype))  # (T, H)
+        if self.bias is not None:
+            output = output + self.bias
         if self.shared_experts is not None:
             shared = self.shared_experts(tokens)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             output = output + shared
         return output.view(shape), routing
+
+
+def gated_inputs(experts: nn.Module, tokens: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                 ) -> torch.Tensor:  # fmt: skip
+    """sum_k FFN_{e_k}(g_k x) for tokens (T, H), ids and gates (T, K): one row per slot, gate 1, summed over k."""
+    num_tokens, top_k = topk_ids.shape
+    rows = tokens.repeat_interleave(top_k, dim=0) * topk_weights.reshape(-1, 1).to(tokens.dtype)  # (T*K, H)
+    ones = torch.ones(num_tokens * top_k, 1, dtype=tokens.dtype, device=tokens.device)
+    out = experts(rows, topk_ids.reshape(-1, 1), ones)  # (T*K, H)
+    return out.view(num_tokens, top_k, -1).sum(dim=1)

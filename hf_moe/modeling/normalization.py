@@ -1,8 +1,11 @@
-"""RMSNorm (Zhang & Sennrich 2019), computed in fp32 and cast back, as Llama and DeepSeek do.
+"""RMSNorm (Zhang & Sennrich 2019), computed in fp32 and cast back, as Llama and DeepSeek do, and LayerNorm
+(Ba et al. 2016) with or without bias (Phi-3.5-MoE, DBRX), chosen by `config.norm_type` (`build_norm`).
 
     y = w * x * r,   r = (mean(x^2) + eps)^-1/2                                  (Zhang & Sennrich, eq. 4)
+    y = w * (x - mean(x)) / sqrt(var(x) + eps) [+ b]                                      (Ba et al., eq. 4)
 
-The "rms_norm" kernel (hf_moe.kernels, with a hand-written backward) takes the calls it is eligible for.
+The "rms_norm" kernel (hf_moe.kernels, with a hand-written backward) takes the RMSNorm calls it is eligible
+for; LayerNorm is torch's own.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .configuration import MoEConfig
 from .kernel_hooks import run_kernel
 
 
@@ -33,3 +37,11 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+def build_norm(config: MoEConfig, size: int | None = None) -> nn.Module:
+    """The decoder's norm of `config.norm_type` over `size` features (hidden_size by default), eps rms_norm_eps."""
+    size = config.hidden_size if size is None else size
+    if config.norm_type == "layer_norm":
+        return nn.LayerNorm(size, eps=config.rms_norm_eps, bias=config.norm_bias)
+    return RMSNorm(size, eps=config.rms_norm_eps)

@@ -1,7 +1,9 @@
 """Router: token-to-expert affinities, (group-limited) top-k choice with a balancing bias, gate values.
 
 DeepSeek-V3 §2.1 eqs. 12-16 (sigmoid, bias for choosing only), DeepSeek-V2 §2.2 (softmax, device-limited
-groups), Mixtral (top-k of logits then softmax), Switch (jitter), Shazeer 2017 (noisy top-k).
+groups), Mixtral (top-k of logits then softmax), Switch (jitter), Shazeer 2017 (noisy top-k); variants: a
+learned bias on the logits (gpt-oss), p-norm renormalisation with a floor (DBRX, Ernie 4.5), SparseMixer's
+masked-softmax choice (Phi-3.5-MoE, Liu et al. 2024, `sparsemixer`).
 All router math runs in fp32; the bias and the per-expert counters are fp32 buffers that stay fp32 when
 the model is cast (bf16 spacing near 1 is coarser than the bias step gamma = 1e-3).
 """
@@ -75,6 +77,7 @@ class Router(nn.Module):
         self.n_group = config.n_group
         self.topk_group = config.topk_group
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(self.num_experts)) if config.router_bias else None  # on the logits
         self.e_score_correction_bias = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32))
         self.tokens_per_expert = nn.Buffer(torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
         # global-batch balance loss: [expert counts (N), device token counts (n_group), tokens] of the step so far
@@ -124,10 +127,13 @@ class Router(nn.Module):
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        logits = F.linear(x, self.weight.float())  # (T, N)
+        logits = F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())  # (T, N)
         noisy_logits = logits
         if self.training and self.config.router_logit_noise > 0:
             noisy_logits = logits + torch.randn_like(logits) * self.config.router_logit_noise
+        if self.config.topk_method == "sparsemixer":
+            topk_ids, topk_weights = sparsemixer(noisy_logits, self.config.sparsemixer_eps, self.training)
+            return self._finish(logits, topk_ids, topk_weights, token_mask)
         scores = self.scores(noisy_logits)  # (T, N)
 
         with torch.no_grad():
@@ -141,9 +147,20 @@ class Router(nn.Module):
         else:
             topk_weights = scores.gather(1, topk_ids)  # (T, K)
             if self.config.norm_topk_prob:
-                topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+                topk_weights = self.renormalise(topk_weights)
         topk_weights = topk_weights * self.config.routed_scaling_factor
+        return self._finish(logits, topk_ids, topk_weights, token_mask)
 
+    def renormalise(self, topk_weights: torch.Tensor) -> torch.Tensor:
+        """g / max(||g||_p, min): p = `norm_topk_p` (1: the sum; DBRX's p-norm), min = `norm_topk_min` (Ernie's
+        moe_norm_min; the default 1e-20 is DeepSeek's `sum + 1e-20` for every sum above 1e-13)."""
+        p = self.config.norm_topk_p
+        norm = topk_weights.sum(dim=-1, keepdim=True) if p == 1 else topk_weights.norm(p=p, dim=-1, keepdim=True)
+        return topk_weights / norm.clamp(min=self.config.norm_topk_min)
+
+    def _finish(self, logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                token_mask: torch.Tensor | None) -> RouterOutput:  # fmt: skip
+        """Capacity dropping and the training load counters, then the RouterOutput."""
         if self.config.capacity_factor is not None:
             topk_weights = drop_over_capacity(topk_ids, topk_weights, self.num_experts, self.config.capacity_factor,
                                               token_mask)
@@ -154,6 +171,58 @@ class Router(nn.Module):
             # index_add of 0/1 rather than bincount of the selected ids: no data-dependent shape, no host sync
             self.tokens_per_expert.index_add_(0, topk_ids.reshape(-1), counted.reshape(-1).float())
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights, router=self)
+
+
+class SparseMixerGate(torch.autograd.Function):
+    """SparseMixer's gate in training (Liu et al. 2024 §3, Heun's third-order method, as Phi-3.5-MoE trains):
+    forward g * scale (scale 1, or 1/3 for a sampled non-argmax choice with probability 3/4); backward to the
+    logits only, through the softmax of the chosen expert: dL/ds = (dL/dy * g) (onehot(chosen) - p)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, gate: torch.Tensor, chosen: torch.Tensor, probs: torch.Tensor,  # noqa: ANN001
+                scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(gate, chosen, probs)
+        return gate * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:  # noqa: ANN001
+        gate, chosen, probs = ctx.saved_tensors
+        weighted = grad * gate  # (T, 1)
+        return (-probs * weighted).scatter_add(-1, chosen, weighted), None, None, None, None
+
+
+def sparsemixer(logits: torch.Tensor, eps: float, training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseMixer's top-2 choice (Liu et al. 2024, as Phi-3.5-MoE runs it): the k-th choice is among the
+    remaining experts close to the best one, (max - s) / max(|s|, max) <= 2 eps, its gate its softmax among them.
+    logits (T, N) -> ids (T, 2), gates (T, 2).
+
+    Inference takes the best candidate. Training samples it from that softmax (Gumbel-max) and runs the gate
+    through `SparseMixerGate`; the random draws are taken in Phi-3.5-MoE's order (its second mask draws twice),
+    so a seeded run reproduces its training forward and gradients."""
+    ids, gates, remaining = [], [], logits
+    for step in range(2):
+        with torch.no_grad():
+            best, best_id = remaining.max(dim=-1, keepdim=True)
+            far = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        candidates = remaining.masked_fill(far, float("-inf"))
+        chosen = best_id
+        if training:
+            with torch.no_grad():
+                noise = torch.empty_like(candidates).exponential_().log()
+                chosen = (candidates - noise).max(dim=-1)[1].unsqueeze(-1)
+        probs = candidates.softmax(dim=-1)
+        gate = probs.gather(-1, chosen)
+        if training:
+            with torch.no_grad():
+                draw = torch.rand_like(gate)
+                if step == 1:
+                    draw.uniform_()
+                scale = torch.add(0.3333, (chosen == best_id) | (draw > 0.75), alpha=0.6667).type_as(probs)
+            gate = SparseMixerGate.apply(logits, gate.detach(), chosen, probs.detach(), scale)
+        ids.append(chosen)
+        gates.append(gate)
+        remaining = remaining.scatter(-1, chosen, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(gates, dim=-1)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

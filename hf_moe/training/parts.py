@@ -14,6 +14,7 @@ from torch import nn
 
 from ..modeling.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from ..modeling.experts import MLP, RoutedExperts
+from ..modeling.moa import MixtureOfAttentionHeads
 from ..modeling.moe import MoEBlock
 from ..modeling.mtp import MTPModule
 from ..modeling.normalization import RMSNorm
@@ -33,6 +34,7 @@ _MTP_NAME = re.compile(r"(?:^|\.)mtp\.(\d+)(?:\.|$)")
 _CLASS_PARTS = {cls.__name__: part for cls, part in (
     (RoutedExperts, "routed_experts"), (Router, "router"), (MoEBlock, "shared_experts"),  # the block's own: the gate
     (MultiHeadLatentAttention, "attention"), (GroupedQueryAttention, "attention"), (RMSNorm, "norms"),
+    (MixtureOfAttentionHeads, "attention"),
     (MTPModule, "mtp"),
 )}
 
@@ -46,6 +48,8 @@ def _own_part(name: str, module: nn.Module) -> str | None:
         return _CLASS_PARTS[kind]
     if isinstance(module, nn.Embedding):
         return "embeddings"
+    if isinstance(module, nn.LayerNorm):  # norm_type="layer_norm"
+        return "norms"
     if name.rsplit(".", 1)[-1] in HEAD_NAMES:
         return "lm_head"
     return None

@@ -372,6 +372,7 @@ def supports_fused(experts: nn.Module) -> bool:
         and not getattr(experts, "is_transposed", False)
         and getattr(experts, "is_concatenated", True)
         and not getattr(experts, "has_post_expert_norm", False)
+        and getattr(experts, "plain_glu", True)  # SwiGLU proper (hf_moe's other gated units step aside)
         and not getattr(experts, "_is_expert_parallel", False)
         and getattr(getattr(experts, "config", None), "hidden_act", None) in ("silu", "swish")
         and hasattr(experts, "gate_up_proj")

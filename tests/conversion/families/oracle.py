@@ -35,7 +35,15 @@ class Case(NamedTuple):
     config_class: type[PreTrainedConfig]
     fields: dict
     left_padding: bool = False
-    per_expert: tuple[str, tuple[str, str, str]] = PER_EXPERT
+    per_expert: tuple[str, tuple[str, str, str]] | None = PER_EXPERT  # None: one layout (transformers')
+    renames: tuple[tuple[str, str], ...] = ()  # (transformers', original) key parts the original layout renames
+
+    def original(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' state dict in the released checkpoints' naming (`per_expert`, then `renames`)."""
+        out = dict(state) if self.per_expert is None else per_expert(state, self.per_expert)
+        for theirs, original in self.renames:
+            out = {k.replace(theirs, original): v for k, v in out.items()}
+        return out
 
     @property
     def family(self) -> str:
@@ -64,9 +72,9 @@ def randomise(model: torch.nn.Module) -> None:
     """Every parameter and persistent buffer random (norm weights around 1, routers decisive)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight", "norm_f.weight")) or "layernorm" in name:
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif ".gate.weight" in name:
+            elif ".gate.weight" in name or ".router." in name:  # (Phi-3.5-MoE, gpt-oss, DBRX: router)
                 param.normal_(0.0, 0.5)
             else:
                 param.normal_(0.0, 0.1)

@@ -25,7 +25,6 @@ from tests.conversion.families.oracle import (
     logits_of,
     max_logit_diff,
     ours_from,
-    per_expert,
 )
 
 MOE_CASES = cases(MoEFamily)
@@ -50,8 +49,7 @@ def test_oracle_logits_and_round_trip(case: str, tmp_path) -> None:
     assert diff < TOL, f"{case}: max |logits diff| = {diff:.3g}"
 
     # the original per-expert naming imports to the same tensors
-    naming = MOE_CASES[case].per_expert
-    from_original = state_dict_to_moe(family, per_expert(their_state, naming), moe_config)
+    from_original = state_dict_to_moe(family, MOE_CASES[case].original(their_state), moe_config)
     assert from_original.keys() == ours_state.keys()
     assert all(torch.equal(from_original[k], ours_state[k]) for k in ours_state)
 
@@ -67,7 +65,7 @@ def test_oracle_logits_and_round_trip(case: str, tmp_path) -> None:
 
     # export in the original layout: transformers' from_pretrained converts it back to its fused tensors
     original = state_dict_from_moe(family, ours.state_dict(), moe_config, layout="original")
-    assert original.keys() == per_expert(their_state, naming).keys() - (
+    assert original.keys() == MOE_CASES[case].original(their_state).keys() - (
         {"lm_head.weight"} if moe_config.tie_word_embeddings else set()
     )
     back_config.save_pretrained(tmp_path)
