@@ -31,6 +31,13 @@ GQA_ATTENTION = same(
 DENSE_DECODER_LAYER = NORMS + GQA_ATTENTION + DENSE_MLP
 #: the same with DeepSeek's MLA attention
 MLA_DECODER_LAYER = NORMS + MLA_ATTENTION + DENSE_MLP
+#: DeepSeek-V3's multi-token-prediction module k (also GLM-4.5's): ours `mtp.{k}.*`, theirs `model.layers.{N+k}.*`;
+#: its decoder block takes the layer rows, and the shared head row is completed at bind time (it names the
+#: embedding when the head is tied)
+DEEPSEEK_MTP = same("", "enorm.weight", "hnorm.weight", "eh_proj.weight") + (
+    Rule("norm.weight", ("shared_head.norm.weight",)),
+    Rule("^model.embed_tokens.weight", ("^model.embed_tokens.weight", "embed_tokens.weight"), "duplicate"),
+)
 SHARED_EXPERTS = same("mlp.shared_experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
