@@ -115,14 +115,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = True
         self.scaling = softmax_scale(config)
         hidden = config.hidden_size
+        latent_eps = config.rms_norm_eps if config.latent_norm_eps is None else config.latent_norm_eps
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.attention_out_bias)
         # Decoding with weight absorption (see `absorbed_attention`) costs ~T*S*(2r + dr) per head against

@@ -128,7 +128,7 @@ FIELD_RULES: dict[str, Rule | None] = {
     "attention_chunk_size": _POSITIVE,
     "nope_layers": (lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
                     "must be distinct layer indices >= 0 (layers without RoPE)"),
-    "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY,
+    "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY, "latent_norm_eps": _FINITE_POSITIVE,
     "attention_multiplier": _FINITE_POSITIVE, "embedding_multiplier": _FINITE_POSITIVE,
     "residual_multiplier": _FINITE_POSITIVE, "logits_scaling": _FINITE_POSITIVE,
     # experts
@@ -242,6 +242,8 @@ class MoEConfig(PreTrainedConfig):
             EXAONE-MoE's full-attention layers); None = every layer rotates. GQA only.
         qk_norm_after_rope (`bool`): apply the q/k norm after RoPE (Hunyuan-MoE) rather than before (Qwen3).
         qk_norm_weight (`bool`): the q/k norm has a learned weight; False = weightless RMS (L2) norm (Llama 4).
+        latent_norm_eps (`float | None`): epsilon of MLA's q_a/kv_a RMSNorms; None = rms_norm_eps
+            (transformers' DeepSeek-V2/V3 and GLM-4.7-Flash classes use 1e-6 whatever rms_norm_eps is).
         attention_multiplier (`float | None`): softmax scale of q.k (muP, Granite); None = qk_head_dim^-0.5.
         embedding_multiplier (`float`): token embeddings are multiplied by it (muP, Granite).
         residual_multiplier (`float`): attention and FFN outputs are multiplied by it before the residual
@@ -358,6 +360,7 @@ class MoEConfig(PreTrainedConfig):
     nope_layers: list[int] | None = None
     qk_norm_after_rope: bool = False
     qk_norm_weight: bool = True
+    latent_norm_eps: float | None = None
     attention_multiplier: float | None = None
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
@@ -490,7 +493,7 @@ class MoEConfig(PreTrainedConfig):
                 field = "qk_norm" if self.qk_norm is not None else (
                     "clip_qkv" if self.clip_qkv is not None else "sliding_window")
                 fail(field, "only supported with attention_type='gqa'")
-            for field in ("layer_types", "nope_layers", "attention_chunk_size"):
+            for field in ("layer_types", "nope_layers", "attention_chunk_size"):  # GQA only
                 if getattr(self, field) is not None:
                     fail(field, "only supported with attention_type='gqa'")
             if (self.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0:
@@ -512,6 +515,8 @@ class MoEConfig(PreTrainedConfig):
                 fail("layer_types", "has 'sliding_attention' layers, which need sliding_window")
             if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
                 fail("layer_types", "has 'chunked_attention' layers, which need attention_chunk_size")
+        if self.attention_type != "mla" and self.latent_norm_eps is not None:
+            fail("latent_norm_eps", "only supported with attention_type='mla' (its q_a/kv_a norms)")
         if self.qk_norm is None and (self.qk_norm_after_rope or not self.qk_norm_weight):
             fail("qk_norm_after_rope" if self.qk_norm_after_rope else "qk_norm_weight", "is a q/k norm variant: needs qk_norm")
         if self.nope_layers and max(self.nope_layers) >= self.num_hidden_layers:

@@ -107,9 +107,14 @@ SOFTMAX_ROUTER = (
     Refusal("routed_scaling_factor", lambda c: c.routed_scaling_factor == 1, "but {family} does not scale gate values"),
 )  # fmt: skip
 
+#: the epsilon transformers' MLA classes (DeepSeek-V2/V3, GLM-4.7-Flash) give the q_a/kv_a norms: their RMSNorm's
+#: default, whatever rms_norm_eps is
+MLA_LATENT_EPS = 1e-6
+LATENT_EPS = Refusal("latent_norm_eps", lambda c: (c.latent_norm_eps or c.rms_norm_eps) == MLA_LATENT_EPS,
+                     f"but {{family}}'s q_a/kv_a norms use eps={MLA_LATENT_EPS}")
 #: DeepSeek-V2/V3: MLA, n_shared_experts experts of moe_intermediate_size, every layer after the dense ones MoE
 DEEPSEEK = (
-    attention("mla"), MIXTURE, SOFTMAX_FIRST,
+    attention("mla"), MIXTURE, SOFTMAX_FIRST, LATENT_EPS,
     Refusal("attention_out_bias", lambda c: c.attention_out_bias == c.attention_bias,
             "but {family} has one attention_bias flag for q_a/kv_a and o_proj"),
     Refusal("moe_layer_freq", lambda c: c.moe_layer_freq == 1,
@@ -137,6 +142,7 @@ def mla_fields(hf: PreTrainedConfig, rope_interleave: bool) -> dict[str, Any]:
         num_experts_per_tok=hf.num_experts_per_tok, moe_intermediate_size=hf.moe_intermediate_size,
         n_shared_experts=hf.n_shared_experts, first_k_dense_replace=hf.first_k_dense_replace or 0,
         moe_layer_freq=1, routed_scaling_factor=hf.routed_scaling_factor, **_deepseek_losses(hf),
+        latent_norm_eps=None if hf.rms_norm_eps == MLA_LATENT_EPS else MLA_LATENT_EPS,
     )  # fmt: skip
 
 

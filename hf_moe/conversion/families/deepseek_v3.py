@@ -29,6 +29,7 @@ def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
 
 FAMILY = MoEFamily(
     model_type="deepseek_v3",
+    knobs=frozenset({"latent_norm_eps"}),
     layer=shared.MLA_DECODER_LAYER + shared.routed_experts(bias=True) + shared.SHARED_EXPERTS,
     mtp=shared.DEEPSEEK_MTP,
     to_moe=_to_moe,

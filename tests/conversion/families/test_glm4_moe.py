@@ -1,7 +1,8 @@
 """GLM-4.5 record (`glm4_moe`): its oracle cases (partial rotary, q/k/v biases, per-head q/k norm, groups), the
 greedy generate() of transformers' class, export refusals and MTP modules in DeepSeek-V3's on-disk layout.
 
-`assert_same_greedy_generation` is the generate() oracle the attention-side family tests share."""
+`assert_same_greedy_generation` (the generate() oracle) and `converted_logit_diff` (the logits oracle for a case
+outside CASES) are shared by the attention-side family tests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 from transformers import Glm4MoeConfig, PreTrainedConfig
 
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_from_moe, state_dict_to_moe
-from tests.conversion.families.oracle import TINY, Case, family_model, inputs, ours_from, per_expert, randomise
+from tests.conversion.families.oracle import (
+    TINY,
+    Case,
+    family_model,
+    inputs,
+    logits_of,
+    ours_from,
+    per_expert,
+    randomise,
+)
 from tests.conversion.families.test_deepseek_v3 import CASES as DEEPSEEK_V3
 
 GLM = dict(TINY, num_key_value_heads=2, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
@@ -26,12 +36,24 @@ CASES = {
 }  # fmt: skip
 
 
-def assert_same_greedy_generation(case: Case, new_tokens: int = 8) -> None:
-    """Greedy generate() with the cache, transformers' class against the converted hf_moe model (padded batch)."""
+def converted(case: Case) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """transformers' randomised model of `case` and the hf_moe model converted from it."""
     theirs, their_config = family_model(case)
     moe_config = config_to_moe(their_config)
-    ours = ours_from(moe_config, state_dict_to_moe(case.family, theirs.state_dict(), moe_config))
-    input_ids, mask = inputs(True, their_config.vocab_size)
+    return theirs, ours_from(moe_config, state_dict_to_moe(case.family, theirs.state_dict(), moe_config))
+
+
+def converted_logit_diff(case: Case) -> float:
+    """Max |fp32 logits difference| over the real tokens of a padded batch, transformers' class against ours."""
+    theirs, ours = converted(case)
+    input_ids, mask = inputs(True, theirs.config.vocab_size)
+    return (logits_of(theirs, input_ids, mask) - logits_of(ours, input_ids, mask))[mask.bool()].abs().max().item()
+
+
+def assert_same_greedy_generation(case: Case, new_tokens: int = 8) -> None:
+    """Greedy generate() with the cache, transformers' class against the converted hf_moe model (padded batch)."""
+    theirs, ours = converted(case)
+    input_ids, mask = inputs(True, theirs.config.vocab_size)
     settings = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         expected = theirs.generate(input_ids=input_ids, attention_mask=mask, **settings)
