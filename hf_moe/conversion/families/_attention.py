@@ -10,6 +10,7 @@ from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..records import Refusal
+from ..tables import Rule
 from . import _shared as shared
 
 
@@ -67,3 +68,12 @@ V3_ROUTER = (
 NO_OUT_BIAS = Refusal("attention_out_bias", lambda c: not c.attention_out_bias, "but {family}'s o_proj has no bias")
 NO_CHUNKS = Refusal("layer_types", lambda c: "chunked_attention" not in (c.layer_types or ()),
                     "but {family} has no chunked attention layers")  # fmt: skip
+
+
+def renamed_router(router_key: str) -> tuple[Rule, ...]:
+    """`routed_experts()` (no balancing bias) with the router weight stored as `router_key` in both layouts."""
+    rows = []
+    for rule in shared.routed_experts():
+        theirs = tuple(router_key if t == "mlp.gate.weight" else t for t in rule.theirs)
+        rows.append(Rule(rule.ours, theirs, rule.op, rule.layout))
+    return tuple(rows)
