@@ -9,7 +9,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..records import Refusal
+from ..records import Refusal, refuse_import
 from ..tables import Rule
 from . import _shared as shared
 
@@ -77,3 +77,26 @@ def renamed_router(router_key: str) -> tuple[Rule, ...]:
         theirs = tuple(router_key if t == "mlp.gate.weight" else t for t in rule.theirs)
         rows.append(Rule(rule.ours, theirs, rule.op, rule.layout))
     return tuple(rows)
+
+
+def dense_first(hf: PreTrainedConfig) -> int:
+    """`mlp_layer_types` ("dense"/"sparse" per layer) as first_k_dense_replace: dense layers first, then MoE
+    only (else refused, naming the field)."""
+    kinds = list(hf.mlp_layer_types[: hf.num_hidden_layers])
+    first = kinds.index("sparse") if "sparse" in kinds else len(kinds)
+    if any(kind != "sparse" for kind in kinds[first:]):
+        raise refuse_import(hf, "mlp_layer_types", "hf_moe places MoE layers after the dense ones "
+                                                   "(first_k_dense_replace, moe_layer_freq=1) and cannot express this set")
+    return first
+
+
+def mlp_layer_types(cfg: MoEConfig) -> list[str]:
+    """The family's `mlp_layer_types` of an MoEConfig."""
+    return ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
+
+
+class Fields:
+    """A config's attributes with some replaced or added (what the field helpers here read)."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)

@@ -9,19 +9,9 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
-from ..records import MoEFamily, Refusal, refuse_import
+from ..records import MoEFamily, Refusal
 from . import _attention as attn
 from . import _shared as shared
-
-
-def _dense_first(hf: PreTrainedConfig) -> int:
-    """mlp_layer_types as first_k_dense_replace: dense layers first, then MoE only (else refused)."""
-    kinds = list(hf.mlp_layer_types[: hf.num_hidden_layers])
-    first = kinds.index("sparse") if "sparse" in kinds else len(kinds)
-    if any(kind != "sparse" for kind in kinds[first:]):
-        raise refuse_import(hf, "mlp_layer_types", "hf_moe places MoE layers after the dense ones "
-                                                   "(first_k_dense_replace, moe_layer_freq=1) and cannot express this set")
-    return first
 
 
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
@@ -31,22 +21,14 @@ def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
         rope_interleave=bool(hf.rope_interleave), attention_bias=hf.attention_bias,
         attention_out_bias=hf.attention_bias, num_nextn_predict_layers=getattr(hf, "num_nextn_predict_layers", 0) or 0,
     )  # fmt: skip
-    hf_router = dict(vars(hf), first_k_dense_replace=_dense_first(hf))
+    hf_router = dict(vars(hf), first_k_dense_replace=attn.dense_first(hf))
     eps = None if hf.rms_norm_eps == shared.MLA_LATENT_EPS else shared.MLA_LATENT_EPS
-    return dict(fields, latent_norm_eps=eps, **attn.v3_router_fields(_Fields(hf_router)))
-
-
-class _Fields:
-    """A config's attributes with some replaced (what `v3_router_fields` reads)."""
-
-    def __init__(self, fields: dict[str, Any]) -> None:
-        self.__dict__.update(fields)
+    return dict(fields, latent_norm_eps=eps, **attn.v3_router_fields(attn.Fields(hf_router)))
 
 
 def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
-    kinds = ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.num_hidden_layers)]
     fields = dict(shared.mla_config(cfg), norm_topk_prob=cfg.norm_topk_prob, rope_interleave=cfg.rope_interleave,
-                  mlp_layer_types=kinds)  # fmt: skip
+                  mlp_layer_types=attn.mlp_layer_types(cfg))  # fmt: skip
     fields.pop("first_k_dense_replace")  # Glm4MoeLiteConfig places MoE layers by mlp_layer_types only
     if cfg.num_nextn_predict_layers:
         fields["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers
