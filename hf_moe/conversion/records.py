@@ -112,6 +112,8 @@ ATTENTION_KNOBS: dict[str, Refusal] = {
                                    "but {family} does not scale residual branches"),
     "latent_norm_eps": Refusal("latent_norm_eps", lambda c: c.latent_norm_eps in (None, c.rms_norm_eps),
                                "but {family}'s q_a/kv_a norms use rms_norm_eps"),
+    "sublayer_norm": Refusal("sublayer_norm", lambda c: c.sublayer_norm == "pre",
+                             "but {family} normalises each sub-layer's input (pre-norm)"),
     "logits_scaling": Refusal("logits_scaling", lambda c: c.logits_scaling == 1, "but {family} does not scale logits"),
 }  # fmt: skip
 

@@ -42,6 +42,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_TYPES = ("head", "full")
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # transformers' spellings
+SUBLAYER_NORMS = ("pre", "post")
 CONFIG_NAME = "config.json"
 
 
@@ -131,6 +132,7 @@ FIELD_RULES: dict[str, Rule | None] = {
     "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY, "latent_norm_eps": _FINITE_POSITIVE,
     "attention_multiplier": _FINITE_POSITIVE, "embedding_multiplier": _FINITE_POSITIVE,
     "residual_multiplier": _FINITE_POSITIVE, "logits_scaling": _FINITE_POSITIVE,
+    "sublayer_norm": _one_of(SUBLAYER_NORMS),
     # experts
     "n_routed_experts": _NON_NEGATIVE, "num_experts_per_tok": _AT_LEAST_1, "moe_intermediate_size": _POSITIVE,
     "n_shared_experts": _NON_NEGATIVE, "shared_expert_intermediate_size": _NON_NEGATIVE, "shared_expert_gate": _ANY,
@@ -249,6 +251,8 @@ class MoEConfig(PreTrainedConfig):
         residual_multiplier (`float`): attention and FFN outputs are multiplied by it before the residual
             add (muP, Granite).
         logits_scaling (`float`): logits are divided by it (muP, Granite).
+        sublayer_norm (`str`): where each decoder layer's RMSNorms sit: "pre" (on the attention and FFN inputs,
+            Llama) or "post" (on their outputs, before the residual add: OLMo 2, FlexOlmo).
 
     Experts:
         n_routed_experts (`int`): routed experts per MoE layer (N).
@@ -365,6 +369,7 @@ class MoEConfig(PreTrainedConfig):
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    sublayer_norm: str = "pre"
     # experts
     n_routed_experts: int = 64
     num_experts_per_tok: int = 6

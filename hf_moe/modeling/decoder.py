@@ -1,6 +1,7 @@
-"""DecoderLayer: pre-norm attention then pre-norm FFN (dense MLP or MoEBlock), each with a residual (scaled by
-muP's `residual_multiplier`, Granite). Its attention type (`config.layer_types`) picks its mask where the model
-builds one per type."""
+"""DecoderLayer: attention then FFN (dense MLP or MoEBlock), each with a residual (scaled by muP's
+`residual_multiplier`, Granite) and an RMSNorm: on the sub-layer's input (`sublayer_norm="pre"`, Llama) or on its
+output before the residual add ("post", OLMo 2 / FlexOlmo). Its attention type (`config.layer_types`) picks its
+mask where the model builds one per type."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from .routing import RouterOutput
 
 
 class DecoderLayer(GradientCheckpointingLayer):
-    """x = x + m * Attn(norm(x)); x = x + m * FFN(norm(x)) with m = `config.residual_multiplier` (1 but for muP).
-    FFN is an MoEBlock where `config.is_moe_layer(idx)`."""
+    """x = x + m * Attn(norm(x)); x = x + m * FFN(norm(x)) with m = `config.residual_multiplier` (1 but for muP);
+    with `sublayer_norm="post"`: x = x + m * norm(Attn(x)); x = x + m * norm(FFN(x)) (OLMo 2, its norms named
+    post_attention_layernorm / post_feedforward_layernorm as there). FFN is an MoEBlock where
+    `config.is_moe_layer(idx)`."""
 
     def __init__(self, config: MoEConfig, layer_idx: int, moe: bool | None = None) -> None:
         super().__init__()
@@ -28,8 +31,12 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.self_attn = build_attention(config, layer_idx)
         is_moe = config.is_moe_layer(layer_idx) if moe is None else moe
         self.mlp = MoEBlock(config) if is_moe else MLP(config, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_after = config.sublayer_norm == "post"
+        if not self.norm_after:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.norm_after:
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -47,15 +54,19 @@ class DecoderLayer(GradientCheckpointingLayer):
             attention_mask = attention_mask[self.attention_type]
         kwargs.pop("use_cache", None)
         kwargs.pop("position_ids", None)
-        attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
-        )
+        attn_in = hidden_states if self.norm_after else self.input_layernorm(hidden_states)
+        attn_out, attn_weights = self.self_attn(attn_in, position_embeddings, attention_mask, cache=cache, **kwargs)
+        if self.norm_after:
+            attn_out = self.post_attention_layernorm(attn_out)
         hidden_states = hidden_states + self.scaled(attn_out)
         routing = None
+        ffn_in = hidden_states if self.norm_after else self.post_attention_layernorm(hidden_states)
         if isinstance(self.mlp, MoEBlock):
-            ffn_out, routing = self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
+            ffn_out, routing = self.mlp(ffn_in, token_mask)
         else:
-            ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
+            ffn_out = self.mlp(ffn_in)
+        if self.norm_after:
+            ffn_out = self.post_feedforward_layernorm(ffn_out)
         return hidden_states + self.scaled(ffn_out), routing, attn_weights
 
     def scaled(self, branch: torch.Tensor) -> torch.Tensor:
