@@ -26,12 +26,19 @@ PUBLISHED: dict[str, tuple[float, float, str]] = {
     "qwen1.5-moe-a2.7b": (14.3 * B, 2.7 * B, "Qwen blog 'Qwen1.5-MoE' / Qwen1.5-MoE-A2.7B card"),
     "qwen3-moe-30b-a3b": (30.5 * B, 3.3 * B, "Qwen3-30B-A3B model card"),
     "olmoe-1b-7b": (6.9 * B, 1.3 * B, "OLMoE paper arXiv 2409.02060 / OLMoE-1B-7B-0924 card"),
+    # attention-side families (presets.ATTENTION_FAMILY_PRESETS)
+    "glm-4.5": (355 * B, 32 * B, "GLM-4.5 report arXiv 2508.06471 abstract / zai-org/GLM-4.5 card"),
+    "glm-4.5-air": (106 * B, 12 * B, "GLM-4.5 report arXiv 2508.06471 abstract / zai-org/GLM-4.5-Air card"),
+    "minimax-m2": (230 * B, 10 * B, "MiniMaxAI/MiniMax-M2 model card"),
 }
 # DeepSeek-V2-Lite's 2.4B activated is only reproduced without the input embedding (a table lookup, not a
 # matmul): 2.45B without it vs 2.66B with it. V2 (20.9B vs 21B) and V3 (36.6B vs 37B) fit the same definition
 # (and are within 2% either way), so the DeepSeek-V2 family is compared without the input embedding. The other
 # models' published active counts include embeddings and output head.
 ACTIVE_WITHOUT_INPUT_EMBEDDING = {"deepseek-v2-lite", "deepseek-v2", "deepseek-v3"}
+# GLM-4.5 (32.1B vs 32B), GLM-4.5-Air (12.2B vs 12B) and MiniMax-M2 (9.8B vs 10B) publish active counts without
+# the embedding and the output head (with them: 33.6B, 13.4B, 11.0B)
+ACTIVE_WITHOUT_EMBEDDING_AND_HEAD = {"glm-4.5", "glm-4.5-air", "minimax-m2"}
 TOLERANCE = 0.03
 
 
@@ -104,6 +111,8 @@ def test_preset_matches_published_counts(name: str) -> None:
     count = preset_count(name)
     published_total, published_active, source = PUBLISHED[name]
     active = count.active - (count.parts["embeddings"] if name in ACTIVE_WITHOUT_INPUT_EMBEDDING else 0)
+    if name in ACTIVE_WITHOUT_EMBEDDING_AND_HEAD:
+        active -= count.parts["embeddings"] + count.parts["lm_head"]
     assert abs(count.total / published_total - 1) < TOLERANCE, (name, count.total, published_total, source)
     assert abs(active / published_active - 1) < TOLERANCE, (name, active, published_active, source)
     assert count.parts["other"] == 0
@@ -192,7 +201,10 @@ def test_published_hyper_parameters() -> None:
     assert MoEConfig.from_preset("mixtral-8x7b").num_local_experts == 8
     for name in PRESETS:
         config = MoEConfig.from_preset(name)
-        assert (config.router_bias_update_rate > 0) == (name == "deepseek-v3"), name
+        assert (config.router_bias_update_rate > 0) == (name in ("deepseek-v3", "glm-4.5", "glm-4.5-air")), name
+    glm = MoEConfig.from_preset("glm-4.5")
+    assert (glm.rotary_dim, glm.qk_norm, glm.moe_layer_indices[0], glm.routed_scaling_factor) == (64, "head", 3, 2.5)
+    assert MoEConfig.from_preset("minimax-m2").rotary_dim == 64
 
 
 def test_from_preset_overrides() -> None:
