@@ -300,6 +300,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     def loss_function(self, value: Callable) -> None:
         self._loss_function = value
 
+    def create_masks_for_generate(
+        self, config: MoEConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
+        position_ids: torch.Tensor | None = None, **kwargs: object,
+    ) -> torch.Tensor | None:
+        """generate()'s precomputed mask (static caches): the model's own single mask where every layer has one
+        attention type; with `layer_types` the 2-D mask is left to the forward, which builds one mask per type
+        (transformers' generic version reads `config.layer_types` as always a list)."""
+        if config.layer_types is not None:
+            return attention_mask
+        return self.model.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
+
     def _prepare_cache_for_generation(self, generation_config: object, model_kwargs: dict, *args: object) -> None:
         """The full-attention layers of generate()'s default DynamicCache append in place (`MoECache`'s layers);
         the cache object itself, and any cache the caller passes or `cache_implementation` asks for (static,

@@ -120,6 +120,17 @@ def test_mixed_layers_generate_with_the_cache_as_without(layer_types: list[str])
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("layer_types", [None, [FULL, SLIDING, FULL]])
+def test_static_cache_generation_with_layer_types(layer_types: list[str] | None) -> None:
+    """generate() with a static cache precomputes masks (`create_masks_for_generate`): one type or several."""
+    model = model_of(layer_types=layer_types, sliding_window=4 if layer_types else None)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        static = model.generate(input_ids=IDS[:, :6], cache_implementation="static", **settings)
+        dynamic = model.generate(input_ids=IDS[:, :6], **settings)
+    assert torch.equal(static, dynamic)
+
+
 @pytest.mark.parametrize(("fields", "field"), [
     (dict(layer_types=[FULL, FULL]), "layer_types"),                      # one per layer
     (dict(layer_types=[FULL, SLIDING, FULL]), "layer_types"),             # needs sliding_window
