@@ -246,7 +246,8 @@ class MoEConfig(PreTrainedConfig):
         qk_norm_weight (`bool`): the q/k norm has a learned weight; False = weightless RMS (L2) norm (Llama 4).
         latent_norm_eps (`float | None`): epsilon of MLA's q_a/kv_a RMSNorms; None = rms_norm_eps
             (transformers' DeepSeek-V2/V3 and GLM-4.7-Flash classes use 1e-6 whatever rms_norm_eps is).
-        attention_multiplier (`float | None`): softmax scale of q.k (muP, Granite); None = qk_head_dim^-0.5.
+        attention_multiplier (`float | None`): softmax scale of q.k (muP, Granite); None = qk_head_dim^-0.5
+            (with YaRN's mscale for MLA).
         embedding_multiplier (`float`): token embeddings are multiplied by it (muP, Granite).
         residual_multiplier (`float`): attention and FFN outputs are multiplied by it before the residual
             add (muP, Granite).
