@@ -251,7 +251,8 @@ def _rotary_factor(hf: PreTrainedConfig) -> float:
 #: what hf_moe's GQA attention and bias-free SwiGLU FFN cannot express, refused for every dense decoder
 DENSE_IMPORT = (
     Refusal("mlp_bias", lambda hf: not getattr(hf, "mlp_bias", False), "hf_moe FFNs and experts have no biases"),
-    Refusal("partial_rotary_factor", lambda hf: _rotary_factor(hf) == 1.0, "hf_moe rotates the whole head"),
+    Refusal("partial_rotary_factor", lambda hf: _rotary_factor(hf) == 1.0,
+            "the family's rotation (Llama's) rotates the whole head"),
     Refusal("layer_types", lambda hf: _window_kind(hf) != "mixed",
             "it mixes sliding and full attention (use_sliding_window with max_window_layers): hf_moe's "
             "sliding_window applies to every layer"),
