@@ -3,7 +3,7 @@
 Each entry reproduces the hyper-parameters of the model's Hugging Face `config.json` (named in its comment),
 translated to MoEConfig's field names. Balance-loss coefficients come from the same config or, where the config
 does not carry them, from the model's paper (named in the comment). Models trained with auxiliary losses keep
-`router_bias_update_rate=0.0` (no auxiliary-loss-free bias updates); only DeepSeek-V3 uses them.
+`router_bias_update_rate=0.0` (no auxiliary-loss-free bias updates); only DeepSeek-V3 and GLM-4.5 use them.
 """
 
 from __future__ import annotations
@@ -505,7 +505,53 @@ PRESETS: dict[str, dict[str, Any]] = {
 # openai/gpt-oss-20b config.json: gpt-oss-120b's architecture with 24 layers and 32 experts.
 PRESETS["gpt-oss-20b"] = {**PRESETS["gpt-oss-120b"], "num_hidden_layers": 24, "n_routed_experts": 32}
 
-__all__ = ["PRESETS"]
+# ------------------------------------------------------------------ systems of the attention-side families
+# (GQA with partial rotary / q/k norms under DeepSeek-V3-style sigmoid routers; see conversion/families)
+
+
+def _glm45(**fields: Any) -> dict[str, Any]:
+    """GLM-4.5's shared architecture (zai-org config.json): GQA 8 KV heads of 128 with q/k/v biases, partial rotary
+    0.5 (rope_theta 1e6), sigmoid router with the balancing bias, one shared expert, one MTP layer. The GLM-4.5
+    report (arXiv 2508.06471) trains with loss-free balance routing (bias update rate 0.001) plus a sequence-wise
+    balance loss of weight 0.0001."""
+    return {
+        "vocab_size": 151552, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "bos_token_id": None,
+        "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329, "tie_word_embeddings": False,
+        "attention_type": "gqa", "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+        "attention_bias": True, "attention_out_bias": False,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "partial_rotary_factor": 0.5},
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "router_bias_update_rate": 0.001,
+        "seq_aux_loss_alpha": 0.0001, "num_nextn_predict_layers": 1, **fields,
+    }  # fmt: skip
+
+
+ATTENTION_FAMILY_PRESETS: dict[str, dict[str, Any]] = {
+    # zai-org/GLM-4.5 config.json: 92 layers (3 dense), 160 routed experts of 1536, per-head q/k norm, scale 2.5
+    "glm-4.5": _glm45(hidden_size=5120, intermediate_size=12288, num_hidden_layers=92, moe_intermediate_size=1536,
+                      n_routed_experts=160, first_k_dense_replace=3, routed_scaling_factor=2.5, qk_norm="head"),
+    # zai-org/GLM-4.5-Air config.json: 46 layers (1 dense), 128 routed experts of 1408, no q/k norm
+    "glm-4.5-air": _glm45(hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, moe_intermediate_size=1408,
+                          n_routed_experts=128, first_k_dense_replace=1, routed_scaling_factor=1.0),
+    # MiniMaxAI/MiniMax-M2 config.json: 62 MoE layers, GQA 48/8 heads of 128 without biases, q/k RMSNorm over the
+    # whole projection, rotary_dim 64 (partial 0.5, rope_theta 5e6), 256 experts of 1536 top-8, sigmoid router
+    # with the balancing bias, no shared experts (its MTP modules are not in transformers' class). Its bias
+    # schedule is not published: the config's router_aux_loss_coef 0.001 is kept, bias updates off.
+    "minimax-m2": {
+        "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536, "num_hidden_layers": 62,
+        "num_attention_heads": 48, "max_position_embeddings": 196608, "rms_norm_eps": 1e-6, "bos_token_id": 200034,
+        "eos_token_id": 200020, "tie_word_embeddings": False, "attention_type": "gqa", "num_key_value_heads": 8,
+        "head_dim": 128, "qk_norm": "full",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 1536, "n_shared_experts": 0,
+        "first_k_dense_replace": 0, "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 1,
+        "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 1.0, "router_bias_update_rate": 0.0,
+        "aux_loss_alpha": 0.001,
+    },
+}  # fmt: skip
+PRESETS.update(ATTENTION_FAMILY_PRESETS)
+
+__all__ = ["ATTENTION_FAMILY_PRESETS", "PRESETS"]
 
 
 def _presets() -> dict[str, dict[str, Any]]:

@@ -112,17 +112,50 @@ _LEARNED_ROUTER = Refusal("router_type", lambda c: c.router_type == "learned",
                           "but {family} routes with a learned top-k router")  # fmt: skip
 
 
+def _one_layer_type(c: MoEConfig) -> bool:
+    """Every layer has the attention type the config implies without `layer_types` (sliding where a window is set)."""
+    implied = "sliding_attention" if c.sliding_window is not None else "full_attention"
+    return c.layer_types is None or set(c.layer_types) == {implied}
+
+
+#: attention-side knobs: a family exports a non-default value only if it names the knob in `MoEFamily.knobs`
+ATTENTION_KNOBS: dict[str, Refusal] = {
+    "layer_types": Refusal("layer_types", _one_layer_type, "but {family} has one attention type for every layer"),
+    "attention_chunk_size": Refusal("attention_chunk_size", lambda c: c.attention_chunk_size is None,
+                                    "but {family} has no chunked attention"),
+    "nope_layers": Refusal("nope_layers", lambda c: not c.nope_layers, "but every {family} layer rotates (RoPE)"),
+    "partial_rotary_factor": Refusal("rope_parameters", lambda c: c.attention_type == "mla" or c.rotary_dim == c.head_dim,
+                                     "has partial_rotary_factor < 1 but {family} rotates the whole head"),
+    "qk_norm_after_rope": Refusal("qk_norm_after_rope", lambda c: not c.qk_norm_after_rope,
+                                  "but {family} normalises q/k before RoPE"),
+    "qk_norm_weight": Refusal("qk_norm_weight", lambda c: c.qk_norm_weight, "but {family}'s q/k norms have weights"),
+    "attention_multiplier": Refusal("attention_multiplier", lambda c: c.attention_multiplier is None,
+                                    "but {family} scales attention by 1/sqrt(head_dim)"),
+    "embedding_multiplier": Refusal("embedding_multiplier", lambda c: c.embedding_multiplier == 1,
+                                    "but {family} does not scale embeddings"),
+    "residual_multiplier": Refusal("residual_multiplier", lambda c: c.residual_multiplier == 1,
+                                   "but {family} does not scale residual branches"),
+    "latent_norm_eps": Refusal("latent_norm_eps", lambda c: c.latent_norm_eps in (None, c.rms_norm_eps),
+                               "but {family}'s q_a/kv_a norms use rms_norm_eps"),
+    "sublayer_norm": Refusal("sublayer_norm", lambda c: c.sublayer_norm == "pre",
+                             "but {family} normalises each sub-layer's input (pre-norm)"),
+    "logits_scaling": Refusal("logits_scaling", lambda c: c.logits_scaling == 1, "but {family} does not scale logits"),
+}  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEFamily(Family):
     """An MoE family converted both ways. `from_moe(moe_config)` returns the family's config fields it spells
     its own way, after `export_refusals` passed (configurations the family cannot express, refused with the
-    field and value named). `switch_loss`: the family's `router_aux_loss_coef` is transformers' Switch-style
+    field and value named; attention-side knobs outside `knobs` are refused too, see `ATTENTION_KNOBS`). `switch_loss`: the family's `router_aux_loss_coef` is transformers' Switch-style
     balance loss, mapped to and from our `aux_loss_alpha` (`switch_coef_to_alpha`)."""
 
     from_moe: Callable[[MoEConfig], dict[str, Any]]
     export_refusals: tuple[Refusal, ...] = ()
     switch_loss: bool = False
     variants: frozenset[str] = frozenset()  # the VARIANT_DEFAULTS fields (and "sparsemixer") it expresses
+    #: the `ATTENTION_KNOBS` this family expresses (the others must keep their defaults to export)
+    knobs: frozenset[str] = frozenset()
 
     def config_to_moe(self, hf_config: PreTrainedConfig) -> MoEConfig:
         """The MoEConfig of a config of this family (fields it does not have take hf_moe's defaults)."""
@@ -134,8 +167,9 @@ class MoEFamily(Family):
     def check_export(self, config: MoEConfig) -> None:
         """Raise ValueError naming the field for what this family cannot express (inference semantics only;
         training-only knobs are dropped on export)."""
+        unsupported = tuple(refusal for knob, refusal in ATTENTION_KNOBS.items() if knob not in self.knobs)
         refusals = (_LEARNED_ROUTER, *_variant_refusals(self.variants), *self.export_refusals,
-                    *(() if self.mtp else (_NO_MTP,)))
+                    *(() if self.mtp else (_NO_MTP,)), *unsupported)
         for refusal in refusals:
             if not refusal.ok(config):
                 raise _refuse_export(self.model_type, config, refusal.field, refusal.why.format(family=self.model_type))
@@ -166,6 +200,7 @@ __all__ = [
     "Family",
     "MoEFamily",
     "Refusal",
+    "ATTENTION_KNOBS",
     "alpha_to_switch_coef",
     "refuse_import",
     "switch_coef_to_alpha",

@@ -35,7 +35,10 @@ def yarn_mscale(scale: float, mscale: float) -> float:
 
 
 def softmax_scale(config: MoEConfig) -> float:
-    """qk_head_dim^-0.5, times mscale^2 when YaRN with `mscale_all_dim` is configured (DeepSeek-V2/V3)."""
+    """qk_head_dim^-0.5, times mscale^2 when YaRN with `mscale_all_dim` is configured (DeepSeek-V2/V3); muP's
+    `attention_multiplier` instead where one is set (Granite)."""
+    if config.attention_multiplier is not None:
+        return config.attention_multiplier
     scale = config.qk_head_dim ** -0.5
     rope = config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
@@ -173,14 +176,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = True
         self.scaling = softmax_scale(config)
         hidden = config.hidden_size
+        latent_eps = config.rms_norm_eps if config.latent_norm_eps is None else config.latent_norm_eps
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=config.attention_bias)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=config.attention_out_bias)
         # Decoding with weight absorption (see `absorbed_attention`) costs ~T*S*(2r + dr) per head against
@@ -304,9 +308,31 @@ class MultiHeadLatentAttention(nn.Module):
         return project(self.o_proj, output.reshape(batch, length, -1)), weights
 
 
+class WeightlessRMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) in fp32, cast back: an RMSNorm without a learned weight (Llama 4's q/k L2
+    norm, `qk_norm_weight=False`)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).type_as(hidden_states)
+
+
+def qk_norm_module(config: MoEConfig, width: int) -> nn.Module:
+    """The query or key norm over `width` dims: RMSNorm, or weightless where `qk_norm_weight` is False."""
+    if config.qk_norm_weight:
+        return RMSNorm(width, eps=config.rms_norm_eps)
+    return WeightlessRMSNorm(eps=config.rms_norm_eps)
+
+
 class GroupedQueryAttention(nn.Module):
     """GQA (Ainslie et al. 2023) as in Llama/Mistral/Qwen, with optional q/k RMSNorm ("head": Qwen3, "full":
-    OLMoE), qkv clipping (OLMoE), sliding windows (Mistral) and learned attention sinks (gpt-oss)."""
+    OLMoE; before RoPE, or after it as in Hunyuan; weighted or weightless), qkv clipping (OLMoE), partial rotary
+    (GLM), per-layer sliding windows / chunks / NoPE (`config.layer_types`, `config.nope_layers`), muP's
+    attention multiplier (Granite) and learned attention sinks (gpt-oss)."""
 
     def __init__(self, config: MoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -316,9 +342,12 @@ class GroupedQueryAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.scaling = self.head_dim ** -0.5
+        multiplier = config.attention_multiplier  # muP (Granite); else 1/sqrt(d), as Llama/Qwen
+        self.scaling = self.head_dim ** -0.5 if multiplier is None else multiplier
         self.attention_dropout = config.attention_dropout
-        self.sliding_window = config.sliding_window
+        self.attention_type = config.layer_type(layer_idx)
+        self.sliding_window = config.sliding_window if self.attention_type == "sliding_attention" else None
+        self.use_rope = config.uses_rope(layer_idx)
         self.is_causal = True
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
@@ -327,11 +356,21 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         if config.qk_norm == "head":
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = qk_norm_module(config, self.head_dim)
+            self.k_norm = qk_norm_module(config, self.head_dim)
         elif config.qk_norm == "full":
-            self.q_norm = RMSNorm(self.num_heads * self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = qk_norm_module(config, self.num_heads * self.head_dim)
+            self.k_norm = qk_norm_module(config, self.num_kv_heads * self.head_dim)
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, heads, T, d), k (B, kv_heads, T, d) through the q/k norms, per head or over all heads."""
+        if self.config.qk_norm == "head":
+            return self.q_norm(q), self.k_norm(k)
+        batch, _, length, _ = q.shape  # "full": over the whole projection, (B, T, heads * d)
+        q = self.q_norm(q.transpose(1, 2).reshape(batch, length, -1))
+        k = self.k_norm(k.transpose(1, 2).reshape(batch, length, -1))
+        return (q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2),
+                k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2))
 
     def forward(
         self,
@@ -342,25 +381,30 @@ class GroupedQueryAttention(nn.Module):
         **kwargs: object,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
+        config = self.config
+        before_rope = config.qk_norm is not None and not config.qk_norm_after_rope
         q, k, v = (project(proj, hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.config.qk_norm == "full":
+        if before_rope and config.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.config.clip_qkv is not None:
-            clip = self.config.clip_qkv
+        if config.clip_qkv is not None:
+            clip = config.clip_qkv
             q, k, v = q.clamp(-clip, clip), k.clamp(-clip, clip), v.clamp(-clip, clip)
         q = q.view(batch, length, self.num_heads, self.head_dim)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.config.qk_norm == "head":
+        if before_rope and config.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, d)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if self.use_rope:
+            cos, sin = position_embeddings
+            q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
+        if config.qk_norm is not None and config.qk_norm_after_rope:
+            q, k = self.normalize_qk(q, k)
         if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if self.sinks is not None:
             kwargs["s_aux"] = self.sinks
-        attend = attention_function(self.config) if self.sinks is None else sink_attention_function(self.config)
+        attend = attention_function(config) if self.sinks is None else sink_attention_function(config)
         output, weights = attend(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,

@@ -45,6 +45,8 @@ ROUTER_TYPES = ("learned", "hash", "expert_choice", "balanced_assignment")
 BALANCE_LOSS_SCOPES = ("micro_batch", "global_batch")
 GLU_TYPES = ("glu", "gpt_oss")
 NORM_TYPES = ("rms_norm", "layer_norm")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # transformers' spellings
+SUBLAYER_NORMS = ("pre", "post")
 CONFIG_NAME = "config.json"
 #: MLA's per-head and latent widths when an MLA config leaves them None (DeepSeek-V2-Lite-like proportions).
 MLA_DEFAULTS = {"kv_lora_rank": 256, "qk_rope_head_dim": 32, "qk_nope_head_dim": 64, "v_head_dim": 64}
@@ -134,6 +136,15 @@ FIELD_RULES: dict[str, Rule | None] = {
     "qk_norm": _one_of(QK_NORM_TYPES), "clip_qkv": _FINITE_POSITIVE, "sliding_window": _POSITIVE,
     "rope_parameters": (_rope, "rope_theta and factor must be finite numbers > 0, partial_rotary_factor in (0, 1]"),
     "attention_dropout": _PROBABILITY,
+    # attention, per layer and its variants (glm4_moe, dots1, hunyuan, exaone_moe, granite... families)
+    "layer_types": (lambda v: all(t in LAYER_TYPES for t in v), f"every entry must be one of {LAYER_TYPES}"),
+    "attention_chunk_size": _POSITIVE,
+    "nope_layers": (lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
+                    "must be distinct layer indices >= 0 (layers without RoPE)"),
+    "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY, "latent_norm_eps": _FINITE_POSITIVE,
+    "attention_multiplier": _FINITE_POSITIVE, "embedding_multiplier": _FINITE_POSITIVE,
+    "residual_multiplier": _FINITE_POSITIVE, "logits_scaling": _FINITE_POSITIVE,
+    "sublayer_norm": _one_of(SUBLAYER_NORMS),
     # experts
     "n_routed_experts": _NON_NEGATIVE, "num_experts_per_tok": _AT_LEAST_1, "moe_intermediate_size": _POSITIVE,
     "n_shared_experts": _NON_NEGATIVE, "shared_expert_intermediate_size": _NON_NEGATIVE, "shared_expert_gate": _ANY,
@@ -245,9 +256,30 @@ class MoEConfig(PreTrainedConfig):
         qk_norm (`str | None`): GQA query/key RMSNorm: "head" (per head, Qwen3) or "full" (over the whole
             projection, OLMoE); None for no norm.
         clip_qkv (`float | None`): clamp q/k/v to [-clip_qkv, clip_qkv] (OLMoE).
-        sliding_window (`int | None`): GQA sliding-window size (Mixtral); None for full attention.
+        sliding_window (`int | None`): GQA sliding-window size (Mixtral): of every layer, or of the
+            "sliding_attention" layers of `layer_types`; None for full attention.
         rope_parameters (`dict`): transformers' RoPE parameters (rope_theta, rope_type, yarn factor/mscale...).
         attention_dropout (`float`).
+
+    Attention per layer and its variants:
+        layer_types (`list[str] | None`): per decoder layer "full_attention", "sliding_attention" (a window of
+            `sliding_window`) or "chunked_attention" (blocks of `attention_chunk_size`, Llama 4), transformers'
+            spellings; None = every layer sliding when `sliding_window` is set, else full. GQA only.
+        attention_chunk_size (`int | None`): chunk size of "chunked_attention" layers.
+        nope_layers (`list[int] | None`): indices of layers without rotary embeddings (NoPE; Llama 4, SmolLM3,
+            EXAONE-MoE's full-attention layers); None = every layer rotates. GQA only.
+        qk_norm_after_rope (`bool`): apply the q/k norm after RoPE (Hunyuan-MoE) rather than before (Qwen3).
+        qk_norm_weight (`bool`): the q/k norm has a learned weight; False = weightless RMS (L2) norm (Llama 4).
+        latent_norm_eps (`float | None`): epsilon of MLA's q_a/kv_a RMSNorms; None = rms_norm_eps
+            (transformers' DeepSeek-V2/V3 and GLM-4.7-Flash classes use 1e-6 whatever rms_norm_eps is).
+        attention_multiplier (`float | None`): softmax scale of q.k (muP, Granite); None = qk_head_dim^-0.5
+            (with YaRN's mscale for MLA).
+        embedding_multiplier (`float`): token embeddings are multiplied by it (muP, Granite).
+        residual_multiplier (`float`): attention and FFN outputs are multiplied by it before the residual
+            add (muP, Granite).
+        logits_scaling (`float`): logits are divided by it (muP, Granite).
+        sublayer_norm (`str`): where each decoder layer's RMSNorms sit: "pre" (on the attention and FFN inputs,
+            Llama) or "post" (on their outputs, before the residual add: OLMo 2, FlexOlmo).
 
     Experts:
         n_routed_experts (`int`): routed experts per MoE layer (N).
@@ -401,6 +433,18 @@ class MoEConfig(PreTrainedConfig):
     sliding_window: int | None = None
     rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float = 0.0
+    # attention, per layer and its variants
+    layer_types: list[str] | None = None
+    attention_chunk_size: int | None = None
+    nope_layers: list[int] | None = None
+    qk_norm_after_rope: bool = False
+    qk_norm_weight: bool = True
+    latent_norm_eps: float | None = None
+    attention_multiplier: float | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    sublayer_norm: str = "pre"
     # experts
     n_routed_experts: int = 64
     num_experts_per_tok: int = 6
@@ -492,6 +536,29 @@ class MoEConfig(PreTrainedConfig):
             return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim
 
+    def layer_type(self, layer_idx: int) -> str:
+        """The attention type of decoder layer `layer_idx` (`layer_types`; MTP blocks past the last layer: full
+        attention, or sliding when every layer slides)."""
+        if self.layer_types is not None and layer_idx < len(self.layer_types):
+            return self.layer_types[layer_idx]
+        if self.layer_types is None and self.sliding_window is not None:
+            return "sliding_attention"
+        return "full_attention"
+
+    def uses_rope(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` rotates its queries and keys (not one of `nope_layers`)."""
+        return not self.nope_layers or layer_idx not in self.nope_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated width of each query/key head: `qk_rope_head_dim` for MLA; for GQA the first
+        int(head_dim * rope_parameters["partial_rotary_factor"]) dims (GPT-NeoX / GLM partial rotary; the rest
+        of the head carries no position)."""
+        if self.attention_type == "mla":
+            return self.qk_rope_head_dim
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor") or 1.0
+        return int(self.head_dim * factor)
+
     @property
     def shared_intermediate_size(self) -> int:
         """Total width of the shared-expert FFN (0 when there is none)."""
@@ -558,14 +625,37 @@ class MoEConfig(PreTrainedConfig):
                 field = "qk_norm" if self.qk_norm is not None else (
                     "clip_qkv" if self.clip_qkv is not None else "sliding_window")
                 fail(field, "only supported with attention_type='gqa'")
+            for field in ("layer_types", "nope_layers", "attention_chunk_size"):  # GQA only
+                if getattr(self, field) is not None:
+                    fail(field, "only supported with attention_type='gqa'")
+            if (self.rope_parameters or {}).get("partial_rotary_factor", 1.0) != 1.0:
+                fail("rope_parameters", "partial_rotary_factor must be 1 with attention_type='mla' (its rotary "
+                                        "width is qk_rope_head_dim)")
         else:
             for field in MLA_ONLY_FIELDS:
                 if getattr(self, field) is not None:
                     fail(field, "only used with attention_type='mla'; must be None with attention_type='gqa'")
             if self.head_dim is None or self.head_dim % 2:
                 fail("head_dim", "must be a positive even integer")
+            if self.rotary_dim < 2 or self.rotary_dim % 2:
+                fail("rope_parameters", f"partial_rotary_factor must give an even rotary width >= 2 of "
+                                        f"head_dim={self.head_dim} (got {self.rotary_dim})")
             if self.num_attention_heads % self.num_key_value_heads:
                 fail("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                fail("layer_types", f"must list one type per layer (num_hidden_layers={self.num_hidden_layers}), "
+                                    f"got {len(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                fail("layer_types", "has 'sliding_attention' layers, which need sliding_window")
+            if "chunked_attention" in self.layer_types and self.attention_chunk_size is None:
+                fail("layer_types", "has 'chunked_attention' layers, which need attention_chunk_size")
+        if self.attention_type != "mla" and self.latent_norm_eps is not None:
+            fail("latent_norm_eps", "only supported with attention_type='mla' (its q_a/kv_a norms)")
+        if self.qk_norm is None and (self.qk_norm_after_rope or not self.qk_norm_weight):
+            fail("qk_norm_after_rope" if self.qk_norm_after_rope else "qk_norm_weight", "is a q/k norm variant: needs qk_norm")
+        if self.nope_layers and max(self.nope_layers) >= self.num_hidden_layers:
+            fail("nope_layers", f"must be layer indices below num_hidden_layers={self.num_hidden_layers}")
         if self.n_routed_experts > 0 and self.num_experts_per_tok > self.n_routed_experts:
             fail("num_experts_per_tok", f"must be between 1 and n_routed_experts={self.n_routed_experts}")
         if self.shared_expert_gate and self.shared_intermediate_size == 0:

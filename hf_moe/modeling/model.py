@@ -12,7 +12,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
@@ -243,10 +243,16 @@ class MoEModel(MoEPreTrainedModel):
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
         position_ids: torch.Tensor,
     ) -> torch.Tensor | None:
-        """The 4-D (or backend-specific) causal mask, sliding-window when configured."""
-        make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
-        return make_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         cache=cache, position_ids=position_ids)
+        """The 4-D (or backend-specific) causal mask, sliding-window when configured; with `layer_types` one mask
+        per attention type the layers use, as a dict by type (each DecoderLayer takes its own)."""
+        kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                      position_ids=position_ids)  # fmt: skip
+        if self.config.layer_types is None:
+            make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+            return make_mask(**kwargs)
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
+                  "chunked_attention": create_chunked_causal_mask}  # fmt: skip
+        return {kind: makers[kind](**kwargs) for kind in {*self.config.layer_types, "full_attention"}}
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -281,6 +287,8 @@ class MoEModel(MoEPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         past = cache.get_seq_length() if cache is not None else 0
+        if self.config.embedding_multiplier != 1.0:  # muP (Granite): embeddings scaled, input embeddings too
+            inputs_embeds = inputs_embeds * self.config.embedding_multiplier
         if position_ids is None:
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
         routing_inputs = layer_routing_inputs(
@@ -363,6 +371,17 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     @loss_function.setter
     def loss_function(self, value: Callable) -> None:
         self._loss_function = value
+
+    def create_masks_for_generate(
+        self, config: MoEConfig, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
+        position_ids: torch.Tensor | None = None, **kwargs: object,
+    ) -> torch.Tensor | None:
+        """generate()'s precomputed mask (static caches): the model's own single mask where every layer has one
+        attention type; with `layer_types` the 2-D mask is left to the forward, which builds one mask per type
+        (transformers' generic version reads `config.layer_types` as always a list)."""
+        if config.layer_types is not None:
+            return attention_mask
+        return self.model.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
 
     def _prepare_cache_for_generation(self, generation_config: object, model_kwargs: dict, *args: object) -> None:
         """The full-attention layers of generate()'s default DynamicCache append in place (`MoECache`'s layers);
@@ -453,7 +472,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's logits (of the last `logits_to_keep` positions, 0 = all, or those of an index tensor)
         and, given labels, the LM loss. The default loss may run with the head as the "lm_head_loss" kernel."""
-        if labels is not None and self.loss_function is causal_lm_loss:
+        scaling = self.config.logits_scaling  # muP (Granite): logits / logits_scaling, which the fused kernel lacks
+        if labels is not None and self.loss_function is causal_lm_loss and scaling == 1.0:
             fused = run_kernel("lm_head_loss", self.lm_head, hidden_states, labels, logits_to_keep,
                                num_items_in_batch=kwargs.get("num_items_in_batch"),
                                shift_labels=kwargs.get("shift_labels"))
@@ -462,6 +482,8 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 return logits, lm_loss
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
+        if scaling != 1.0:
+            logits = logits / scaling
         if labels is None:
             return logits, None
         return logits, self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

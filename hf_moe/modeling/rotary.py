@@ -24,7 +24,8 @@ from .kernel_hooks import run_kernel
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of RoPE (Su et al. 2021) for the rotary width `config.head_dim`."""
+    """cos/sin tables of RoPE (Su et al. 2021) for the rotary width `config.rotary_dim` (the whole head, or its
+    first `partial_rotary_factor` part)."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -42,7 +43,7 @@ class RotaryEmbedding(nn.Module):
     def compute_default_rope_parameters(config: MoEConfig, **_: object) -> tuple[torch.Tensor, float]:
         """theta_j = base^(-2j/d) for j < d/2 (RoFormer eq. 15)."""
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = config.rotary_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
@@ -84,7 +85,13 @@ def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, d) = cat(freqs, freqs)."""
+    """Rotate x (B, heads, T, d) by the position angles; cos/sin are (B, T, r) = cat(freqs, freqs). With a rotary
+    width r < d (partial rotary, GPT-NeoX/GLM) only the first r dims rotate and the rest pass unchanged."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+        return torch.cat((apply_rope(x_rot, cos, sin, interleaved), x_pass.to(torch.promote_types(x.dtype, cos.dtype))),
+                         dim=-1)
     cos, sin = half_angles(cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d/2)
     out = run_kernel("rope", x, cos, sin, interleaved)

@@ -33,6 +33,10 @@ PUBLISHED: dict[str, tuple[float, float, str]] = {
     "llama-4-scout": (109 * B, 17 * B, "Llama 4 Scout card: 17B active, 109B total"),
     "llama-4-maverick": (400 * B, 17 * B, "Llama 4 Maverick card: 17B active, 400B total"),
     "dbrx": (132 * B, 36 * B, "Databricks 'Introducing DBRX' blog: 132B total, 36B active"),
+    # attention-side families (presets.ATTENTION_FAMILY_PRESETS)
+    "glm-4.5": (355 * B, 32 * B, "GLM-4.5 report arXiv 2508.06471 abstract / zai-org/GLM-4.5 card"),
+    "glm-4.5-air": (106 * B, 12 * B, "GLM-4.5 report arXiv 2508.06471 abstract / zai-org/GLM-4.5-Air card"),
+    "minimax-m2": (230 * B, 10 * B, "MiniMaxAI/MiniMax-M2 model card"),
 }
 # DeepSeek-V2-Lite's 2.4B activated is only reproduced without the input embedding (a table lookup, not a
 # matmul): 2.45B without it vs 2.66B with it. V2 (20.9B vs 21B) and V3 (36.6B vs 37B) fit the same definition
@@ -42,6 +46,10 @@ PUBLISHED: dict[str, tuple[float, float, str]] = {
 # 5.13B / 3.61B exactly) follow the same definition; so does Ernie 4.5 (3.09B).
 ACTIVE_WITHOUT_INPUT_EMBEDDING = {"deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "kimi-k2", "gpt-oss-120b",
                                   "gpt-oss-20b", "ernie-4.5-21b-a3b"}  # fmt: skip
+
+# GLM-4.5 (32.1B vs 32B), GLM-4.5-Air (12.2B vs 12B) and MiniMax-M2 (9.8B vs 10B) publish active counts without
+# the embedding and the output head (with them: 33.6B, 13.4B, 11.0B)
+ACTIVE_WITHOUT_EMBEDDING_AND_HEAD = {"glm-4.5", "glm-4.5-air", "minimax-m2"}
 TOLERANCE = 0.03
 # ERNIE-4.5-21B-A3B's config.json counts 21.8B total: its card rounds to "21B" (3.9% off)
 TOLERANCES = {"ernie-4.5-21b-a3b": 0.04}
@@ -126,6 +134,8 @@ def test_preset_matches_published_counts(name: str) -> None:
     published_total, published_active, source = PUBLISHED[name]
     active = count.active - (count.parts["embeddings"] if name in ACTIVE_WITHOUT_INPUT_EMBEDDING else 0)
     tolerance = TOLERANCES.get(name, TOLERANCE)
+    if name in ACTIVE_WITHOUT_EMBEDDING_AND_HEAD:
+        active -= count.parts["embeddings"] + count.parts["lm_head"]
     assert abs(count.total / published_total - 1) < tolerance, (name, count.total, published_total, source)
     assert abs(active / published_active - 1) < tolerance, (name, active, published_active, source)
     assert count.parts["other"] == 0
@@ -214,7 +224,11 @@ def test_published_hyper_parameters() -> None:
     assert MoEConfig.from_preset("mixtral-8x7b").num_local_experts == 8
     for name in PRESETS:
         config = MoEConfig.from_preset(name)
-        assert (config.router_bias_update_rate > 0) == (name in ("deepseek-v3", "kimi-k2")), name
+        assert (config.router_bias_update_rate > 0) == (
+            name in ("deepseek-v3", "kimi-k2", "glm-4.5", "glm-4.5-air")), name
+    glm = MoEConfig.from_preset("glm-4.5")
+    assert (glm.rotary_dim, glm.qk_norm, glm.moe_layer_indices[0], glm.routed_scaling_factor) == (64, "head", 3, 2.5)
+    assert MoEConfig.from_preset("minimax-m2").rotary_dim == 64
 
 
 def test_new_family_presets_carry_their_variants() -> None:

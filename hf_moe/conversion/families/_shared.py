@@ -31,6 +31,13 @@ GQA_ATTENTION = same(
 DENSE_DECODER_LAYER = NORMS + GQA_ATTENTION + DENSE_MLP
 #: the same with DeepSeek's MLA attention
 MLA_DECODER_LAYER = NORMS + MLA_ATTENTION + DENSE_MLP
+#: DeepSeek-V3's multi-token-prediction module k (also GLM-4.5's): ours `mtp.{k}.*`, theirs `model.layers.{N+k}.*`;
+#: its decoder block takes the layer rows, and the shared head row is completed at bind time (it names the
+#: embedding when the head is tied)
+DEEPSEEK_MTP = same("", "enorm.weight", "hnorm.weight", "eh_proj.weight") + (
+    Rule("norm.weight", ("shared_head.norm.weight",)),
+    Rule("^model.embed_tokens.weight", ("^model.embed_tokens.weight", "embed_tokens.weight"), "duplicate"),
+)
 SHARED_EXPERTS = same("mlp.shared_experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
 
@@ -100,9 +107,14 @@ SOFTMAX_ROUTER = (
     Refusal("routed_scaling_factor", lambda c: c.routed_scaling_factor == 1, "but {family} does not scale gate values"),
 )  # fmt: skip
 
+#: the epsilon transformers' MLA classes (DeepSeek-V2/V3, GLM-4.7-Flash) give the q_a/kv_a norms: their RMSNorm's
+#: default, whatever rms_norm_eps is
+MLA_LATENT_EPS = 1e-6
+LATENT_EPS = Refusal("latent_norm_eps", lambda c: (c.latent_norm_eps or c.rms_norm_eps) == MLA_LATENT_EPS,
+                     f"but {{family}}'s q_a/kv_a norms use eps={MLA_LATENT_EPS}")
 #: DeepSeek-V2/V3: MLA, n_shared_experts experts of moe_intermediate_size, every layer after the dense ones MoE
 DEEPSEEK = (
-    attention("mla"), MIXTURE, SOFTMAX_FIRST,
+    attention("mla"), MIXTURE, SOFTMAX_FIRST, LATENT_EPS,
     Refusal("attention_out_bias", lambda c: c.attention_out_bias == c.attention_bias,
             "but {family} has one attention_bias flag for q_a/kv_a and o_proj"),
     Refusal("moe_layer_freq", lambda c: c.moe_layer_freq == 1,
@@ -130,6 +142,7 @@ def mla_fields(hf: PreTrainedConfig, rope_interleave: bool) -> dict[str, Any]:
         num_experts_per_tok=hf.num_experts_per_tok, moe_intermediate_size=hf.moe_intermediate_size,
         n_shared_experts=hf.n_shared_experts, first_k_dense_replace=hf.first_k_dense_replace or 0,
         moe_layer_freq=1, routed_scaling_factor=hf.routed_scaling_factor, **_deepseek_losses(hf),
+        latent_norm_eps=None if hf.rms_norm_eps == MLA_LATENT_EPS else MLA_LATENT_EPS,
     )  # fmt: skip
 
 
@@ -238,7 +251,8 @@ def _rotary_factor(hf: PreTrainedConfig) -> float:
 #: what hf_moe's GQA attention and bias-free SwiGLU FFN cannot express, refused for every dense decoder
 DENSE_IMPORT = (
     Refusal("mlp_bias", lambda hf: not getattr(hf, "mlp_bias", False), "hf_moe FFNs and experts have no biases"),
-    Refusal("partial_rotary_factor", lambda hf: _rotary_factor(hf) == 1.0, "hf_moe rotates the whole head"),
+    Refusal("partial_rotary_factor", lambda hf: _rotary_factor(hf) == 1.0,
+            "the family's rotation (Llama's) rotates the whole head"),
     Refusal("layer_types", lambda hf: _window_kind(hf) != "mixed",
             "it mixes sliding and full attention (use_sliding_window with max_window_layers): hf_moe's "
             "sliding_window applies to every layer"),

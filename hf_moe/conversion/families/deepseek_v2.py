@@ -40,6 +40,7 @@ def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
 
 FAMILY = MoEFamily(
     model_type="deepseek_v2",
+    knobs=frozenset({"latent_norm_eps"}),
     layer=shared.MLA_DECODER_LAYER + shared.routed_experts() + shared.SHARED_EXPERTS,
     to_moe=_to_moe,
     import_refusals=shared.DEEPSEEK_IMPORT + (

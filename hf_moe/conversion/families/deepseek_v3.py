@@ -11,15 +11,7 @@ from transformers import PreTrainedConfig
 
 from ...modeling.configuration import MoEConfig
 from ..records import MoEFamily, Refusal
-from ..tables import Rule, same
 from . import _shared as shared
-
-# MTP module k: ours `mtp.{k}.*`, theirs `model.layers.{N+k}.*`; its decoder block takes the layer rows, and
-# the shared head row is completed at bind time (it names the embedding when the head is tied)
-_MTP = same("", "enorm.weight", "hnorm.weight", "eh_proj.weight") + (
-    Rule("norm.weight", ("shared_head.norm.weight",)),
-    Rule("^model.embed_tokens.weight", ("^model.embed_tokens.weight", "embed_tokens.weight"), "duplicate"),
-)
 
 
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
@@ -37,8 +29,9 @@ def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
 
 FAMILY = MoEFamily(
     model_type="deepseek_v3",
+    knobs=frozenset({"latent_norm_eps"}),
     layer=shared.MLA_DECODER_LAYER + shared.routed_experts(bias=True) + shared.SHARED_EXPERTS,
-    mtp=_MTP,
+    mtp=shared.DEEPSEEK_MTP,
     to_moe=_to_moe,
     import_refusals=shared.DEEPSEEK_IMPORT,
     from_moe=_from_moe,

@@ -35,7 +35,7 @@ class Case(NamedTuple):
     config_class: type[PreTrainedConfig]
     fields: dict
     left_padding: bool = False
-    per_expert: tuple[str, tuple[str, str, str]] | None = PER_EXPERT  # None: one layout (transformers')
+    per_expert: tuple | None = PER_EXPERT  # (moe block, (gate, up, down)[, renames]) or None: one layout
     renames: tuple[tuple[str, str], ...] = ()  # (transformers', original) key parts the original layout renames
 
     def original(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,10 +116,12 @@ def ours_from(moe_config: MoEConfig, state: dict[str, torch.Tensor]) -> MoEForCa
     return model
 
 
-def per_expert(state: dict[str, torch.Tensor], naming: tuple[str, tuple[str, str, str]] = PER_EXPERT
-               ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The original checkpoint naming, written independently of the tables (per-expert keys)."""
-    moe, (gate, up, down) = naming
+def per_expert(state: dict[str, torch.Tensor], naming: tuple = PER_EXPERT) -> dict[str, torch.Tensor]:
+    """The original checkpoint naming, written independently of the tables (per-expert keys). `naming` is
+    (moe block, (gate, up, down)), optionally followed by (transformers' key suffix, original suffix) renames of
+    other keys (e.g. a balancing bias stored elsewhere in the released checkpoints)."""
+    moe, (gate, up, down), *more = naming
+    renames = more[0] if more else ()
     out = {}
     for key, tensor in state.items():
         prefix, _, name = key.rpartition(".mlp.")
@@ -135,6 +137,8 @@ def per_expert(state: dict[str, torch.Tensor], naming: tuple[str, tuple[str, str
             out[f"{prefix}.{moe}.gate.weight"] = tensor
         else:
             out[key] = tensor
+    for ours, theirs in renames:
+        out = {k[: -len(ours)] + theirs if k.endswith(ours) else k: v for k, v in out.items()}
     return out
 
 
