@@ -55,11 +55,11 @@ def gathered_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top
     gate_up = torch.bmm(gate_up_proj.index_select(0, slot_experts), x_slots.unsqueeze(-1)).squeeze(-1)  # (S, 2I)
     if gate_up_bias is not None:
         gate_up = gate_up + gate_up_bias.index_select(0, slot_experts)
-    act = unit(*gate_up.chunk(2, dim=-1))  # (S, I)
+    slot_weights = top_k_weights.reshape(-1, 1).to(gate_up.dtype)  # (S, 1)
+    act = unit(*gate_up.chunk(2, dim=-1)) * slot_weights  # (S, I), gated before the down projection
     out = torch.bmm(down_proj.index_select(0, slot_experts), act.unsqueeze(-1)).squeeze(-1)  # (S, H)
     if down_bias is not None:
-        out = out + down_bias.index_select(0, slot_experts)
-    out = out * top_k_weights.reshape(-1, 1).to(out.dtype)
+        out = out + down_bias.index_select(0, slot_experts) * slot_weights
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -74,11 +74,12 @@ def dense_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_
     gate_up = torch.einsum("th,nih->nti", hidden_states, gate_up_proj)  # (N, T, 2I)
     if gate_up_bias is not None:
         gate_up = gate_up + gate_up_bias.unsqueeze(1)
-    act = unit(*gate_up.chunk(2, dim=-1))  # (N, T, I)
-    out = torch.einsum("nti,nhi->nth", act, down_proj)  # (N, T, H)
+    expert_gates = gates.t().unsqueeze(-1).to(gate_up.dtype)  # (N, T, 1)
+    act = unit(*gate_up.chunk(2, dim=-1)) * expert_gates  # (N, T, I)
+    out = torch.einsum("nti,nhi->th", act, down_proj)  # (T, H)
     if down_bias is not None:
-        out = out + down_bias.unsqueeze(1)
-    return torch.einsum("nth,nt->th", out, gates.t().to(out.dtype)).to(hidden_states.dtype)
+        out = out + torch.einsum("nt,nh->th", gates.t().to(out.dtype), down_bias)
+    return out.to(hidden_states.dtype)
 
 
 def static_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hf_moe.kernels.experts.traced import fused_experts_op, traced_fused_experts
 from hf_moe.modeling.experts import RoutedExperts, dense_experts, gathered_experts, static_experts
@@ -39,10 +38,29 @@ def test_static_forms_equal_the_loop(form: object, tokens: int) -> None:
     experts, hidden, ids, weights = setup(tokens)
     params = (hidden, experts.gate_up_proj, experts.down_proj, weights)
     expected = reference(experts, hidden, ids, weights)
-    got = form(hidden, ids, weights, experts.gate_up_proj, experts.down_proj, F.silu)
+    got = form(hidden, ids, weights, experts.gate_up_proj, experts.down_proj)  # default unit: SwiGLU
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for g, e in zip(grads(got, *params), grads(expected, *params)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", [gathered_experts, dense_experts])
+def test_static_forms_apply_the_configured_unit_and_expert_biases(form: object) -> None:
+    """gpt-oss's clamped unit with expert biases (fam variants): the traced forms equal the eager loop."""
+    config = tiny_config(glu_type="gpt_oss", glu_limit=0.5, expert_bias=True)
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0, 0.3)
+    hidden = torch.randn(3, experts.hidden_dim)
+    ids = torch.randn(3, NUM_EXPERTS).topk(TOP_K, dim=-1).indices
+    weights = torch.rand(3, TOP_K)
+    expected = reference(experts, hidden, ids, weights)
+    got = form(hidden, ids, weights, experts.gate_up_proj, experts.down_proj, experts.unit,
+               experts.gate_up_proj_bias, experts.down_proj_bias)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    plain = form(hidden, ids, weights, experts.gate_up_proj, experts.down_proj)
+    assert (plain - expected).abs().max() > 1e-3  # the unit and biases matter here
 
 
 @pytest.mark.parametrize("mode", ["loop", "grouped_mm"])
