@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ from transformers.generation import GenerationMixin
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -558,5 +563,31 @@ def mtp_positions(attention_mask: torch.Tensor | None, inputs_embeds: torch.Tens
     return shift_left(real, depth, False) & real
 
 
+#: transformers' generic classification forward without its decorators (its return_dict handling is replaced below)
+_generic_classification_forward = inspect.unwrap(GenericForSequenceClassification.forward)
+
+
 class MoEForSequenceClassification(GenericForSequenceClassification, MoEPreTrainedModel):
     """Sequence classification head on MoEModel (last non-padding token)."""
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: object,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        """transformers' GenericForSequenceClassification forward; `return_dict` (None: the config's) shapes the
+        head's output only, as the inner MoEModel always hands the head the dataclass it reads (with
+        `config.return_dict=False` transformers' generic head would read a tuple and fail)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output = _generic_classification_forward(
+            self, input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, return_dict=True, **kwargs)
+        return output if return_dict else output.to_tuple()

@@ -33,6 +33,9 @@ class Counter:
             self.outcomes[suite][f"subtests {report.outcome}"] += 1
             if report.outcome == "failed":
                 self.details[suite].append(f"  FAILED  {test} (a subtest)")
+            elif report.outcome == "skipped":
+                reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                self.details[suite].append(f"  skipped {test} (a subtest): {reason}")
             return
         if hasattr(report, "wasxfail"):
             self.outcomes[suite]["xfailed"] += 1
@@ -53,10 +56,10 @@ def main(argv: list[str]) -> int:
     pytest.main([str(HERE / "test_common.py"), str(HERE / "deepseek_v3_suite.py"), "-q", "-p", "no:cacheprovider",
                  *argv], plugins=[counter])
     print(f"\nconformance suites ({time.perf_counter() - start:.0f} s)")
-    print(f"{'suite':40} {'passed':>7} {'failed':>7} {'skipped':>8} {'xfailed':>8}   subtests passed/failed")
+    print(f"{'suite':40} {'passed':>7} {'failed':>7} {'skipped':>8} {'xfailed':>8}   subtests passed/failed/skipped")
     for suite, counts in counter.outcomes.items():
         print(f"{suite:40} {counts['passed']:7} {counts['failed']:7} {counts['skipped']:8} {counts['xfailed']:8}   "
-              f"{counts['subtests passed']}/{counts['subtests failed']}")
+              f"{counts['subtests passed']}/{counts['subtests failed']}/{counts['subtests skipped']}")
     for suite, lines in counter.details.items():
         print(f"\n{suite}:")
         print("\n".join(sorted(lines)))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from hf_moe import MoEConfig, MoEForCausalLM, MoEModel
+from hf_moe import MoEConfig, MoEForCausalLM, MoEForSequenceClassification, MoEModel
 from hf_moe.modeling.losses import IGNORE_INDEX
 from tests.conftest import tiny_config, tiny_gqa_config
 
@@ -44,6 +44,10 @@ def test_return_dict_false_gives_a_tuple_and_config_return_dict_is_honoured() ->
     config.return_dict = False
     assert isinstance(model(IDS), tuple) and isinstance(MoEForCausalLM(config).eval()(IDS), tuple)
     assert not isinstance(model(IDS, return_dict=True), tuple)
+    classifier = MoEForSequenceClassification(config).eval()  # transformers' generic head fails here
+    logits = classifier(IDS)[0]
+    assert logits.shape == (2, config.num_labels)
+    torch.testing.assert_close(classifier(IDS, return_dict=True).logits, logits)
 
 
 def test_use_cache_follows_the_config() -> None:
