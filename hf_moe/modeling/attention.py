@@ -354,7 +354,8 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
-        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
+        if config.attention_sinks:  # only then an attribute: transformers' paged attention tests hasattr(m, "sinks")
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads))
         if config.qk_norm == "head":
             self.q_norm = qk_norm_module(config, self.head_dim)
             self.k_norm = qk_norm_module(config, self.head_dim)
@@ -402,9 +403,10 @@ class GroupedQueryAttention(nn.Module):
             q, k = self.normalize_qk(q, k)
         if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        if self.sinks is not None:
-            kwargs["s_aux"] = self.sinks
-        attend = attention_function(config) if self.sinks is None else sink_attention_function(config)
+        sinks = getattr(self, "sinks", None)
+        if sinks is not None:
+            kwargs["s_aux"] = sinks
+        attend = attention_function(config) if sinks is None else sink_attention_function(config)
         output, weights = attend(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling,

@@ -291,14 +291,18 @@ class MoEModel(MoEPreTrainedModel):
             cache = MoECache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        past = cache.get_seq_length() if cache is not None else 0
         if self.config.embedding_multiplier != 1.0:  # muP (Granite): embeddings scaled, input embeddings too
             inputs_embeds = inputs_embeds * self.config.embedding_multiplier
         if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        # only expert choice asks whether the forward extends a cache (it refuses to); the paged cache of continuous
+        # batching has no get_seq_length, and other routers need not read (or host-sync on) the cache's length
+        decoding = (self.config.router_type == "expert_choice" and cache is not None
+                    and cache.get_seq_length() > 0)  # fmt: skip
         routing_inputs = layer_routing_inputs(
             self.config, input_ids if router_token_ids is None else router_token_ids, replay_routing,
-            tuple(inputs_embeds.shape[:2]), decoding=past > 0)
+            tuple(inputs_embeds.shape[:2]), decoding=decoding)
 
         mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)

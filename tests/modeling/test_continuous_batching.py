@@ -15,21 +15,13 @@ NEW_TOKENS = 5
 SMALL_PAGED_CACHE = dict(num_blocks=16, page_size=16, max_batch_tokens=64)  # CPU: size the cache, not by free RAM
 
 
-def gqa_without_mla_fields(config: object) -> object:
-    """transformers' paged cache picks its MLA allocator whenever the config has a `kv_lora_rank`; GQA configs
-    still carry one here (issue #13's conventions bullet drops MLA fields from GQA configs): take it out."""
-    if getattr(config, "kv_lora_rank", None) is not None:
-        object.__setattr__(config, "kv_lora_rank", None)
-    return config
-
-
 def build(kind: str, attn_implementation: str | None) -> MoEForCausalLM:
     config = tiny_config() if kind == "mla" else tiny_gqa_config()
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     model = MoEForCausalLM(config).eval()
-    if kind == "gqa":
-        gqa_without_mla_fields(model.config)
+    if kind == "gqa":  # transformers' paged cache picks its MLA allocator whenever the config has a kv_lora_rank
+        assert model.config.kv_lora_rank is None
     with torch.no_grad():  # non-trivial routing bias and norms
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
