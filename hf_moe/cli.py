@@ -61,6 +61,7 @@ def _upcycle(args: argparse.Namespace) -> None:
     report = upcycle(
         args.src, args.out, recipe, probe=not args.no_probe, probe_texts=args.probe_text or None,
         overwrite=args.overwrite, max_shard_size=args.max_shard_size, base_model=args.base_model,
+        remote_code=not args.no_remote_code,
     )
     print(report)
 
@@ -88,7 +89,7 @@ def _convert(args: argparse.Namespace) -> None:
     from .conversion.convert import convert
 
     print(convert(args.src, args.out, to=args.to, layout=args.layout, max_shard_size=args.max_shard_size,
-                  overwrite=args.overwrite))
+                  overwrite=args.overwrite, remote_code=not args.no_remote_code))
 
 
 def _select_experts(args: argparse.Namespace) -> None:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the function-preservation measurement")
     p.add_argument("--max-shard-size", type=shard_size, default="2GB")
     p.add_argument("--base-model", default=None, help="Hub id recorded as base_model")
+    p.add_argument("--no-remote-code", action="store_true",
+                   help="leave out the modeling code + auto_map (trust_remote_code loading without hf_moe)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_upcycle)
 
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="original", choices=LAYOUTS,
                    help="exports: the released checkpoints' per-expert keys, or transformers' fused tensors")
     p.add_argument("--max-shard-size", type=shard_size, default="2GB")
+    p.add_argument("--no-remote-code", action="store_true",
+                   help="hf_moe outputs: leave out the modeling code + auto_map (exports never carry it)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_convert)
 

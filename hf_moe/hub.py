@@ -5,9 +5,11 @@
 `hf_moe/modeling/` files plus an `auto_map` in `config.json`, so that
 `AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)` works where hf_moe is not installed.
 `MoEPreTrainedModel.save_pretrained` adds the same modeling files and `auto_map` to every folder it writes (the
-"remote_code" hook; `remote_code=False` leaves them out). Where hf_moe is imported, transformers prefers its
-registered classes to a folder's remote code even with `trust_remote_code=True` (`explicit_local_code` in
-transformers' Auto classes), so hf_moe's classes, kernels and training tools are used there.
+"remote_code" hook; `remote_code=False` leaves them out), and so do `hf_moe.convert` (to hf_moe) and
+`hf_moe.upcycle` (`add_remote_code`, inside their atomic output folders; `remote_code=False` there too). Where
+hf_moe is imported, transformers prefers its registered classes to a folder's remote code even with
+`trust_remote_code=True` (`explicit_local_code` in transformers' Auto classes), so hf_moe's classes, kernels and
+training tools are used there.
 `push_to_hub(model_or_dir, repo_id)` writes that folder to a temporary directory and uploads it in one commit.
 
 Loading stays safe either way: `MoEPreTrainedModel.from_pretrained` reads safetensors only and, for a checkpoint
@@ -106,8 +108,11 @@ def _write_config(folder: Path, config: Mapping[str, Any]) -> None:
     write_text_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _add_remote_code(folder: Path) -> None:
-    """Copy the modeling files (`remote_code_files()`) flat into `folder` and add `AUTO_MAP` to its config.json."""
+def add_remote_code(folder: str | os.PathLike) -> None:
+    """Copy the modeling files (`remote_code_files()`) flat into the saved hf_moe folder `folder` (each file
+    atomically) and add `AUTO_MAP` to its config.json; a folder of another model_type is refused (ValueError).
+    What `save_pretrained` (the "remote_code" hook), `hf_moe.convert` to hf_moe and `hf_moe.upcycle` all call."""
+    folder = Path(folder)
     config = _read_config(folder)
     for file in remote_code_files():
         with atomic_file(folder / file.name) as tmp:
@@ -130,14 +135,14 @@ def export_remote_code(
     out = Path(out)
     source = None if isinstance(model_or_dir, MoEPreTrainedModel) else Path(model_or_dir)
     if source is not None and _same_folder(source, out):
-        _add_remote_code(out)
+        add_remote_code(out)
         return out
     with atomic_output_dir(out, overwrite, src=source) as tmp:
         if source is None:
             model_or_dir.save_pretrained(tmp)
         else:
             _copy_saved_folder(source, tmp)
-        _add_remote_code(tmp)
+        add_remote_code(tmp)
     return out
 
 
@@ -367,7 +372,7 @@ def save_for_hub(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if remote_code:
-            _add_remote_code(folder)
+            add_remote_code(folder)
         else:  # also what save_pretrained wrote, when publishing a saved folder in place
             config = _read_config(folder)
             if config.pop("auto_map", None) is not None:
@@ -435,7 +440,7 @@ def _push_for_model(model: MoEPreTrainedModel, repo_id: str, **kwargs: Any) -> C
 
 def _remote_code_for_save(folder: str | os.PathLike) -> None:
     """The "remote_code" hook: `MoEPreTrainedModel.save_pretrained` adds the modeling files and `auto_map`."""
-    _add_remote_code(Path(folder))
+    add_remote_code(folder)
 
 
 # the model classes never import hf_moe: they find these in their seam, where `import hf_moe` puts them
@@ -446,6 +451,7 @@ register_kernel("push_to_hub", _push_for_model)
 __all__ = [
     "AUTO_MAP",
     "REMOTE_CODE_PACKAGES",
+    "add_remote_code",
     "check_remote_code_imports",
     "export_remote_code",
     "model_card",

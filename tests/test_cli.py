@@ -83,7 +83,8 @@ def test_upcycle_flags_are_the_recipe_fields() -> None:
     actions = {a.dest: a for a in _subparser("upcycle")._actions if a.dest != "help"}
     hints = typing.get_type_hints(UpcycleRecipe)
     recipe_fields = dataclasses.fields(UpcycleRecipe)
-    io_options = {"src", "out", "probe_text", "no_probe", "max_shard_size", "base_model", "overwrite", "debug"}
+    io_options = {"src", "out", "probe_text", "no_probe", "max_shard_size", "base_model", "no_remote_code", "overwrite",
+                  "debug"}
     assert set(actions) == {f.name for f in recipe_fields} | io_options
     for field in recipe_fields:
         action = actions[field.name]
@@ -114,7 +115,7 @@ def test_upcycle_cli_builds_the_recipe_from_every_flag(tmp_path, monkeypatch) ->
                                            shared_expert_gate=True, drop_ratio=0.25, scale_on="routed_scaling_factor",
                                            seed=7)  # fmt: skip
     assert seen["io"] == dict(probe=False, probe_texts=["x", "y"], overwrite=False, max_shard_size="2GB",
-                              base_model=None)  # fmt: skip
+                              base_model=None, remote_code=True)  # fmt: skip
 
 
 def test_convert_cli_passes_layout_and_shard_size(tmp_path, monkeypatch, capsys) -> None:
@@ -123,7 +124,7 @@ def test_convert_cli_passes_layout_and_shard_size(tmp_path, monkeypatch, capsys)
     seen = {}
     monkeypatch.setattr(convert_module, "convert", lambda src, out, **kw: seen.update(kw) or "converted")
     assert main(["convert", "a", "b", "--to", "mixtral", "--layout", "transformers", "--max-shard-size", "1GB"]) == 0
-    assert seen == dict(to="mixtral", layout="transformers", max_shard_size="1GB", overwrite=False)
+    assert seen == dict(to="mixtral", layout="transformers", max_shard_size="1GB", overwrite=False, remote_code=True)
     assert "converted" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["convert", "a", "b", "--layout", "fused"])

@@ -12,7 +12,7 @@ or in Python: `analyze(model_dir, [files], output_dir)` (report.md + PNGs + anal
 Modules, one job each: `data` (text files -> token sequences), `loading` (any model hf_moe loads), `trace`
 (per-token routing of every layer), `specialisation` (domain, position, token id), `coactivation`,
 `capacity` (drops by position), `learning` (agreement across checkpoints), `balance` (loads, MaxVio, dead
-experts, entropy), `plots` / `routing_plots` (PNG; need matplotlib: `pip install 'hf-moe[plot]'`),
+experts, entropy, percentiles), `plots` / `routing_plots` (PNG; need matplotlib: `pip install 'hf-moe[plot]'`),
 `report` (report.md, analysis.json), `pipeline` (`analyze`), `stdlib_domains` (the demo's two domains).
 """
 
@@ -23,7 +23,7 @@ from .data import DataFileError, TokenSequence, check_text_file, file_sequences
 from .learning import RoutingAgreement, routing_agreement, set_agreement
 from .loading import LoadedModel, ModelLoadError, checkpoint_step, load_moe_config, load_moe_model
 from .pipeline import analyze, draw_plots
-from .plots import max_vio_series, plot_expert_load, plot_max_vio
+from .plots import max_vio_series, plot_expert_load, plot_load_balance, plot_max_vio
 from .report import RoutingAnalysis, render_report, write_report
 from .routing_plots import (
     plot_coactivation,
@@ -74,6 +74,7 @@ __all__ = [
     "plot_drop_rates",
     "plot_expert_load",
     "plot_group_specialisation",
+    "plot_load_balance",
     "plot_max_vio",
     "plot_routing_agreement",
     "plot_token_specialisation",

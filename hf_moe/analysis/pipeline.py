@@ -148,12 +148,14 @@ def analyze(
 def draw_plots(result: RoutingAnalysis, output_dir: str | os.PathLike) -> dict[str, Path]:
     """Every plot of `result` as a PNG in `output_dir`: {key: path}."""
     from . import routing_plots as rp
-    from .plots import plot_expert_load
+    from .plots import plot_expert_load, plot_load_balance
 
     out = Path(output_dir)
     plots = {
         "load": plot_expert_load(result.balance.loads, out / "expert_load.png", labels=result.balance.layers,
                                  title="Expert load on the analysed data"),
+        "balance": plot_load_balance(result.balance, out / "balance_summary.png",
+                                     title="Load balance on the analysed data"),
         "token": rp.plot_token_specialisation(result.token, out / "token_specialisation.png"),
         "position": rp.plot_group_specialisation(result.position, out / "position_specialisation.png",
                                                  "Expert load by position", "position"),

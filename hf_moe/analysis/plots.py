@@ -1,11 +1,13 @@
-"""Pictures of expert balance: a load heatmap (MoE layers x experts) and MaxVio over training steps, as PNG,
-and the matplotlib helpers every analysis plot uses (`routing_plots`).
+"""Pictures of expert balance: a load heatmap (MoE layers x experts), the per-layer balance summary (dead experts,
+routing entropy against log N, load percentile bands: the `moe/` metrics MoECallback logs, here over the analysed
+data) and MaxVio over training steps, as PNG, and the matplotlib helpers every analysis plot uses (`routing_plots`).
 
 Needs matplotlib (`pip install 'hf-moe[plot]'`); everything else in hf_moe works without it.
 
     from hf_moe.analysis import plot_expert_load, plot_max_vio
     plot_expert_load(hf_moe.training.expert_load(model, eval_loader), "load.png")
     plot_max_vio(trainer.state.log_history, "max_vio.png")   # the `moe/max_vio*` keys MoECallback logs
+    plot_load_balance(load_balance(trace), "balance.png")      # hf_moe.analysis.load_balance of a RoutingTrace
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from ..training.balancing import ExpertLoads, max_violation
+from .balance import LoadBalance
 
 
 def matplotlib_figure() -> Any:
@@ -77,6 +80,63 @@ def plot_expert_load(
     axes.set_xticks(range(loads.shape[1]), [str(i) for i in range(loads.shape[1])], fontsize=7)
     axes.set_title(title)
     figure.colorbar(image, ax=axes, label="load / mean load")
+    return save_png(figure, Canvas, path)
+
+
+def _percent_name(q: float) -> str:
+    return f"p{100 * q:g}"
+
+
+def plot_load_balance(balance: LoadBalance, path: str | Path, title: str = "Load balance per MoE layer") -> Path:
+    """Three panels over the MoE layers of `balance` (`load_balance`: the numbers come from hf_moe.training's
+    `dead_experts`, `routing_entropy` and `load_percentiles`, nothing is recomputed here): the fraction of dead
+    experts (no token), the mean routing entropy with log N (a uniform router distribution) marked, and bands of
+    the load percentiles (load / mean load; each pair of quantiles q, 1 - q one band, the median a line, 1 = a
+    fair share). Layers without tokens (NaN) are left blank. Returns the PNG path."""
+    Figure, Canvas = matplotlib_figure()
+    layers = list(balance.layers)
+    if not layers:
+        raise ValueError("plot_load_balance: the balance summary has no MoE layer.")
+    x = list(range(len(layers)))
+    num_experts = balance.loads.shape[-1]
+    figure = Figure(figsize=(min(24.0, max(11.0, 1.05 * len(layers) + 3.0)), 3.8), layout="constrained")
+    dead_axes, entropy_axes, load_axes = figure.subplots(1, 3, sharex=True)
+
+    dead_axes.bar(x, balance.dead, color="tab:red", width=0.7)
+    dead_axes.set_ylim(0, max(0.05, 1.1 * max((d for d in balance.dead if d == d), default=0.0)))  # NaN != NaN
+    dead_axes.set_ylabel("fraction of experts with no token")
+    dead_axes.set_title("Dead experts", fontsize=9)
+
+    entropy_axes.plot(x, balance.entropy, marker="o", color="tab:blue", label="mean routing entropy")
+    if num_experts > 1:
+        log_n = math.log(num_experts)
+        entropy_axes.axhline(log_n, color="black", linestyle="--", linewidth=1.0, label=f"log N = {log_n:.2f} (uniform)")
+        entropy_axes.set_ylim(0, 1.08 * log_n)
+    entropy_axes.set_ylabel("entropy (nats)")
+    entropy_axes.set_title("Routing entropy vs log N", fontsize=9)
+    entropy_axes.legend(fontsize=7, loc="lower right")
+
+    quantiles, bands = list(balance.quantiles), balance.percentiles.float()  # (L, Q)
+    pairs = [(i, len(quantiles) - 1 - i) for i in range(len(quantiles) // 2)]  # outermost first
+    for depth, (lo, hi) in enumerate(pairs):
+        load_axes.fill_between(x, bands[:, lo].tolist(), bands[:, hi].tolist(), color="tab:green",
+                               alpha=0.18 + 0.5 * depth / max(1, len(pairs)), linewidth=0,
+                               label=f"{_percent_name(quantiles[lo])}-{_percent_name(quantiles[hi])}")
+    if len(quantiles) % 2:
+        middle = len(quantiles) // 2
+        load_axes.plot(x, bands[:, middle].tolist(), marker=".", color="darkgreen",
+                       label=_percent_name(quantiles[middle]))
+    load_axes.axhline(1.0, color="black", linestyle="--", linewidth=1.0, label="fair share")
+    load_axes.set_ylim(bottom=0)
+    load_axes.set_ylabel("load / mean load")
+    load_axes.set_title("Load percentiles over the experts", fontsize=9)
+    load_axes.legend(fontsize=7)
+
+    for axes in (dead_axes, entropy_axes, load_axes):
+        axes.set_xticks(x, layers, fontsize=7, rotation=45 if len(layers) > 6 else 0)
+        axes.set_xlabel("MoE layer")
+        axes.grid(alpha=0.3)
+    figure.suptitle(f"{title} ({num_experts} routed experts)", fontsize=10)
     return save_png(figure, Canvas, path)
 
 

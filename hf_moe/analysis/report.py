@@ -23,7 +23,8 @@ SHARE_BINS = 10  # histogram of per-token mode shares (plot and table)
 HOW_TO_READ = {
     "balance": "MaxVio = max load / mean load - 1 (0 = perfectly balanced); dead experts got no token of this "
                "data; routing entropy is that of each token's router distribution (log N = uniform, 0 = one "
-               "expert); the percentiles are of load / mean load over the experts (1 = a fair share).",
+               "expert); the percentiles are of load / mean load over the experts (1 = a fair share). The second "
+               "figure draws the three per layer: dead experts, entropy against log N, percentile bands.",
     "domain": "Each cell is the share of a data file's tokens sent to an expert divided by that expert's share "
               "of all tokens: 1 (white) = the expert serves this domain like any other, 2 = twice as much. The "
               "score is the mutual information between domain and expert over the domain's entropy, rescaled so "
@@ -105,6 +106,7 @@ def _section_balance(r: RoutingAnalysis) -> str:
     loads = [[layer, *[int(v) for v in b.loads[i].tolist()]] for i, layer in enumerate(b.layers)]
     return "\n".join([
         "## Load balance", _how("balance"), _image(r, "load", "expert load per layer"),
+        _image(r, "balance", "dead experts, routing entropy and load percentiles per layer"),
         _table(["layer", "slots", "MaxVio", "dead experts", "entropy (nats)", "entropy / log N",
                 *[f"load {q}" for q in quantile_names]], rows), "",
         "Slots routed to each expert:", "", _table(["layer", *[str(e) for e in range(r.num_experts)]], loads), ""])

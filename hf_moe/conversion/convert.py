@@ -32,6 +32,7 @@ import torch
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from ..hub import add_remote_code
 from ..modeling.configuration import MoEConfig
 from ..modeling.model import MoEForCausalLM
 from .checkpoint_io import (
@@ -71,6 +72,7 @@ class ConversionReport:
     seconds: float
     side_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    remote_code: bool = False  # hf_moe's modeling files + auto_map written (loads with trust_remote_code=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +86,8 @@ class ConversionReport:
         ]
         if self.side_files:
             lines.append(f"  copied: {', '.join(self.side_files)}")
+        if self.remote_code:
+            lines.append("  remote code: modeling files + auto_map (loads with trust_remote_code=True without hf_moe)")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -215,6 +219,7 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     layout: str = "original",
     progress: bool = True,
+    remote_code: bool = True,
 ) -> ConversionReport:
     """Convert the checkpoint folder `src` (config.json + safetensors, sharded or not) into `out`.
 
@@ -227,6 +232,10 @@ def convert(
     Writes config.json, the safetensors shards (+ index) of at most `max_shard_size` and copies
     generation_config.json and tokenizer files, into a temporary folder renamed to `out` when complete; an
     existing non-empty `out` is refused unless `overwrite`. Tensor dtypes are kept.
+    remote_code (hf_moe outputs): also write hf_moe's modeling files and an `auto_map` into that folder
+    (`hf_moe.hub.add_remote_code`, as `save_pretrained` does), so `out` loads with
+    `AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)` where hf_moe is not installed; an export
+    to another family never carries hf_moe's code (its own transformers classes load it).
     """
     start = time.perf_counter()
     parse_size(max_shard_size)
@@ -239,6 +248,7 @@ def convert(
         require_floating_weights(source.keys(), source.dtype, str(src))
         tensors_in = len(source.keys())
     drop = {"lm_head.weight"} if plan.moe_config.tie_word_embeddings else set()  # on disk a tied head is left out
+    with_code = remote_code and plan.family_out == HF_MOE
 
     def transform(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         pairs = plan.importer.push(key, tensor) if plan.importer else [(key, tensor)]
@@ -253,7 +263,7 @@ def convert(
         return []
 
     index = rewrite_checkpoint(
-        src, out, transform, lambda folder: _write_config(plan, folder), finalize=finalize, overwrite=overwrite,
+        src, out, transform, lambda folder: _write_config(plan, folder, with_code), finalize=finalize, overwrite=overwrite,
         max_shard_size=max_shard_size, progress=progress,
     )  # fmt: skip
     report = ConversionReport(
@@ -262,12 +272,14 @@ def convert(
         tensors_out=len(index["weight_map"]), bytes_written=index["metadata"]["total_size"],
         shards=len(set(index["weight_map"].values())), seconds=time.perf_counter() - start,
         side_files=[name for name in SIDE_FILES if (Path(out) / name).is_file()], notes=plan.notes,
+        remote_code=with_code,
     )  # fmt: skip
     logger.info("%s", report)
     return report
 
 
-def _write_config(plan: _Plan, folder: Path) -> None:
+def _write_config(plan: _Plan, folder: Path, remote_code: bool) -> None:
+    """config.json of the output (and, for an hf_moe output with `remote_code`, the modeling files + auto_map)."""
     config: PreTrainedConfig
     if plan.family_out == HF_MOE:
         config = copy.deepcopy(plan.moe_config)
@@ -276,6 +288,8 @@ def _write_config(plan: _Plan, folder: Path) -> None:
         config = get_family(plan.family_out).config_from_moe(plan.moe_config)
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[plan.family_out]]
     config.save_pretrained(folder)
+    if remote_code:
+        add_remote_code(folder)
 
 
 __all__ = ["HF_MOE", "MODEL_TYPES", "ConversionReport", "check_source", "convert"]

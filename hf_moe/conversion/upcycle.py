@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
+from ..hub import add_remote_code
 from ..inspection import count_parameters
 from ..modeling.configuration import MoEConfig
 from ..modeling.model import MoEForCausalLM
@@ -259,6 +260,7 @@ def upcycle(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     progress: bool = True,
     base_model: str | None = None,
+    remote_code: bool = True,
     **recipe_fields: Any,
 ) -> UpcycleReport:
     """Upcycle the dense checkpoint folder `src` (a family of `DENSE_FAMILIES`: Llama, Mistral, Qwen2, Qwen3;
@@ -274,6 +276,8 @@ def upcycle(
     The output is written to a temporary folder next to `out` and renamed when complete; an existing non-empty
     `out` is refused unless `overwrite`. Returns an `UpcycleReport`; config.upcycled_from records the recipe
     and `base_model` (default: the config's Hub id, a Hub-cache snapshot's repo id, else the source path).
+    remote_code: also write hf_moe's modeling files and an `auto_map` into that folder (`hf_moe.hub.add_remote_code`,
+    as `save_pretrained` does), so `out` loads with `trust_remote_code=True` where hf_moe is not installed.
     """
     start = time.perf_counter()
     parse_size(max_shard_size)
@@ -299,7 +303,10 @@ def upcycle(
             config, report = _run(source.get, source.keys(), source.shape, dense_config, recipe, writer.add, batch,
                                   base_model or _base_name(source), progress, release=source.release)  # fmt: skip
             config.save_pretrained(tmp)
+            if remote_code:
+                add_remote_code(tmp)
             report.extra["side_files"] = copy_side_files(src, tmp)
+            report.extra["remote_code"] = remote_code
             writer.finish()
     report.output, report.bytes_written = str(out), writer.total_size
     report.extra["largest_shard_bytes"] = writer.largest_shard

@@ -246,18 +246,26 @@ class MoEModel(MoEPreTrainedModel):
 
     def attention_mask_for(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor | None:
+        position_ids: torch.Tensor, layer_idx: int | None = None,
+    ) -> torch.Tensor | dict[str, torch.Tensor] | None:
         """The 4-D (or backend-specific) causal mask, sliding-window when configured; with `layer_types` one mask
-        per attention type the layers use, as a dict by type (each DecoderLayer takes its own)."""
+        per attention type the layers use, as a dict by type (each DecoderLayer takes its own), each sized by the
+        cache layer of the first layer of its type (transformers' own default sizes sliding and chunked masks both
+        by the first layer of either). `layer_idx`: the mask of that one layer (e.g. an MTP block decoding with its
+        own cache), sized by its layer of `cache`; with `layer_types` a dict holding only that layer's type."""
         kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                       position_ids=position_ids)  # fmt: skip
         if self.config.layer_types is None:
             make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
-            return make_mask(**kwargs)
+            return make_mask(**kwargs, layer_idx=layer_idx)
         makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask,
                   "chunked_attention": create_chunked_causal_mask}  # fmt: skip
-        return {kind: makers[kind](**kwargs) for kind in {*self.config.layer_types, "full_attention"}}
+        types = self.config.layer_types
+        if layer_idx is not None:
+            sized_by = {self.config.layer_type(layer_idx): layer_idx}
+        else:
+            sized_by = {kind: types.index(kind) if kind in types else None for kind in {*types, "full_attention"}}
+        return {kind: makers[kind](**kwargs, layer_idx=index) for kind, index in sized_by.items()}
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

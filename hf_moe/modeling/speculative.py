@@ -12,6 +12,9 @@ Bookkeeping (positions i; L tokens accepted; the main cache holds positions < L-
 i reads h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1}. Its inputs are final (accepted) for i <= L-1-k,
 so its cache keeps the first L-k positions and every round recomputes the rest. The hidden states h^k of
 final positions that depth k+1 has not consumed yet are kept in `tails[k]`.
+Masks come from `MoEModel.attention_mask_for`, the model's own construction: the main forwards build theirs
+(one per attention type of `layer_types`), and each MTP block gets the mask of its own layer index and type
+(`config.layer_type`: full attention past the last layer unless every layer slides), sized by its cache.
 
 transformers' own `generate(use_mtp=True)` (MTPCandidateGenerator + modeling_layers.MtpModel) cannot drive
 these modules: it rebuilds MTP layers as `MtpLayer(mtp_block=DecoderLayer(config, k))` expecting a block that
@@ -24,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .cache import MoECache
 
@@ -91,13 +93,11 @@ def mtp_generate(
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
     config, base, lm_head = model.config, model.model, model.lm_head
-    make_mask = create_sliding_window_causal_mask if config.sliding_window else create_causal_mask
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     tokens = input_ids
     main_cache, mtp_cache = MoECache(config=config), MoECache()
-    if config.sliding_window:
-        main_cache.activate_past_recording()  # sliding layers must be croppable after rejected drafts
+    main_cache.activate_past_recording()  # sliding/chunked layers must be croppable after rejected drafts
     result = MTPGenerationOutput(sequences=tokens, accepted_per_depth=[0] * depth_max, drafted_per_depth=[0] * depth_max)
 
     # prompt: the main model's hidden states h^0 and its first greedy token
@@ -126,8 +126,7 @@ def mtp_generate(
             embeds = base.embed_tokens(known[:, start + k:length - 1 + k])  # Emb(t_{i+k}) for i in [start, L-1)
             position_ids = positions[:, start:length - 1]
             layer_idx = module.block.self_attn.layer_idx
-            causal = make_mask(config=config, inputs_embeds=embeds, attention_mask=mask[:, :length - 1],
-                               cache=mtp_cache, position_ids=position_ids, layer_idx=layer_idx)
+            causal = base.attention_mask_for(embeds, mask[:, :length - 1], mtp_cache, position_ids, layer_idx)
             hidden, _ = module(previous, embeds, causal, base.rotary_emb(embeds, position_ids), cache=mtp_cache)
             drafts.append(lm_head(module.norm(hidden[:, -1])).argmax(dim=-1, keepdim=True))  # t_{L+k-1}
             final[k] = max(length - k, 0)  # inputs are accepted tokens up to position L-1-k

@@ -17,7 +17,7 @@ from hf_moe.cli import main
 from ..conftest import tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
-PLOTS = ["expert_load.png", "domain_specialisation.png", "token_specialisation.png", "position_specialisation.png",
+PLOTS = ["expert_load.png", "balance_summary.png", "domain_specialisation.png", "token_specialisation.png", "position_specialisation.png",
          "coactivation.png", "drops_by_position.png", "early_routing_learning.png"]
 SECTIONS = ["## Load balance", "## Domain specialisation", "## Token-id specialisation", "## Position specialisation",
             "## Co-activation", "## Drop towards the end", "## Early routing learning"]

@@ -110,9 +110,10 @@ def test_chunked_layers_see_only_their_chunk() -> None:
     assert not torch.allclose(before[:, 7], after[:, 7])
 
 
-@pytest.mark.parametrize("layer_types", [[FULL, SLIDING, FULL], [CHUNKED, FULL, CHUNKED]])
+@pytest.mark.parametrize("layer_types", [[FULL, SLIDING, FULL], [CHUNKED, FULL, CHUNKED], [CHUNKED, SLIDING, FULL]])
 def test_mixed_layers_generate_with_the_cache_as_without(layer_types: list[str]) -> None:
-    model = model_of(layer_types=layer_types, sliding_window=4, attention_chunk_size=4)
+    """Sliding and chunked layers together: each mask is sized by a cache layer of its own type."""
+    model = model_of(layer_types=layer_types, sliding_window=3, attention_chunk_size=4)
     settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         cached = model.generate(input_ids=IDS[:, :6], use_cache=True, **settings)

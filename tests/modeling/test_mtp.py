@@ -194,3 +194,24 @@ def test_generate_with_mtp_needs_mtp_modules() -> None:
     model = MoEForCausalLM(tiny_config()).eval()
     with pytest.raises(ValueError, match="num_nextn_predict_layers=0"):
         model.generate_with_mtp(torch.randint(3, 97, (1, 4)))
+
+
+@pytest.mark.parametrize("layer_types", [
+    ["sliding_attention", "full_attention", "sliding_attention"],
+    ["chunked_attention", "sliding_attention", "full_attention"],
+], ids=["sliding-full", "chunked-sliding-full"])
+def test_speculative_greedy_with_mixed_layer_types_equals_generate(layer_types: list[str]) -> None:
+    """Per-layer `layer_types`: the MTP block (a full-attention layer past the last one) gets the mask MoEModel
+    builds for its type, so its drafts equal a full recompute and the tokens equal generate()'s; sliding and
+    chunked cache layers are cropped after rejected drafts."""
+    config = tiny_gqa_config(num_nextn_predict_layers=1, sliding_window=3, attention_chunk_size=4,
+                             n_shared_experts=0, layer_types=layer_types)
+    assert config.layer_type(config.num_hidden_layers) == "full_attention"  # the MTP block
+    model = MoEForCausalLM(config).eval()
+    prompt = torch.randint(3, 97, (2, 9))
+    reference = model.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    result = model.generate_with_mtp(prompt, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(result.sequences, reference)
+    assert result.drafted > 0
+    for length, drafts in result.rounds[:-1]:
+        assert torch.equal(drafts, reference_drafts(model, result.sequences[:, :length], drafts.shape[1])), length
