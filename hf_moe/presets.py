@@ -362,8 +362,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # openai/gpt-oss-120b config.json (gpt-oss model card, arXiv 2508.10925): GQA 64/8 with head_dim 64, biases
     # and attention sinks, 128 experts of 2880 with biases and the clamped gpt-oss unit (limit 7), a router
     # bias, top-4 softmax of the chosen logits, YaRN x32 from 4k (rope_theta 150000). Its layers alternate
-    # sliding (128) and full attention: here every layer is full until per-layer types are MoEConfig fields
-    # (the parameter count is the same). router_aux_loss_coef 0.9 (config.json).
+    # sliding (window 128) and full attention, sliding first (config.json's layer_types).
+    # router_aux_loss_coef 0.9 (config.json).
     "gpt-oss-120b": {
         "vocab_size": 201088,
         "hidden_size": 2880,
@@ -382,6 +382,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_bias": True,
         "attention_out_bias": True,
         "attention_sinks": True,
+        "layer_types": ["sliding_attention", "full_attention"] * 18,
+        "sliding_window": 128,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                             "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False},
         "n_routed_experts": 128,
@@ -503,7 +505,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # openai/gpt-oss-20b config.json: gpt-oss-120b's architecture with 24 layers and 32 experts.
-PRESETS["gpt-oss-20b"] = {**PRESETS["gpt-oss-120b"], "num_hidden_layers": 24, "n_routed_experts": 32}
+PRESETS["gpt-oss-20b"] = {**PRESETS["gpt-oss-120b"], "num_hidden_layers": 24, "n_routed_experts": 32,
+                          "layer_types": ["sliding_attention", "full_attention"] * 12}
 
 # ------------------------------------------------------------------ systems of the attention-side families
 # (GQA with partial rotary / q/k norms under DeepSeek-V3-style sigmoid routers; see conversion/families)
