@@ -98,3 +98,11 @@ def test_sinks_under_sdpa_style_masks(implementation: str, left_padding: bool) -
     args = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(ours.generate(input_ids, **args), theirs.generate(input_ids, **args))
+
+
+@pytest.mark.parametrize("preset", ["gpt-oss-20b", "gpt-oss-120b"])
+def test_presets_export_to_gpt_oss(preset: str) -> None:
+    """The presets' alternating layers export as the released config.json spells them."""
+    back = config_from_moe(MoEConfig.from_preset(preset), "gpt_oss")
+    assert back.layer_types == ["sliding_attention", "full_attention"] * (back.num_hidden_layers // 2)
+    assert back.sliding_window == 128
