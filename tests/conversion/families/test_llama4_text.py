@@ -6,7 +6,6 @@ is refused."""
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import Llama4TextConfig
 
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_to_moe
