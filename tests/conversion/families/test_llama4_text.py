@@ -6,6 +6,7 @@ is refused."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import Llama4TextConfig
 
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_to_moe
@@ -119,3 +120,21 @@ def test_presets_export_to_llama4(preset: str) -> None:
     again = config_to_moe(back)
     for field in ("nope_layers", "layer_types", "qk_norm", "qk_norm_skip_nope", "attention_temperature_scale"):
         assert getattr(again, field) == getattr(moe, field), field
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "hf_moe_sdpa"])
+def test_scout_under_sdpa_and_hf_moe_kernels(implementation: str) -> None:
+    """The temperature scales the queries before the attention function, so sdpa and hf_moe's CPU attention
+    kernel run Scout's layers as the eager oracle does (chunked masks, padded batch, cached greedy decoding)."""
+    import hf_moe  # noqa: F401  (registers hf_moe_sdpa)
+
+    theirs, config = family_model(CASES["llama4_text_scout"])
+    moe_config = config_to_moe(config)
+    ours = ours_from(moe_config, state_dict_to_moe("llama4_text", theirs.state_dict(), moe_config))
+    ours.config._attn_implementation = implementation
+    input_ids, mask = inputs(True)
+    valid = mask.bool()
+    assert (logits_of(ours, input_ids, mask) - logits_of(theirs, input_ids, mask))[valid].abs().max() < TOL
+    args = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(input_ids, **args), theirs.generate(input_ids, **args))
