@@ -27,6 +27,17 @@ def _yarn(factor: float, original: int, mscale: float, theta: float = 10000.0) -
     }
 
 
+
+#: Llama 4's attention layers (48 layers): every 4th NoPE, full attention and temperature-tuned; the others
+#: rotate, attending in chunks of 8192 (Llama4TextConfig's defaults: no_rope_layer_interval 4, attention_chunk_size
+#: 8192, attn_temperature_tuning with attn_scale 0.1 and floor_scale 8192)
+_LLAMA4_ATTENTION: dict[str, Any] = {
+    "nope_layers": list(range(3, 48, 4)),
+    "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "chunked_attention" for i in range(48)],
+    "attention_chunk_size": 8192,
+    "attention_temperature_scale": 0.1,
+    "attention_temperature_floor": 8192,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # deepseek-ai/deepseek-moe-16b-base config.json (DeepSeekMoE, arXiv 2401.06066): MHA, 2 shared + 64 routed
     # experts of 1408, top-6 softmax without renormalisation, first layer dense; aux_loss_alpha 0.001.
@@ -362,8 +373,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # openai/gpt-oss-120b config.json (gpt-oss model card, arXiv 2508.10925): GQA 64/8 with head_dim 64, biases
     # and attention sinks, 128 experts of 2880 with biases and the clamped gpt-oss unit (limit 7), a router
     # bias, top-4 softmax of the chosen logits, YaRN x32 from 4k (rope_theta 150000). Its layers alternate
-    # sliding (128) and full attention: here every layer is full until per-layer types are MoEConfig fields
-    # (the parameter count is the same). router_aux_loss_coef 0.9 (config.json).
+    # sliding (window 128) and full attention, sliding first (config.json's layer_types).
+    # router_aux_loss_coef 0.9 (config.json).
     "gpt-oss-120b": {
         "vocab_size": 201088,
         "hidden_size": 2880,
@@ -382,6 +393,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_bias": True,
         "attention_out_bias": True,
         "attention_sinks": True,
+        "layer_types": ["sliding_attention", "full_attention"] * 18,
+        "sliding_window": 128,
         "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                             "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False},
         "n_routed_experts": 128,
@@ -404,8 +417,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # meta-llama/Llama-4-Scout-17B-16E config.json (text model): GQA 40/8 with head_dim 128, 16 routed experts
     # of 8192 + 1 shared, top-1 on the logits then sigmoid, the gate scaling the expert input, every layer MoE,
-    # rope_theta 5e5 with Llama-3 scaling x16. Its NoPE layers, chunked attention (8192) and weightless q/k L2
-    # norm hold no parameters and are the attention fields' to add. router_aux_loss_coef 0.001.
+    # rope_theta 5e5 with Llama-3 scaling x16. Its attention (as Llama4TextConfig's defaults describe it): every
+    # 4th layer NoPE and full attention with temperature tuning (0.1, floor 8192), the rotating layers chunked
+    # (8192) with the weightless q/k L2 norm after RoPE. router_aux_loss_coef 0.001.
     "llama-4-scout": {
         "vocab_size": 202048,
         "hidden_size": 5120,
@@ -423,6 +437,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "head_dim": 128,
         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+        **_LLAMA4_ATTENTION, "qk_norm": "head", "qk_norm_weight": False, "qk_norm_after_rope": True,
+        "qk_norm_skip_nope": True,
         "n_routed_experts": 16,
         "num_experts_per_tok": 1,
         "moe_intermediate_size": 8192,
@@ -437,7 +453,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "aux_loss_alpha": 0.001,
     },
     # meta-llama/Llama-4-Maverick-17B-128E config.json (text model): as Scout with 128 routed experts, MoE every
-    # second layer (interleave_moe_layer_step 2: layers 1, 3, ...), dense layers of 16384, no RoPE scaling.
+    # second layer (interleave_moe_layer_step 2: layers 1, 3, ...), dense layers of 16384, no RoPE scaling, no q/k
+    # norm (transformers' Llama 4: "the 128E model does not use qk_norm").
     "llama-4-maverick": {
         "vocab_size": 202048,
         "hidden_size": 5120,
@@ -454,6 +471,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 8,
         "head_dim": 128,
         "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+        **_LLAMA4_ATTENTION,
         "n_routed_experts": 128,
         "num_experts_per_tok": 1,
         "moe_intermediate_size": 8192,
@@ -503,7 +521,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 # openai/gpt-oss-20b config.json: gpt-oss-120b's architecture with 24 layers and 32 experts.
-PRESETS["gpt-oss-20b"] = {**PRESETS["gpt-oss-120b"], "num_hidden_layers": 24, "n_routed_experts": 32}
+PRESETS["gpt-oss-20b"] = {**PRESETS["gpt-oss-120b"], "num_hidden_layers": 24, "n_routed_experts": 32,
+                          "layer_types": ["sliding_attention", "full_attention"] * 12}
 
 # ------------------------------------------------------------------ systems of the attention-side families
 # (GQA with partial rotary / q/k norms under DeepSeek-V3-style sigmoid routers; see conversion/families)

@@ -26,7 +26,9 @@ The ops (`OPS`), each with its inverse on export:
     interleave    one (..., 2I) tensor, gate and up interleaved <-> (..., 2I), gate first (gpt-oss's biases)
     qkv_q / qkv_k / qkv_v   one fused (q + 2 kv rows, H) tensor (DBRX's Wqkv) <-> its q, k or v rows; export
                writes each as a `Piece` of the fused key, concatenated once all three have arrived
-    kv_k / kv_v   the same for a fused (2 kv rows, H) key/value projection (JetMoE's kv_proj), two Pieces
+    halves_0 / halves_1   one fused (2R, H) tensor <-> its first or second R rows (Granite's shared MLP
+               `input_linear` = [gate; up]); export writes each as a `Piece`, re-fused once both have arrived
+    kv_k / kv_v   the same two halves, named for a fused (2 kv rows, H) key/value projection (JetMoE's kv_proj)
     flat_stack_cat  gate and up (E*I, H) tensors (DBRX's w1, v1) <-> one (E, 2I, H) tensor, gate rows first
     flat_transpose  one (E*I, H) tensor (DBRX's w2) <-> one (E, H, I) tensor
 
@@ -168,12 +170,14 @@ def _qkv_op(part: int) -> Op:
     return Op(to_moe, lambda b, t: [Piece(part, 3, t)], lambda whole: None)
 
 
-def _kv_op(part: int) -> Op:
-    def to_moe(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
-        kv = b.rows[1]
-        return parts[0][part * kv : (part + 1) * kv].clone()
+def _halves_op(part: int) -> Op:
+    """Row half `part` of a fused (2R, ...) tensor; export writes it as Piece `part` of 2."""
 
-    return Op(to_moe, lambda b, t: [Piece(part, 2, t)], lambda whole: None)
+    def to_moe(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
+        half = parts[0].shape[0] // 2
+        return parts[0][part * half : (part + 1) * half].clone()
+
+    return Op(to_moe, lambda b, t: [Piece(part, 2, t)], lambda whole: (2 * whole[0], *whole[1:]))
 
 
 def _flat_stack_cat(b: Binding, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -209,7 +213,8 @@ OPS: dict[str, Op] = {
                        lambda whole: (whole[0], whole[2], whole[1])),
     "interleave": Op(lambda b, parts: _concat_halves(parts[0]).contiguous(),
                      lambda b, t: [_interleave_halves(t).contiguous()], _same_shape),
-    "qkv_q": _qkv_op(0), "qkv_k": _qkv_op(1), "qkv_v": _qkv_op(2), "kv_k": _kv_op(0), "kv_v": _kv_op(1),
+    "qkv_q": _qkv_op(0), "qkv_k": _qkv_op(1), "qkv_v": _qkv_op(2), "kv_k": _halves_op(0), "kv_v": _halves_op(1),
+    "halves_0": _halves_op(0), "halves_1": _halves_op(1),
     "flat_stack_cat": Op(_flat_stack_cat, _flat_unstack_cat, lambda whole: (whole[0] * whole[1] // 2, whole[2])),
     "flat_transpose": Op(
         lambda b, parts: parts[0].reshape(b.num_experts, -1, parts[0].shape[-1]).transpose(1, 2).contiguous(),

@@ -321,6 +321,16 @@ class WeightlessRMSNorm(nn.Module):
         return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).type_as(hidden_states)
 
 
+def temperature_scales(config: MoEConfig, past_length: int | torch.Tensor, length: int,
+                       device: torch.device) -> torch.Tensor:
+    """Attention temperature tuning (Llama 4's NoPE layers; Scalable-Softmax, Nakanishi 2025, arXiv 2501.19399):
+    1 + s * ln(1 + floor((t + 1) / f)) per query, t = past_length + 0..length-1 the token's index in the sequence,
+    s = `attention_temperature_scale`, f = `attention_temperature_floor`. Returns (length,) fp32 factors."""
+    positions = torch.arange(length, device=device) + past_length
+    steps = torch.floor((positions.float() + 1.0) / config.attention_temperature_floor)
+    return torch.log1p(steps) * config.attention_temperature_scale + 1.0
+
+
 def qk_norm_module(config: MoEConfig, width: int) -> nn.Module:
     """The query or key norm over `width` dims: RMSNorm, or weightless where `qk_norm_weight` is False."""
     if config.qk_norm_weight:
@@ -331,8 +341,9 @@ def qk_norm_module(config: MoEConfig, width: int) -> nn.Module:
 class GroupedQueryAttention(nn.Module):
     """GQA (Ainslie et al. 2023) as in Llama/Mistral/Qwen, with optional q/k RMSNorm ("head": Qwen3, "full":
     OLMoE; before RoPE, or after it as in Hunyuan; weighted or weightless), qkv clipping (OLMoE), partial rotary
-    (GLM), per-layer sliding windows / chunks / NoPE (`config.layer_types`, `config.nope_layers`), muP's
-    attention multiplier (Granite) and learned attention sinks (gpt-oss)."""
+    (GLM), per-layer sliding windows / chunks / NoPE (`config.layer_types`, `config.nope_layers`; Llama 4: q/k
+    norm on the rotating layers only, temperature tuning on the NoPE ones), muP's attention multiplier (Granite)
+    and learned attention sinks (gpt-oss)."""
 
     def __init__(self, config: MoEConfig, layer_idx: int) -> None:
         super().__init__()
@@ -348,6 +359,9 @@ class GroupedQueryAttention(nn.Module):
         self.attention_type = config.layer_type(layer_idx)
         self.sliding_window = config.sliding_window if self.attention_type == "sliding_attention" else None
         self.use_rope = config.uses_rope(layer_idx)
+        # Llama 4: the q/k norm only where the layer rotates; the temperature only where it does not
+        self.use_qk_norm = config.qk_norm is not None and (self.use_rope or not config.qk_norm_skip_nope)
+        self.use_temperature = config.attention_temperature_scale is not None and not self.use_rope
         self.is_causal = True
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
@@ -356,10 +370,10 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
         if config.attention_sinks:  # only then an attribute: transformers' paged attention tests hasattr(m, "sinks")
             self.sinks = nn.Parameter(torch.zeros(self.num_heads))
-        if config.qk_norm == "head":
+        if self.use_qk_norm and config.qk_norm == "head":
             self.q_norm = qk_norm_module(config, self.head_dim)
             self.k_norm = qk_norm_module(config, self.head_dim)
-        elif config.qk_norm == "full":
+        elif self.use_qk_norm and config.qk_norm == "full":
             self.q_norm = qk_norm_module(config, self.num_heads * self.head_dim)
             self.k_norm = qk_norm_module(config, self.num_kv_heads * self.head_dim)
 
@@ -383,7 +397,7 @@ class GroupedQueryAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
         config = self.config
-        before_rope = config.qk_norm is not None and not config.qk_norm_after_rope
+        before_rope = self.use_qk_norm and not config.qk_norm_after_rope
         q, k, v = (project(proj, hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if before_rope and config.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -399,8 +413,15 @@ class GroupedQueryAttention(nn.Module):
         if self.use_rope:
             cos, sin = position_embeddings
             q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
-        if config.qk_norm is not None and config.qk_norm_after_rope:
+        if self.use_qk_norm and config.qk_norm_after_rope:
             q, k = self.normalize_qk(q, k)
+        if self.use_temperature:
+            past = 0 if cache is None else cached_length(cache, self.layer_idx)
+            if past is None:
+                raise NotImplementedError("attention_temperature_scale needs the cache's length, which continuous "
+                                          "batching's paged cache does not give")
+            scales = temperature_scales(config, past, length, q.device).view(1, 1, length, 1)
+            q = (q * scales).to(q.dtype)
         if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         sinks = getattr(self, "sinks", None)

@@ -141,7 +141,8 @@ FIELD_RULES: dict[str, Rule | None] = {
     "attention_chunk_size": _POSITIVE,
     "nope_layers": (lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
                     "must be distinct layer indices >= 0 (layers without RoPE)"),
-    "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY, "latent_norm_eps": _FINITE_POSITIVE,
+    "qk_norm_after_rope": _ANY, "qk_norm_weight": _ANY, "qk_norm_skip_nope": _ANY, "latent_norm_eps": _FINITE_POSITIVE,
+    "attention_temperature_scale": _FINITE_POSITIVE, "attention_temperature_floor": _POSITIVE,
     "attention_multiplier": _FINITE_POSITIVE, "embedding_multiplier": _FINITE_POSITIVE,
     "residual_multiplier": _FINITE_POSITIVE, "logits_scaling": _FINITE_POSITIVE,
     "sublayer_norm": _one_of(SUBLAYER_NORMS),
@@ -270,6 +271,13 @@ class MoEConfig(PreTrainedConfig):
             EXAONE-MoE's full-attention layers); None = every layer rotates. GQA only.
         qk_norm_after_rope (`bool`): apply the q/k norm after RoPE (Hunyuan-MoE) rather than before (Qwen3).
         qk_norm_weight (`bool`): the q/k norm has a learned weight; False = weightless RMS (L2) norm (Llama 4).
+        qk_norm_skip_nope (`bool`): the q/k norm runs only on the layers that rotate; `nope_layers` have none
+            (Llama 4). Needs qk_norm.
+        attention_temperature_scale (`float | None`): attention temperature tuning on the NoPE layers (Llama 4,
+            after Nakanishi 2025, arXiv 2501.19399): their queries are multiplied by
+            1 + scale * ln(1 + floor((t + 1) / attention_temperature_floor)), t the token's index in the sequence
+            (cached tokens plus its offset; left padding counts, as in transformers' Llama 4). None = off. GQA only.
+        attention_temperature_floor (`int`): the token span of one step of that temperature (Llama 4: 8192).
         latent_norm_eps (`float | None`): epsilon of MLA's q_a/kv_a RMSNorms; None = rms_norm_eps
             (transformers' DeepSeek-V2/V3 and GLM-4.7-Flash classes use 1e-6 whatever rms_norm_eps is).
         attention_multiplier (`float | None`): softmax scale of q.k (muP, Granite); None = qk_head_dim^-0.5
@@ -439,6 +447,9 @@ class MoEConfig(PreTrainedConfig):
     nope_layers: list[int] | None = None
     qk_norm_after_rope: bool = False
     qk_norm_weight: bool = True
+    qk_norm_skip_nope: bool = False
+    attention_temperature_scale: float | None = None
+    attention_temperature_floor: int = 8192
     latent_norm_eps: float | None = None
     attention_multiplier: float | None = None
     embedding_multiplier: float = 1.0
@@ -652,8 +663,12 @@ class MoEConfig(PreTrainedConfig):
                 fail("layer_types", "has 'chunked_attention' layers, which need attention_chunk_size")
         if self.attention_type != "mla" and self.latent_norm_eps is not None:
             fail("latent_norm_eps", "only supported with attention_type='mla' (its q_a/kv_a norms)")
-        if self.qk_norm is None and (self.qk_norm_after_rope or not self.qk_norm_weight):
-            fail("qk_norm_after_rope" if self.qk_norm_after_rope else "qk_norm_weight", "is a q/k norm variant: needs qk_norm")
+        if self.qk_norm is None and (self.qk_norm_after_rope or not self.qk_norm_weight or self.qk_norm_skip_nope):
+            variant = next(f for f, on in (("qk_norm_after_rope", self.qk_norm_after_rope),
+                                           ("qk_norm_weight", not self.qk_norm_weight), ("qk_norm_skip_nope", True)) if on)
+            fail(variant, "is a q/k norm variant: needs qk_norm")
+        if self.attention_type == "mla" and self.attention_temperature_scale is not None:
+            fail("attention_temperature_scale", "only supported with attention_type='gqa' (it scales NoPE layers' queries)")
         if self.nope_layers and max(self.nope_layers) >= self.num_hidden_layers:
             fail("nope_layers", f"must be layer indices below num_hidden_layers={self.num_hidden_layers}")
         if self.n_routed_experts > 0 and self.num_experts_per_tok > self.n_routed_experts:

@@ -50,6 +50,19 @@ def test_fused_qkv_rows_and_pieces() -> None:
     assert all(isinstance(p, Piece) for p in pieces) and [p.index for p in pieces] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("names", [("halves_0", "halves_1"), ("kv_k", "kv_v")])
+def test_fused_halves_split_and_pieces(names: tuple[str, str]) -> None:
+    """One (2R, H) tensor <-> its first and second R rows (Granite's shared input_linear, JetMoE's kv_proj); the
+    part shape a source check expects is the fused one."""
+    fused = torch.randn(6, H)
+    first, second = (OPS[n].to_moe(_binding(n), [fused]) for n in names)
+    assert torch.equal(first, fused[:3]) and torch.equal(second, fused[3:])
+    pieces = [OPS[n].from_moe(_binding(n), t)[0] for n, t in zip(names, (first, second))]
+    assert [(p.index, p.of) for p in pieces] == [(0, 2), (1, 2)]
+    assert torch.equal(torch.cat([p.tensor for p in pieces]), fused)
+    assert OPS[names[0]].part_shape((3, H)) == (6, H)
+
+
 def test_export_waits_for_every_piece_and_names_a_missing_one() -> None:
     case = cases(MoEFamily)["dbrx"]
     moe = config_to_moe(case.config())

@@ -1,7 +1,8 @@
 """The attention-side knobs on their own (the family oracles in tests/conversion/families hold them to
 transformers' classes): partial rotary, per-layer attention types (sliding, chunked), NoPE layers, q/k norm
-variants, muP multipliers, post-sub-layer norms, MLA's latent norm epsilon; each validated with the field named,
-and the rope kernel on a partial rotary width."""
+variants (Llama 4's: on the rotating layers only), attention temperature tuning, muP multipliers, post-sub-layer
+norms, MLA's latent norm epsilon; each validated with the field named, and the rope kernel on a partial rotary
+width."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from hf_moe import MoEConfig, MoEForCausalLM
-from hf_moe.modeling.attention import GroupedQueryAttention, WeightlessRMSNorm
+from hf_moe.modeling.attention import GroupedQueryAttention, WeightlessRMSNorm, temperature_scales
 from hf_moe.modeling.configuration import ConfigFieldError
 from hf_moe.modeling.kernel_hooks import get_kernel, register_kernel, unregister_kernel
 from hf_moe.modeling.rotary import RotaryEmbedding, apply_rope
@@ -141,6 +142,10 @@ def test_static_cache_generation_with_layer_types(layer_types: list[str] | None)
     (dict(nope_layers=[3]), "nope_layers"),
     (dict(qk_norm=None, qk_norm_after_rope=True), "qk_norm_after_rope"),
     (dict(qk_norm=None, qk_norm_weight=False), "qk_norm_weight"),
+    (dict(qk_norm=None, qk_norm_skip_nope=True), "qk_norm_skip_nope"),
+    (dict(attention_temperature_scale=0.0), "attention_temperature_scale"),
+    (dict(attention_temperature_scale=float("nan")), "attention_temperature_scale"),
+    (dict(attention_temperature_floor=0), "attention_temperature_floor"),
     (dict(latent_norm_eps=1e-6), "latent_norm_eps"),                      # MLA only
     (dict(sublayer_norm="peri"), "sublayer_norm"),
     (dict(embedding_multiplier=0.0), "embedding_multiplier"),
@@ -151,9 +156,10 @@ def test_invalid_knobs_name_their_field(fields: dict, field: str) -> None:
         tiny_gqa_config(**fields)
 
 
-@pytest.mark.parametrize("field", ["layer_types", "nope_layers", "attention_chunk_size"])
+@pytest.mark.parametrize("field", ["layer_types", "nope_layers", "attention_chunk_size", "attention_temperature_scale"])
 def test_mla_refuses_per_layer_gqa_knobs(field: str) -> None:
-    value = {"layer_types": [FULL] * 3, "nope_layers": [1], "attention_chunk_size": 4}[field]
+    value = {"layer_types": [FULL] * 3, "nope_layers": [1], "attention_chunk_size": 4,
+             "attention_temperature_scale": 0.1}[field]  # fmt: skip
     with pytest.raises(ConfigFieldError, match=field):
         tiny_config(**{field: value})
 
@@ -208,6 +214,45 @@ def test_qk_norm_after_rope_normalises_the_rotated_heads(monkeypatch: pytest.Mon
         assert torch.allclose(states.pow(2).mean(-1), torch.ones(()), atol=1e-4)
 
 
+def test_qk_norm_skip_nope_leaves_the_nope_layers_unnormalised() -> None:
+    """Llama 4: the q/k norm on the rotating layers only; the NoPE layers have none, and it changes the logits."""
+    fields = dict(qk_norm="head", qk_norm_weight=False, qk_norm_after_rope=True, nope_layers=[1])
+    skip, every = model_of(**fields, qk_norm_skip_nope=True), model_of(**fields)
+    assert [hasattr(layer.self_attn, "q_norm") for layer in skip.model.layers] == [True, False, True]
+    assert all(hasattr(layer.self_attn, "q_norm") for layer in every.model.layers)
+    every.load_state_dict(skip.state_dict())
+    assert not torch.allclose(logits(skip, IDS), logits(every, IDS), atol=1e-4)
+    weighted = model_of(qk_norm="head", nope_layers=[1], qk_norm_skip_nope=True)  # weighted norms: none stored there
+    assert not any(k.startswith("model.layers.1.self_attn.q_norm") for k in weighted.state_dict())
+
+
+# ------------------------------------------------------------------------------- attention temperature
+def test_temperature_scales_by_hand() -> None:
+    """1 + s ln(1 + floor((t + 1) / f)) with s = 0.5, f = 3 for t = 0..5, and for t = 10, 11 after 10 cached."""
+    config = tiny_gqa_config(nope_layers=[1], attention_temperature_scale=0.5, attention_temperature_floor=3)
+    expected = 1 + 0.5 * torch.log(torch.tensor([1.0, 1, 2, 2, 2, 3]))
+    assert torch.allclose(temperature_scales(config, 0, 6, torch.device("cpu")), expected)
+    assert torch.allclose(temperature_scales(config, 10, 2, torch.device("cpu")), 1 + 0.5 * torch.log(torch.tensor([4.0, 5])))
+
+
+def test_temperature_scales_only_the_nope_layers_queries() -> None:
+    """Off on rotating layers (all-RoPE models are unchanged); on NoPE layers it changes the logits, and cached
+    decoding (the token index from the cache's length) gives what the full forward gives."""
+    base = dict(nope_layers=[1], attention_temperature_floor=2)
+    off, on = model_of(**base), model_of(**base, attention_temperature_scale=0.7)
+    assert [layer.self_attn.use_temperature for layer in on.model.layers] == [False, True, False]
+    on.load_state_dict(off.state_dict())
+    assert not torch.allclose(logits(off, IDS), logits(on, IDS), atol=1e-4)
+    rope_only, rope_tuned = model_of(), model_of(attention_temperature_scale=0.7)
+    rope_tuned.load_state_dict(rope_only.state_dict())
+    assert torch.equal(logits(rope_only, IDS), logits(rope_tuned, IDS))
+    with torch.no_grad():
+        full = on(input_ids=IDS, use_cache=False).logits
+        prefix = on(input_ids=IDS[:, :7], use_cache=True)
+        step = on(input_ids=IDS[:, 7:], cache=prefix.cache, use_cache=True).logits
+    assert torch.allclose(step, full[:, 7:], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ muP, norms
 def test_mup_multipliers_scale_what_they_name() -> None:
     base = model_of()
@@ -257,10 +302,12 @@ def test_knobs_round_trip_through_config_json(tmp_path) -> None:
     config = tiny_gqa_config(layer_types=[FULL, SLIDING, CHUNKED], sliding_window=4, attention_chunk_size=4,
                              nope_layers=[0], qk_norm_after_rope=True, qk_norm_weight=False, attention_multiplier=0.3,
                              embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0,
-                             sublayer_norm="post")  # fmt: skip
+                             sublayer_norm="post", qk_norm_skip_nope=True, attention_temperature_scale=0.2,
+                             attention_temperature_floor=16)  # fmt: skip
     config.save_pretrained(tmp_path)
     loaded = MoEConfig.from_pretrained(tmp_path)
     for field in ("layer_types", "nope_layers", "qk_norm_after_rope", "qk_norm_weight", "attention_multiplier",
                   "embedding_multiplier", "residual_multiplier", "logits_scaling", "sublayer_norm",
-                  "attention_chunk_size"):  # fmt: skip
+                  "attention_chunk_size", "qk_norm_skip_nope", "attention_temperature_scale",
+                  "attention_temperature_floor"):  # fmt: skip
         assert getattr(loaded, field) == getattr(config, field), field

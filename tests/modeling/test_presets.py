@@ -85,7 +85,7 @@ def analytic_layer(config: MoEConfig, moe: bool) -> dict[str, tuple[int, int]]:
         d, kvh = config.head_dim, config.num_key_value_heads
         attn = 2 * h * n * d + 2 * h * kvh * d + bias * (n + 2 * kvh) * d + h * int(config.attention_out_bias)
         attn += n * int(config.attention_sinks)
-        norms += {None: 0, "head": 2 * d, "full": (n + kvh) * d}[config.qk_norm]
+        norms += {None: 0, "head": 2 * d, "full": (n + kvh) * d}[config.qk_norm] * int(config.qk_norm_weight)
     parts = {"attention": (attn, attn), "norms": (norms, norms)}
     if moe:
         e, k = config.n_routed_experts, config.num_experts_per_tok
@@ -238,6 +238,13 @@ def test_new_family_presets_carry_their_variants() -> None:
     scout, maverick = MoEConfig.from_preset("llama-4-scout"), MoEConfig.from_preset("llama-4-maverick")
     assert scout.gate_on_expert_input and scout.moe_layer_indices == list(range(48))
     assert maverick.moe_layer_indices == list(range(1, 48, 2)) and maverick.num_experts_per_tok == 1
+    for llama4 in (scout, maverick):  # NoPE every 4th layer (full, temperature-tuned), the others chunked
+        assert llama4.nope_layers == list(range(3, 48, 4)) and llama4.attention_chunk_size == 8192
+        assert [llama4.layer_type(i) for i in (0, 3)] == ["chunked_attention", "full_attention"]
+        assert llama4.attention_temperature_scale == 0.1
+    assert (scout.qk_norm, scout.qk_norm_weight, scout.qk_norm_skip_nope, maverick.qk_norm) == ("head", False, True, None)
+    assert gpt.layer_types == ["sliding_attention", "full_attention"] * 18 and gpt.sliding_window == 128
+    assert MoEConfig.from_preset("gpt-oss-20b").layer_types == ["sliding_attention", "full_attention"] * 12
     dbrx = MoEConfig.from_preset("dbrx")
     assert (dbrx.norm_type, dbrx.norm_bias, dbrx.clip_qkv) == ("layer_norm", False, 8.0)
     assert MoEConfig.from_preset("ernie-4.5-21b-a3b").norm_topk_min == 1e-12

@@ -6,8 +6,8 @@
 `interleave` and `transpose` re-lay them as ours. One layout: the released checkpoints hold MXFP4 blocks
 (dequantize them first, e.g. by loading with transformers and saving in bf16).
 
-Its alternating sliding/full layers (`layer_types`) convert when every layer is of one kind (all full, or all
-sliding: hf_moe's `sliding_window` on every layer); per-layer types are refused until hf_moe has them."""
+Its alternating sliding/full layers convert as they are: `layer_types` per layer, `sliding_window` the window of
+the sliding ones (kept when no layer slides, so the config round-trips)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from transformers import PreTrainedConfig
 from ...modeling.configuration import MoEConfig
 from ..records import MoEFamily, Refusal
 from ..tables import Rule, same
+from . import _attention as attn
 from . import _shared as shared
 
 _LAYER = shared.NORMS + shared.GQA_ATTENTION[:8] + same("self_attn.", "sinks") + (
@@ -31,30 +32,25 @@ _LAYER = shared.NORMS + shared.GQA_ATTENTION[:8] + same("self_attn.", "sinks") +
 )  # fmt: skip
 
 
-def _window_kinds(hf: PreTrainedConfig) -> set[str]:
-    return set((hf.layer_types or [])[: hf.num_hidden_layers])
-
-
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
-    sliding = _window_kinds(hf) == {"sliding_attention"}
     return dict(
         shared.gqa_fields(hf), intermediate_size=hf.intermediate_size, moe_intermediate_size=hf.intermediate_size,
         first_k_dense_replace=0, moe_layer_freq=1, topk_before_softmax=True, norm_topk_prob=True,
         attention_bias=hf.attention_bias, attention_out_bias=hf.attention_bias, attention_sinks=True,
-        sliding_window=hf.sliding_window if sliding else None, router_bias=True, expert_bias=True,
+        **attn.layer_types_fields(hf), router_bias=True, expert_bias=True,
         glu_type="gpt_oss", glu_limit=float(hf.swiglu_limit), glu_alpha=float(hf.swiglu_alpha),
     )  # fmt: skip
 
 
 def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
-    kind = "full_attention" if cfg.sliding_window is None else "sliding_attention"
+    types = attn.layer_types_config(cfg)
     fields = dict(
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, intermediate_size=cfg.moe_intermediate_size,
         num_local_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.num_experts_per_tok,
         attention_bias=cfg.attention_bias, swiglu_limit=cfg.glu_limit, swiglu_alpha=cfg.glu_alpha,
-        layer_types=[kind] * cfg.num_hidden_layers,
+        layer_types=types["layer_types"],
     )  # fmt: skip
-    if cfg.sliding_window is not None:
+    if cfg.sliding_window is not None:  # else GptOssConfig's default (no layer slides)
         fields["sliding_window"] = cfg.sliding_window
     return fields
 
@@ -67,11 +63,7 @@ FAMILY = MoEFamily(
     model_type="gpt_oss",
     layer=_LAYER,
     to_moe=_to_moe,
-    import_refusals=(
-        Refusal("layer_types", lambda hf: len(_window_kinds(hf)) == 1,
-                "it mixes sliding and full attention layers; this hf_moe build expresses one kind for every layer "
-                "(all 'full_attention', or all 'sliding_attention' with sliding_window)"),
-    ),
+    knobs=frozenset({"layer_types"}),
     from_moe=_from_moe,
     export_refusals=shared.SOFTMAX_ROUTER + (
         shared.qk_norm(None), shared.NO_CLIP_QKV, shared.NO_SHARED_EXPERTS, *shared.EVERY_LAYER_MOE,
@@ -79,7 +71,7 @@ FAMILY = MoEFamily(
         _is("topk_before_softmax", True, "softmaxes the top-k router logits"),
         _is("router_bias", True, "has a router bias"), _is("expert_bias", True, "has expert biases"),
         _is("glu_type", "gpt_oss", "uses its own gated unit (glu_type='gpt_oss')"),
-        _is("attention_sinks", True, "has attention sinks"),
+        _is("attention_sinks", True, "has attention sinks"), attn.NO_CHUNKS,
     ),
     variants=frozenset({"router_bias", "expert_bias", "glu_type", "glu_limit", "attention_sinks"}),
     switch_loss=True,

@@ -5,9 +5,12 @@ expert's INPUT (`gate_on_expert_input`), one shared expert of the routed experts
 transposed, `gate_up_proj (E, H, 2I)` (gate columns first) and `down_proj (E, I, H)` (rows `transpose`); the
 Hub checkpoints hold the same keys (one layout).
 
-Refused until hf_moe has the attention fields for them: NoPE layers (`no_rope_layers` with a 0), chunked
-attention layers (`attention_chunk_size` set: `layer_types` "chunked_attention"), the weightless q/k L2 norm after
-RoPE (`use_qk_norm`); attention temperature tuning acts on NoPE layers only, so it converts without them."""
+Its attention converts as it is: NoPE layers (`no_rope_layers` 0s: `nope_layers`), chunked attention layers
+(`layer_types` "chunked_attention", `attention_chunk_size`), the weightless per-head q/k L2 norm after RoPE on the
+rotating layers only (`use_qk_norm`: `qk_norm="head"`, `qk_norm_weight=False`, `qk_norm_after_rope`,
+`qk_norm_skip_nope`) and the attention temperature tuning of the NoPE layers (`attn_temperature_tuning`,
+`attn_scale`, `floor_scale`: `attention_temperature_scale`, `attention_temperature_floor`). Sliding-window
+layers, which transformers' Llama 4 has no mask for, are refused."""
 
 from __future__ import annotations
 
@@ -45,9 +48,46 @@ def _moe_pattern(hf: PreTrainedConfig) -> dict[str, int]:
     return dict(first_k_dense_replace=moe[0], moe_layer_freq=freq, last_k_dense_replace=n - 1 - moe[-1])
 
 
+def _attention_fields(hf: PreTrainedConfig) -> dict[str, Any]:
+    """NoPE layers, per-layer types, the q/k norm and the temperature tuning as MoEConfig fields."""
+    n = hf.num_hidden_layers
+    qk_norm = dict(qk_norm="head", qk_norm_weight=False, qk_norm_after_rope=True, qk_norm_skip_nope=True)
+    return dict(
+        nope_layers=[i for i, rope in enumerate(hf.no_rope_layers[:n]) if not rope] or None,
+        layer_types=list(hf.layer_types[:n]), attention_chunk_size=hf.attention_chunk_size,
+        **(qk_norm if hf.use_qk_norm else {}),
+        attention_temperature_scale=float(hf.attn_scale) if hf.attn_temperature_tuning else None,
+        attention_temperature_floor=int(hf.floor_scale),
+    )  # fmt: skip
+
+
+def _nope_interval(n: int, nope: set[int]) -> int | None:
+    """The `no_rope_layer_interval` p whose rule (layer i NoPE iff (i + 1) % p == 0) gives these NoPE layers."""
+    return next((p for p in range(1, n + 1) if nope == {i for i in range(n) if (i + 1) % p == 0}), None)
+
+
+def _attention_config(cfg: MoEConfig) -> dict[str, Any]:
+    """The inverse of `_attention_fields` (`no_rope_layer_interval` too where its rule gives the NoPE layers)."""
+    n, nope = cfg.num_hidden_layers, set(cfg.nope_layers or ())
+    scale, interval = cfg.attention_temperature_scale, _nope_interval(n, nope)
+    return dict(
+        {} if interval is None else {"no_rope_layer_interval": interval},
+        no_rope_layers=[0 if i in nope else 1 for i in range(n)], layer_types=[cfg.layer_type(i) for i in range(n)],
+        attention_chunk_size=cfg.attention_chunk_size, use_qk_norm=cfg.qk_norm is not None,
+        attn_temperature_tuning=scale is not None, attn_scale=0.1 if scale is None else scale,
+        floor_scale=cfg.attention_temperature_floor,
+    )  # fmt: skip
+
+
+def _llama4_qk_norm(c: MoEConfig) -> bool:
+    """None, or Llama 4's: weightless, per head, after RoPE, on the rotating layers only."""
+    return c.qk_norm is None or (c.qk_norm == "head" and not c.qk_norm_weight and c.qk_norm_after_rope
+                                 and (c.qk_norm_skip_nope or not c.nope_layers))  # fmt: skip
+
+
 def _to_moe(hf: PreTrainedConfig) -> dict[str, Any]:
     return dict(
-        shared.gqa_fields(hf), **_moe_pattern(hf), intermediate_size=hf.intermediate_size_mlp,
+        shared.gqa_fields(hf), **_attention_fields(hf), **_moe_pattern(hf), intermediate_size=hf.intermediate_size_mlp,
         moe_intermediate_size=hf.intermediate_size, n_shared_experts=1, scoring_func="sigmoid", norm_topk_prob=False,
         gate_on_expert_input=True, attention_bias=hf.attention_bias, attention_out_bias=hf.attention_bias,
         router_jitter_noise=hf.router_jitter_noise or 0.0,
@@ -58,8 +98,8 @@ def _from_moe(cfg: MoEConfig) -> dict[str, Any]:
     return dict(
         shared.gqa_config(cfg), head_dim=cfg.head_dim, intermediate_size=cfg.moe_intermediate_size,
         intermediate_size_mlp=cfg.intermediate_size, num_local_experts=cfg.n_routed_experts,
-        moe_layers=cfg.moe_layer_indices, interleave_moe_layer_step=cfg.moe_layer_freq, use_qk_norm=False,
-        no_rope_layers=[1] * cfg.num_hidden_layers, attention_chunk_size=None, attention_bias=cfg.attention_bias,
+        moe_layers=cfg.moe_layer_indices, interleave_moe_layer_step=cfg.moe_layer_freq, **_attention_config(cfg),
+        attention_bias=cfg.attention_bias,
         router_jitter_noise=cfg.router_jitter_noise,
     )  # fmt: skip
 
@@ -69,21 +109,23 @@ def _is(field: str, ok: Any, why: str) -> Refusal:
     return Refusal(field, test, f"but llama4_text {why}")
 
 
-_PENDING = "hf_moe does not express it yet (the attention fields for it are to come)"
+_NO_SLIDING = "transformers' Llama 4 has full and chunked attention layers only"
 FAMILY = MoEFamily(
     model_type="llama4_text",
     layer=_LAYER,
+    knobs=frozenset({"layer_types", "attention_chunk_size", "nope_layers", "qk_norm_after_rope", "qk_norm_weight",
+                     "qk_norm_skip_nope", "attention_temperature_scale"}),
     to_moe=_to_moe,
     import_refusals=(
-        Refusal("no_rope_layers", lambda hf: all(hf.no_rope_layers), f"it has NoPE layers; {_PENDING}"),
-        Refusal("layer_types", lambda hf: "chunked_attention" not in (hf.layer_types or []),
-                f"it has chunked attention layers (attention_chunk_size set); {_PENDING}"),
-        Refusal("use_qk_norm", lambda hf: not hf.use_qk_norm, f"its q/k L2 norm after RoPE is weightless; {_PENDING}"),
+        Refusal("layer_types", lambda hf: "sliding_attention" not in hf.layer_types[: hf.num_hidden_layers],
+                f"it has sliding-window layers; {_NO_SLIDING}"),
     ),
     from_moe=_from_moe,
     export_refusals=(
         shared.attention("gqa"), shared.MIXTURE, shared.ONE_ATTENTION_BIAS,
-        shared.qk_norm(None), shared.NO_CLIP_QKV, shared.NO_SLIDING_WINDOW,
+        Refusal("qk_norm", _llama4_qk_norm, "but llama4_text's q/k norm is None or weightless, per head, after RoPE "
+                                            "and on the rotating layers only (qk_norm_skip_nope)"),
+        shared.NO_CLIP_QKV, shared.NO_SLIDING_WINDOW,
         _is("scoring_func", "sigmoid", "scores the chosen logits with a sigmoid"),
         _is("topk_method", "greedy", "takes a plain top-k"), _is("n_group", 1, "has no groups"),
         _is("norm_topk_prob", False, "does not renormalise the gates"),
