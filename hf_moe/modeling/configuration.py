@@ -709,8 +709,14 @@ class MoEConfig(PreTrainedConfig):
 
         if self.comm_balance_alpha and self.n_group < 2:
             fail("comm_balance_alpha", "needs experts grouped by device (n_group >= 2 devices, topk_group = M)")
+        if self.topk_method == "sparsemixer" and self.router_bias_update_rate:
+            fail("router_bias_update_rate", "must be 0 with topk_method='sparsemixer' (SparseMixer chooses without "
+                                            "the balancing bias, which would move without steering anything)")
         if self.router_type == "learned":
             return
+        if self.topk_method == "sparsemixer":
+            fail("topk_method", f"'sparsemixer' is a learned router's choice; router_type={self.router_type!r} "
+                                "chooses its own way (use topk_method='greedy')")
         if self.n_group > 1:
             fail("router_type", f"{self.router_type!r} routing has no group-limited (device-limited) variant; "
                                 "use router_type='learned' with n_group > 1")
@@ -726,6 +732,10 @@ class MoEConfig(PreTrainedConfig):
                 fail("router_type", "balanced_assignment gates with sigmoid(h w_e) (Lewis et al. eq. 2): it needs "
                                     "scoring_func='sigmoid' and norm_topk_prob=False")
         if self.router_type == "expert_choice":
+            for field in ("router_bias", "router_jitter_noise", "router_logit_noise"):
+                if getattr(self, field):
+                    fail(field, "is not supported with router_type='expert_choice' (its scores are the plain "
+                                "token-expert affinities)")
             for loss in ("aux_loss_alpha", "device_aux_loss_alpha", "seq_aux_loss_alpha"):
                 if getattr(self, loss):
                     fail(loss, "must be 0 with router_type='expert_choice' (balanced by construction: every "
@@ -739,6 +749,16 @@ class MoEConfig(PreTrainedConfig):
             if self.attention_type != "gqa" or self.attention_sinks or self.qk_norm or self.clip_qkv or self.sliding_window:
                 fail("moa_experts", "mixture of attention heads is plain GQA (attention_type='gqa', no sinks, q/k norm, "
                                     "clipping or window)")
+            moa_unsupported = {
+                "attention_bias": self.attention_bias, "attention_multiplier": self.attention_multiplier is not None,
+                "nope_layers": bool(self.nope_layers), "layer_types": self.layer_types is not None,
+                "attention_temperature_scale": bool(self.attention_temperature_scale),
+                "rope_parameters": self.rotary_dim != self.head_dim,
+            }  # fmt: skip
+            for field, used in moa_unsupported.items():
+                if used:
+                    fail(field, "is not supported with moa_experts (JetMoE's mixture of attention heads has unbiased "
+                                "projections, 1/sqrt(d) scaling and full RoPE on every layer)")
             if self.moa_top_k > self.moa_experts:
                 fail("moa_top_k", f"must be between 1 and moa_experts={self.moa_experts}")
             if self.num_attention_heads != self.moa_top_k * self.num_key_value_heads:

@@ -168,7 +168,7 @@ def global_counts(
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)  # the one collective of this forward
         for router, layer_counts in zip(routers, counts):
-            router.balance_counts += layer_counts.to(router.balance_counts.device)
+            router.balance_counts.add_(layer_counts.to(router.balance_counts.device))  # in place (Dynamo)
     return [router.balance_counts.clone() for router in routers]
 
 

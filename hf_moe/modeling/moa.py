@@ -17,11 +17,15 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .configuration import MoEConfig
+from .experts import tracing
 from .rotary import apply_rope
 
 
 def per_expert_linear(rows: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """rows (S, in) through their experts' matrices weight (E, out, in): (S, out), one product per used expert."""
+    """rows (S, in) through their experts' matrices weight (E, out, in): (S, out), one product per used expert;
+    while torch.compile / torch.export traces, one batched product of the gathered matrices (no host sync)."""
+    if tracing():
+        return torch.bmm(weight.index_select(0, expert_ids), rows.unsqueeze(-1)).squeeze(-1)
     out = rows.new_empty(rows.shape[0], weight.shape[1])
     for expert in torch.unique(expert_ids).tolist():
         slots = (expert_ids == expert).nonzero().squeeze(-1)
@@ -80,8 +84,8 @@ class MixtureOfAttentionHeads(nn.Module):
         v = self.v_proj(hidden_states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rope(q, cos, sin, False), apply_rope(k, cos, sin, False)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+        if cache is not None:  # kwargs: what the paged cache of continuous batching reads (and fills in)
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         output, weights = attention_function(self.config)(
             self, q, k, v, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention import HF_MOE_ATTENTION, default_attention
+from .attention import HF_MOE_ATTENTION, GroupedQueryAttention, default_attention
 from .cache import MoECache, use_growable_layers
 from .configuration import MoEConfig
 from .decoder import DecoderLayer
@@ -31,7 +31,7 @@ from .experts import RoutedExperts
 from .fused_head import FusedHeadOptions, FusedLMHeadOutput, fused_head_output, trl_fused_head_options
 from .inputs import check_inputs
 from .kernel_hooks import get_kernel, run_kernel
-from .losses import IGNORE_INDEX, causal_lm_loss, moe_auxiliary_loss, total_loss
+from .losses import IGNORE_INDEX, balance_coefficients, causal_lm_loss, moe_auxiliary_loss, total_loss
 from .moa import MixtureOfAttentionHeads
 from .moe import MoEBlock
 from .mtp import MTPModule, shift_left
@@ -140,22 +140,37 @@ class MoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.o_bias)
         elif isinstance(module, MoEBlock) and module.bias is not None:
             init.zeros_(module.bias)
+        elif isinstance(module, GroupedQueryAttention) and hasattr(module, "sinks"):
+            init.zeros_(module.sinks)  # learned sink logits (gpt-oss): 0 = one extra unit of softmax mass
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: object) -> None:
-        """Non-reentrant checkpointing by default. `use_reentrant=True` is allowed where no bias balancing counts
-        expert loads (`router_bias_update_rate == 0`, or no MoE layer): under reentrant checkpointing the first
-        forward runs without grad and the recompute inside backward, so the router's load counters (which count
-        only the first forward, grad enabled, outside backward) would see no token at all."""
+        """Non-reentrant checkpointing by default. `use_reentrant=True` is allowed where the routers' side outputs
+        are not trained on: no bias balancing counts expert loads (`router_bias_update_rate == 0`) and no balance
+        loss reads the router logits (every coefficient of `losses.balance_coefficients` 0), or no MoE layer. Under
+        reentrant checkpointing the first forward runs without grad and the recompute inside backward, so the load
+        counters would see no token and the balance losses (computed from the layer's RouterOutput, which is not a
+        checkpointed tensor output) would have no gradient."""
         gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs or {})
-        if gradient_checkpointing_kwargs.get("use_reentrant", False) and self.counts_expert_loads():
-            raise ValueError(
-                "gradient_checkpointing_kwargs={'use_reentrant': True} cannot be used while bias balancing runs "
-                f"(router_bias_update_rate={self.config.router_bias_update_rate}): reentrant checkpointing hides the "
-                "first forward from grad and recomputes inside backward, so the expert-load counters would count no "
-                "token. Use use_reentrant=False (the default), or set router_bias_update_rate=0."
-            )
+        if gradient_checkpointing_kwargs.get("use_reentrant", False):
+            reason = self.reentrant_checkpointing_conflict()
+            if reason is not None:
+                raise ValueError(
+                    f"gradient_checkpointing_kwargs={{'use_reentrant': True}} cannot be used here: {reason}. "
+                    "Reentrant checkpointing hides the first forward from grad and recomputes inside backward. Use "
+                    "use_reentrant=False (the default).")
         gradient_checkpointing_kwargs.setdefault("use_reentrant", False)
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def reentrant_checkpointing_conflict(self) -> str | None:
+        """Why reentrant checkpointing would train this model wrongly, or None where it is safe."""
+        if not any(isinstance(m, Router) for m in self.modules()):
+            return None
+        if self.counts_expert_loads():
+            return (f"bias balancing counts expert loads (router_bias_update_rate="
+                    f"{self.config.router_bias_update_rate}), which would count no token")
+        if any(balance_coefficients(self.config)):
+            return "a balance loss (aux/device/seq/comm loss or z-loss) is on, and would get no gradient"
+        return None
 
     def counts_expert_loads(self) -> bool:
         """Whether training counts tokens per expert for the bias update (some router, and a rate > 0)."""
@@ -252,7 +267,11 @@ class MoEModel(MoEPreTrainedModel):
         per attention type the layers use, as a dict by type (each DecoderLayer takes its own), each sized by the
         cache layer of the first layer of its type (transformers' own default sizes sliding and chunked masks both
         by the first layer of either). `layer_idx`: the mask of that one layer (e.g. an MTP block decoding with its
-        own cache), sized by its layer of `cache`; with `layer_types` a dict holding only that layer's type."""
+        own cache), sized by its layer of `cache`; with `layer_types` a dict holding only that layer's type.
+        A dict given as `attention_mask` is already that (transformers' continuous batching builds the masks of
+        its paged cache by attention type) and is used as it is."""
+        if isinstance(attention_mask, dict):
+            return attention_mask
         kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
                       position_ids=position_ids)  # fmt: skip
         if self.config.layer_types is None:
@@ -307,14 +326,15 @@ class MoEModel(MoEPreTrainedModel):
         # only expert choice asks whether the forward extends a cache (it refuses to); the paged cache of continuous
         # batching has no get_seq_length, and other routers need not read (or host-sync on) the cache's length
         decoding = (self.config.router_type == "expert_choice" and cache is not None
-                    and cache.get_seq_length() > 0)  # fmt: skip
+                    and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0))  # fmt: skip
         routing_inputs = layer_routing_inputs(
             self.config, input_ids if router_token_ids is None else router_token_ids, replay_routing,
             tuple(inputs_embeds.shape[:2]), decoding=decoding)
 
         mask = self.attention_mask_for(inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        valid = valid_tokens(attention_mask, inputs_embeds.shape[1])  # (B, T) or None: only these count as load
+        prepared = isinstance(attention_mask, dict)  # masks by attention type, made by the caller: no padding mask
+        valid = None if prepared else valid_tokens(attention_mask, inputs_embeds.shape[1])  # (B, T) or None: load
         token_mask = None if valid is None else valid.reshape(-1)
         hidden_states = inputs_embeds
         all_hidden, all_attn, routings = [], [], []
@@ -483,6 +503,12 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         )
         return result if return_dict else result.to_tuple()
 
+    def head_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """lm_head(h) / logits_scaling (muP, Granite; 1 elsewhere): the logits of the LM head and of every MTP depth."""
+        logits = self.lm_head(hidden_states)
+        scaling = self.config.logits_scaling
+        return logits if scaling == 1.0 else logits / scaling
+
     def logits_and_lm_loss(
         self, hidden_states: torch.Tensor, labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
         **kwargs: object,
@@ -498,9 +524,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                 lm_loss, logits = fused
                 return logits, lm_loss
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        if scaling != 1.0:
-            logits = logits / scaling
+        logits = self.head_logits(hidden_states[:, keep, :])
         if labels is None:
             return logits, None
         return logits, self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -557,7 +581,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
                                        token_mask=valid.reshape(-1))
             if routing is not None:
                 routings.append((routing, valid))
-            logits_k = self.lm_head(module.norm(previous))
+            logits_k = self.head_logits(module.norm(previous))
             labels_k = shift_left(labels, k, IGNORE_INDEX)  # logits_k[i] is scored against labels[i + k + 1]
             extra = {} if shift_labels is None else {"shift_labels": shift_left(shift_labels, k, IGNORE_INDEX)}
             total = total + self.loss_function(logits=logits_k, labels=labels_k, vocab_size=self.config.vocab_size,

@@ -58,4 +58,5 @@ def gated_inputs(experts: nn.Module, tokens: torch.Tensor, topk_ids: torch.Tenso
     rows = tokens.repeat_interleave(top_k, dim=0) * topk_weights.reshape(-1, 1).to(tokens.dtype)  # (T*K, H)
     ones = torch.ones(num_tokens * top_k, 1, dtype=tokens.dtype, device=tokens.device)
     out = experts(rows, topk_ids.reshape(-1, 1), ones)  # (T*K, H)
+    out = out * (topk_weights.reshape(-1, 1) != 0).to(out.dtype)  # a dropped slot adds nothing, even FFN_e(0) != 0
     return out.view(num_tokens, top_k, -1).sum(dim=1)

@@ -119,7 +119,7 @@ class ExpertChoiceRouter(Router):
         topk_ids = torch.arange(self.num_experts, device=scores.device).expand(num_tokens, -1)  # (T, N)
         topk_weights = scores * chosen * self.config.routed_scaling_factor
         if self.training and torch.is_grad_enabled() and not inside_backward():
-            self.tokens_per_expert += chosen.sum(dim=0).float()
+            self.tokens_per_expert.add_(chosen.sum(dim=0).float())  # in place: no buffer reassignment (Dynamo)
         return RouterOutput(logits=logits, topk_ids=topk_ids, topk_weights=topk_weights, router=self)
 
 

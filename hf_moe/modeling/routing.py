@@ -132,6 +132,9 @@ class Router(nn.Module):
         if self.training and self.config.router_logit_noise > 0:
             noisy_logits = logits + torch.randn_like(logits) * self.config.router_logit_noise
         if self.config.topk_method == "sparsemixer":
+            if routing_inputs is not None and routing_inputs.replay_ids is not None:
+                raise ValueError("replay_routing is not supported with topk_method='sparsemixer' (its gates depend "
+                                 "on the choice it samples); replay needs a top-k router")
             topk_ids, topk_weights = sparsemixer(noisy_logits, self.config.sparsemixer_eps, self.training)
             return self._finish(logits, topk_ids, topk_weights, token_mask)
         scores = self.scores(noisy_logits)  # (T, N)

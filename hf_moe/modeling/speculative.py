@@ -92,7 +92,7 @@ def mtp_generate(
     eos = torch.tensor(_eos_list(eos_token_id), dtype=torch.long, device=input_ids.device)
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
-    config, base, lm_head = model.config, model.model, model.lm_head
+    config, base, lm_head = model.config, model.model, model.head_logits  # argmax: logits_scaling kept anyway
     batch = input_ids.shape[0]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     tokens = input_ids

@@ -33,6 +33,12 @@ ARCHITECTURE_FIELDS = (
     "moe_intermediate_size", "n_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace",
     "moe_layer_freq", "scoring_func", "topk_method", "n_group", "topk_group", "num_nextn_predict_layers",
     "tie_word_embeddings",
+    # the knobs of the families wave (issue 15) and the router types (issue 16): a base differing in any of them
+    # is another model even with equal shapes (compared only where the delta's fingerprint records them)
+    "router_type", "glu_type", "glu_limit", "norm_type", "norm_bias", "mlp_bias", "expert_bias", "router_bias",
+    "lm_head_bias", "moe_output_bias", "attention_bias", "attention_sinks", "qk_norm", "layer_types", "nope_layers",
+    "sliding_window", "attention_chunk_size", "sublayer_norm", "moa_experts", "moa_top_k", "last_k_dense_replace",
+    "gate_on_expert_input",
 )  # fmt: skip
 
 

@@ -227,7 +227,7 @@ class LinearFunction(torch.autograd.Function):
 def linear_kernel(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The "linear" kernel: module(x) through `mm` where oneDNN is in use for x and the product is large enough
     for it (CPU fp32, a plain nn.Linear, see `eligible`); None everywhere else (the module runs)."""
-    if (not onednn_active(x) or not eligible(x, module.weight, modules=(module,), allow_bias=True)
+    if (not eligible(x, module.weight, modules=(module,), allow_bias=True) or not onednn_active(x)
             or x.numel() // x.shape[-1] * module.in_features * module.out_features < MIN_MACS):
         return None
     if records_grad(x, module.weight, *(() if module.bias is None else (module.bias,))):
