@@ -254,7 +254,7 @@ def test_unwritable_parent_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_sigterm_raises_like_ctrl_c_inside_and_not_outside() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated), terminate_as_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         for _ in range(1000):  # the handler runs between bytecodes
             pass
     assert signal.getsignal(signal.SIGTERM) == before
@@ -265,7 +265,7 @@ def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path: Path) -> 
     with pytest.raises(Terminated):
         with atomic_output_dir(tmp_path / "out") as tmp:
             (tmp / "half").write_text("x")
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             for _ in range(1000):
                 pass
     assert list(tmp_path.iterdir()) == []
@@ -336,7 +336,7 @@ def test_signals_during_a_swap_wait_until_it_is_done(tmp_path: Path, monkeypatch
     def interrupted_between(a: object, b: object) -> None:
         real_replace(a, b)
         if ".old-" in Path(b).name:  # the old output was just moved aside
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             for _ in range(1000):
                 pass
 
