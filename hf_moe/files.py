@@ -292,8 +292,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        for signum in dict.fromkeys(pending):
-            os.kill(os.getpid(), signum)
+        for signum in dict.fromkeys(pending):  # to this (the main) thread: a process-directed kill could reach
+            signal.raise_signal(signum)        # another thread, and the handler would run only later
 
 
 # ------------------------------------------------------------------------------------------------ writing
