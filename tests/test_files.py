@@ -341,7 +341,11 @@ def test_signals_during_a_swap_wait_until_it_is_done(tmp_path: Path, monkeypatch
                 pass
 
     monkeypatch.setattr(os, "replace", interrupted_between)
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored (POSIX), and Python then installs no KeyboardInterrupt handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with pytest.raises(KeyboardInterrupt):
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "a.txt").write_text("new")
+    signal.signal(signal.SIGINT, previous)
     assert tree(tmp_path) == {"out/a.txt": b"new"}  # the swap completed, then Ctrl-C was delivered
