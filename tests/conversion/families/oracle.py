@@ -142,6 +142,23 @@ def per_expert(state: dict[str, torch.Tensor], naming: tuple = PER_EXPERT) -> di
     return out
 
 
+def released_mtp_checkpoint(theirs: torch.nn.Module, layer: torch.nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """`theirs`'s weights plus an MTP module at layer `n` (its decoder `layer`, random enorm/hnorm/eh_proj and
+    shared-head norm, the model's head and embedding) in the released per-expert layout of DeepSeek-V3 (GLM-4.5
+    shares it), written by hand."""
+    disk = per_expert({f"model.layers.{n}.{k}": v for k, v in layer.state_dict().items()})
+    h = theirs.config.hidden_size
+    disk.update({
+        f"model.layers.{n}.enorm.weight": 1 + 0.2 * torch.randn(h), f"model.layers.{n}.hnorm.weight": 1 + 0.2 * torch.randn(h),
+        f"model.layers.{n}.eh_proj.weight": 0.1 * torch.randn(h, 2 * h),
+        f"model.layers.{n}.shared_head.norm.weight": 1 + 0.2 * torch.randn(h),
+        f"model.layers.{n}.shared_head.head.weight": theirs.lm_head.weight.detach().clone(),
+        f"model.layers.{n}.embed_tokens.weight": theirs.model.embed_tokens.weight.detach().clone(),
+    })  # fmt: skip
+    disk.update(per_expert(theirs.state_dict()))
+    return disk
+
+
 # ----------------------------------------------------------------------------------------- dense families
 DENSE_TINY = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)  # fmt: skip

@@ -8,7 +8,16 @@ import torch
 from transformers import DeepseekV3Config, MixtralConfig
 
 from hf_moe.conversion.families import config_from_moe, config_to_moe, state_dict_from_moe, state_dict_to_moe
-from tests.conversion.families.oracle import MLA, TINY, TOL, Case, family_model, ours_from, per_expert, randomise
+from tests.conversion.families.oracle import (
+    MLA,
+    TINY,
+    TOL,
+    Case,
+    family_model,
+    ours_from,
+    randomise,
+    released_mtp_checkpoint,
+)
 from tests.conversion.families.test_mixtral import CASES as MIXTRAL
 
 YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
@@ -50,16 +59,7 @@ def mtp_case() -> tuple[torch.nn.Module, DeepseekV3Config, dict[str, torch.Tenso
     torch.manual_seed(2)
     layer = DeepseekV3DecoderLayer(config, layer_idx=n)
     randomise(layer)
-    disk = per_expert({f"model.layers.{n}.{k}": v for k, v in layer.state_dict().items()})
-    h = config.hidden_size
-    disk.update({
-        f"model.layers.{n}.enorm.weight": 1 + 0.2 * torch.randn(h), f"model.layers.{n}.hnorm.weight": 1 + 0.2 * torch.randn(h),
-        f"model.layers.{n}.eh_proj.weight": 0.1 * torch.randn(h, 2 * h),
-        f"model.layers.{n}.shared_head.norm.weight": 1 + 0.2 * torch.randn(h),
-        f"model.layers.{n}.shared_head.head.weight": theirs.lm_head.weight.detach().clone(),
-        f"model.layers.{n}.embed_tokens.weight": theirs.model.embed_tokens.weight.detach().clone(),
-    })  # fmt: skip
-    disk.update(per_expert(theirs.state_dict()))
+    disk = released_mtp_checkpoint(theirs, layer, n)
     config = DeepseekV3Config(**{**fields, "num_mtp_layers": 1})
     return layer.eval(), config, disk
 

@@ -18,8 +18,8 @@ from tests.conversion.families.oracle import (
     inputs,
     logits_of,
     ours_from,
-    per_expert,
     randomise,
+    released_mtp_checkpoint,
 )
 from tests.conversion.families.test_deepseek_v3 import CASES as DEEPSEEK_V3
 
@@ -105,19 +105,11 @@ def test_glm4_moe_mtp_layers_map_both_ways() -> None:
 
     case = CASES["glm4_moe_partial_rotary"]
     theirs, config = family_model(case)
-    n, h = config.num_hidden_layers, config.hidden_size
+    n = config.num_hidden_layers
     torch.manual_seed(2)
     layer = Glm4MoeDecoderLayer(config, layer_idx=n)
     randomise(layer)
-    disk = per_expert({f"model.layers.{n}.{k}": v for k, v in layer.state_dict().items()})
-    disk.update({
-        f"model.layers.{n}.enorm.weight": 1 + 0.2 * torch.randn(h), f"model.layers.{n}.hnorm.weight": 1 + 0.2 * torch.randn(h),
-        f"model.layers.{n}.eh_proj.weight": 0.1 * torch.randn(h, 2 * h),
-        f"model.layers.{n}.shared_head.norm.weight": 1 + 0.2 * torch.randn(h),
-        f"model.layers.{n}.shared_head.head.weight": theirs.lm_head.weight.detach().clone(),
-        f"model.layers.{n}.embed_tokens.weight": theirs.model.embed_tokens.weight.detach().clone(),
-    })  # fmt: skip
-    disk.update(per_expert(theirs.state_dict()))
+    disk = released_mtp_checkpoint(theirs, layer, n)
     moe = config_to_moe(case.config(num_mtp_layers=1))
     assert moe.num_nextn_predict_layers == 1
     ours = ours_from(moe, state_dict_to_moe("glm4_moe", disk, moe))
